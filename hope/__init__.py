@@ -1,0 +1,3 @@
+"""hope: Nested Learning and the HOPE architecture in PyTorch."""
+
+__version__ = "0.1.0"
