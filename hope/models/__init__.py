@@ -1,0 +1,3 @@
+from hope.models.lm import HopeBlock, HopeLM, LMOutput
+
+__all__ = ["HopeBlock", "HopeLM", "LMOutput"]

@@ -1,0 +1,183 @@
+"""Typed model configuration: `HopeConfig`, `CMSLevel` and the named presets.
+
+Model code sees these dataclasses only, never Hydra; `train.py` turns a config node into them. Every field is
+validated in `__post_init__`, and errors print the offending value.
+
+One size dial (`depth`): width = 64·depth, heads = depth (head width 64), as in the presets below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+CORES = ("attention", "self_modifying", "titans")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class CMSLevel:
+    """One level of the Continuum Memory System (DESIGN.md §5): a SwiGLU MLP whose weights change in context.
+
+    Attributes:
+        period: tokens between two in-context writes of this level's weights (C_ℓ). `None` never writes in
+            context: the level is a plain FFN whose weights only the outer optimizer changes.
+        hidden: SwiGLU hidden width; `None` takes `HopeConfig.ffn_hidden`.
+        lr: inner learning rate η_ℓ applied to the level's optimizer direction at each write.
+        optimizer: Opt_ℓ, a rule name of `hope.optim.memory_rule` ("momentum", "sgd", "adam", "muon", …).
+        optimizer_kwargs: extra hyper-parameters for that rule (e.g. `{"beta": 0.9}`).
+    """
+
+    period: int | None = None
+    hidden: int | None = None
+    lr: float = 1e-3
+    optimizer: str = "momentum"
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.period is not None:
+            _check(
+                isinstance(self.period, int) and self.period >= 2,
+                f"CMSLevel.period must be an int >= 2 or None (a write sums the period-1 predictions inside a "
+                f"chunk, so period 1 would never learn), got {self.period!r}",
+            )
+        if self.hidden is not None:
+            ok = isinstance(self.hidden, int) and self.hidden > 0
+            _check(ok, f"CMSLevel.hidden must be > 0, got {self.hidden!r}")
+        _check(self.lr >= 0, f"CMSLevel.lr must be >= 0, got {self.lr!r}")
+        self.optimizer_kwargs = dict(self.optimizer_kwargs or {})
+
+
+@dataclass
+class HopeConfig:
+    """Configuration of `hope.HopeLM` (DESIGN.md §2).
+
+    Attributes:
+        vocab_size: number of token ids (256 for the byte tokenizer).
+        d_model: residual-stream width D.
+        n_layers: number of blocks.
+        n_heads: heads of the sequence core; `head_dim = d_model // n_heads`.
+        core: sequence mixer: "attention" (Transformer++ / Hope-Attention), "self_modifying" (HOPE),
+            "titans" (Titans LMM baseline).
+        cms: the CMS levels after the core in every block, fastest first. `[CMSLevel()]` (one level, period
+            None) is a plain SwiGLU FFN, which makes the Transformer++ baseline the same block.
+        ffn_hidden: default SwiGLU hidden width; `None` = 8/3·d_model rounded up to a multiple of 64.
+        rope_theta: RoPE base of the attention core.
+        max_seq_len: longest context the model accepts in one stream (None = unbounded; recurrent cores).
+        norm_eps: RMSNorm epsilon.
+        init_std: standard deviation of the normal init of embeddings and projections.
+        tie_embeddings: share the input embedding and the LM head.
+        persist: keep CMS fast weights across calls that start a new state (streams, continual evaluation);
+            the trainer then carries them from batch to batch, per batch row.
+        memory: `hope.memory.config.MemoryConfig` (or a dict of its fields) for the "self_modifying" and
+            "titans" cores; ignored by "attention".
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    core: str = "self_modifying"
+    cms: list[CMSLevel] = field(default_factory=lambda: [CMSLevel()])
+    ffn_hidden: int | None = None
+    rope_theta: float = 10000.0
+    max_seq_len: int | None = None
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    persist: bool = False
+    memory: Any = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, f"HopeConfig.{name} must be a positive int, got {value!r}")
+        _check(
+            self.d_model % self.n_heads == 0,
+            f"HopeConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
+        )
+        _check(self.core in CORES, f"HopeConfig.core must be one of {CORES}, got {self.core!r}")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 64 * -(-(8 * self.d_model) // (3 * 64))
+        _check(self.ffn_hidden > 0, f"HopeConfig.ffn_hidden must be > 0, got {self.ffn_hidden!r}")
+        _check(len(self.cms) > 0, "HopeConfig.cms needs at least one level (use [CMSLevel()] for a plain FFN)")
+        self.cms = [lvl if isinstance(lvl, CMSLevel) else CMSLevel(**dict(lvl)) for lvl in self.cms]
+        if self.max_seq_len is not None:
+            _check(self.max_seq_len > 0, f"HopeConfig.max_seq_len must be > 0 or None, got {self.max_seq_len!r}")
+        _check(self.norm_eps > 0, f"HopeConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        _check(self.init_std > 0, f"HopeConfig.init_std must be > 0, got {self.init_std!r}")
+        if self.core != "attention" or self.memory is not None:
+            from hope.memory.config import MemoryConfig
+
+            if self.memory is None:
+                self.memory = MemoryConfig()
+            elif not isinstance(self.memory, MemoryConfig):
+                self.memory = MemoryConfig(**dict(self.memory))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def fast_periods(self) -> list[int]:
+        """The distinct finite CMS periods, ascending."""
+        return sorted({lvl.period for lvl in self.cms if lvl.period is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["cms"] = [asdict(lvl) for lvl in self.cms]
+        if self.memory is not None and not isinstance(self.memory, dict):
+            out["memory"] = asdict(self.memory)
+        return out
+
+
+SIZES = {"tiny": 2, "small": 4, "base": 12}
+
+# Per-preset shape of the block. Hidden widths are chosen so that every small preset stays within 5% of the
+# Transformer++ parameter count (tests/test_configs.py checks it).
+_PRESETS: dict[str, dict[str, Any]] = {
+    "transformer": {"core": "attention", "cms": [{"period": None}]},
+    "hope_attention": {
+        "core": "attention",
+        "cms": [{"period": 16, "hidden_frac": 1 / 3}, {"period": 64, "hidden_frac": 1 / 3},
+                {"period": None, "hidden_frac": 1 / 3}],
+    },
+    "titans": {"core": "titans", "cms": [{"period": None}]},
+    "hope": {
+        "core": "self_modifying",
+        "cms": [{"period": 16, "hidden_frac": 1 / 3}, {"period": 64, "hidden_frac": 1 / 3},
+                {"period": None, "hidden_frac": 1 / 3}],
+    },
+}
+
+
+def preset(name: str, size: str | int = "small", **overrides: Any) -> HopeConfig:
+    """A named architecture at a named size: `preset("hope", "small", vocab_size=256)`.
+
+    Names: "transformer" (Transformer++), "hope_attention" (attention core + CMS), "titans" (Titans LMM core +
+    FFN), "hope" (self-modifying core + CMS). Size: "tiny" | "small" | "base" or a depth; width = 64·depth,
+    heads = depth. `overrides` replace any `HopeConfig` field.
+    """
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(_PRESETS)}")
+    if isinstance(size, str):
+        if size not in SIZES:
+            raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)} or an int depth")
+        depth = SIZES[size]
+    else:
+        depth = int(size)
+    d_model = 64 * depth
+    base = HopeConfig(core="attention", d_model=d_model, n_heads=depth, n_layers=depth)
+    spec = _PRESETS[name]
+    cms = []
+    for lvl in spec["cms"]:
+        frac = lvl.get("hidden_frac")
+        hidden = None if frac is None else 64 * max(1, round(base.ffn_hidden * frac / 64))
+        cms.append(CMSLevel(period=lvl["period"], hidden=hidden))
+    kwargs: dict[str, Any] = {"d_model": d_model, "n_heads": depth, "n_layers": depth, "core": spec["core"], "cms": cms}
+    kwargs.update(overrides)
+    return HopeConfig(**kwargs)

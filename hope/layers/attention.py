@@ -1,0 +1,79 @@
+"""Causal softmax attention with RoPE and a KV cache: the core of Transformer++ and Hope-Attention.
+
+Legend: B batch, T new tokens, S cached tokens, H heads, K head width, D model width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hope.config import HopeConfig
+from hope.layers.mlp import residual_std
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables `[T, dim/2]` for absolute `positions` `[T]` (computed in fp32 on the fly)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, K/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :K/2], x[..., K/2:]) of `x` `[B, H, T, K]` by the position angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with rotary positions and an explicit KV-cache state.
+
+    ```
+    x [B,T,D] ─► W_qkv ─► q,k,v [B,H,T,K] ─► RoPE(q,k @ pos..pos+T) ─┐
+    state["k"], state["v"] [B,H,S,K] ───────────── concat ───────────┴─► SDPA (causal) ─► W_o ─► y [B,T,D]
+                                                        └─► new state: k, v [B,H,S+T,K], pos + T
+    ```
+    """
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.rope_theta = config.rope_theta
+        self.init_std = config.init_std
+        self.out_std = residual_std(config.init_std, config.n_layers)
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """qkv: N(0, init_std²); out: N(0, (init_std/sqrt(2·n_layers))²)."""
+        nn.init.normal_(self.qkv.weight, std=self.init_std)
+        nn.init.normal_(self.out.weight, std=self.out_std)
+
+    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, K]
+        if state is None:
+            pos = torch.zeros(B, dtype=torch.long, device=x.device)
+            k_cache = v_cache = None
+        else:
+            pos, k_cache, v_cache = state["pos"], state["k"], state["v"]
+        start = int(pos[0]) if B > 0 else 0
+        cos, sin = rope_cos_sin(torch.arange(start, start + T, device=x.device), self.head_dim, self.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if k_cache is not None and k_cache.shape[2] > 0:
+            k = torch.cat((k_cache, k), dim=2)  # [B, H, S+T, K]
+            v = torch.cat((v_cache, v), dim=2)
+        S = k.shape[2] - T
+        if S == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            mask = torch.ones(T, S + T, dtype=torch.bool, device=x.device).tril(diagonal=S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = self.out(y.transpose(1, 2).reshape(B, T, D))
+        return y, {"pos": pos + T, "k": k, "v": v}

@@ -1,0 +1,104 @@
+"""Continuum Memory System (DESIGN.md §5, arXiv:2512.24695 eqs. 70–74): MLP levels that rewrite their own weights.
+
+Level ℓ is a SwiGLU MLP with period C_ℓ. Its weights for the tokens of one chunk are fixed; at every multiple of
+C_ℓ (absolute stream position) they are written once with the sum of the next-token-loss gradients of the chunk:
+
+    θ_ℓ ← θ_ℓ − η_ℓ · Opt_ℓ( Σ_{t in chunk, t+1 in chunk} ∇_θℓ ℓ_t )          ℓ_t = CE(logits_t, x_{t+1})   (71)
+
+| symbol | here |
+|---|---|
+| C_ℓ | `CMSLevel.period` (tokens) |
+| η_ℓ | `CMSLevel.lr` |
+| Opt_ℓ | `hope.optim.memory_rule(CMSLevel.optimizer)`; direction d, update θ ← θ − η_ℓ·d |
+| θ_ℓ,0 | the level's `nn.Parameter`s (meta-learned by the outer optimizer) |
+
+Fast weights are per sample: `fast = θ_0 − Δ` with Δ `[B, *θ.shape]` detached (first-order: outer gradients treat
+applied writes as constants and reach θ_0 through every chunk). The language model owns the segment loop; this
+module holds what one fast level needs: its state, the inner-loss bookkeeping and the write.
+
+Legend: B batch, T time, V vocabulary, P number of predictions in a segment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
+
+from hope.config import CMSLevel
+from hope.layers.mlp import SwiGLU
+
+
+def init_level_state(mlp: SwiGLU, level: CMSLevel, batch_size: int) -> dict[str, Any]:
+    """Fresh per-sample state of one fast level: zero write Δ, a fresh optimizer memory, fast = θ_0."""
+    from hope.optim import memory_rule
+
+    rule = memory_rule(level.optimizer, **level.optimizer_kwargs)
+    delta, opt = {}, {}
+    for name, w in mlp.weights().items():
+        delta[name] = w.detach().new_zeros((batch_size, *w.shape))
+        opt[name] = rule.init_state(delta[name])
+    return {"delta": delta, "opt": opt, "fast": materialize(mlp, delta)}
+
+
+def materialize(mlp: SwiGLU, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fast weights θ_0 − Δ `[B, *θ.shape]`; differentiable in θ_0, constant in Δ."""
+    return {name: w.unsqueeze(0) - delta[name] for name, w in mlp.weights().items()}
+
+
+def prediction_losses(
+    logits: torch.Tensor, ids: torch.Tensor, start: int, pending: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token losses whose targets are in this segment and the positions of their predictions.
+
+    `logits` `[B, T, V]` and `ids` `[B, T]` cover absolute positions start..start+T-1; `pending` `[B, V]` holds the
+    logits of position start-1 (from the previous segment), whose target ids[:, 0] only arrives now.
+    Returns `ce` `[B, P]` (fp32) and `positions` `[P]` (the position t of each prediction ℓ_t).
+    """
+    if pending is not None:
+        pred = torch.cat((pending[:, None], logits[:, :-1]), dim=1)  # [B, T, V]
+        targets, first = ids, start - 1
+    else:
+        pred, targets, first = logits[:, :-1], ids[:, 1:], start
+    ce = F.cross_entropy(pred.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    positions = torch.arange(first, first + targets.shape[1], device=ids.device)
+    return ce, positions
+
+
+def chunk_loss(ce: torch.Tensor, positions: torch.Tensor, period: int) -> torch.Tensor:
+    """Sum of the losses ℓ_t with t and t+1 in the same period-chunk (so a write never waits for a future token)."""
+    inside = ((positions + 1) % period != 0).to(ce.dtype)  # [P]
+    return (ce * inside).sum()
+
+
+def write_levels(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: torch.Tensor | None) -> None:
+    """Apply one write to every level of one period from the accumulated chunk loss `acc` (in place on states).
+
+    All levels sharing a period write at the same positions, so one `autograd.grad` serves them all. Gradients
+    are per sample because sample b's loss depends only on fast[b].
+    """
+    from hope.optim import memory_rule
+
+    tensors = [t for _, _, st in levels for t in st["fast"].values()]
+    if acc is not None and acc.requires_grad:
+        grads = torch.autograd.grad(acc, tensors, retain_graph=True, allow_unused=True)
+    else:
+        grads = (None,) * len(tensors)
+    it = iter(grads)
+    for mlp, level, st in levels:
+        rule = memory_rule(level.optimizer, **level.optimizer_kwargs)
+        for name in st["delta"]:
+            g = next(it)
+            g = torch.zeros_like(st["delta"][name]) if g is None else g.detach()
+            st["opt"][name], direction = rule.update(st["opt"][name], g)
+            st["delta"][name] = st["delta"][name] + level.lr * direction
+        st["fast"] = materialize(mlp, st["delta"])
+
+
+def detach_level_state(st: dict[str, Any], mlp: SwiGLU) -> dict[str, Any]:
+    """The savable part of a level's state (Δ and optimizer memory, detached) with fast weights rebuilt."""
+    delta = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, st["delta"])
+    opt = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, st["opt"])
+    return {"delta": delta, "opt": opt, "fast": materialize(mlp, delta)}

@@ -1,0 +1,281 @@
+"""`HopeLM`: the language model shared by HOPE and its baselines (DESIGN.md §2, §8).
+
+Legend: B batch, T time, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from hope.config import HopeConfig
+from hope.layers import cms
+from hope.layers.mlp import SwiGLU, residual_std
+from hope.layers.norm import RMSNorm
+
+_CORES = {
+    "attention": "hope.layers.attention:CausalSelfAttention",
+    "self_modifying": "hope.layers.self_modifying:SelfModifyingCore",
+    "titans": "hope.layers.titans:TitansCore",
+}
+
+
+def build_core(config: HopeConfig) -> nn.Module:
+    module, cls = _CORES[config.core].split(":")
+    return getattr(importlib.import_module(module), cls)(config)
+
+
+@dataclass
+class LMOutput:
+    """`logits` `[B, T, V]` and the `state` to pass to the next call to continue the same streams."""
+
+    logits: torch.Tensor
+    state: dict[str, Any]
+
+
+class HopeBlock(nn.Module):
+    """One block: a sequence core, then the CMS chain, each behind a pre-norm residual.
+
+    ```
+    x ──► RMSNorm ─► Core ──(+)──► h ──► RMSNorm ─► MLP_1 ──(+)──► … ──► RMSNorm ─► MLP_L ──(+)──► out
+      └──────────────────────┘ ▲   └──────────────────────┘ ▲                └──────────────┘ ▲
+          state["core"] ◄──────┘        state["cms"][0]["fast"]     (fast weights θ_0 − Δ, per sample; a level
+          (KV cache / fast memories)                                 with period None uses its parameters)
+    ```
+    """
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__()
+        self.core_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.core = build_core(config)
+        self.levels = list(config.cms)
+        out_std = residual_std(config.init_std, config.n_layers)
+        self.cms_norms = nn.ModuleList(RMSNorm(config.d_model, config.norm_eps) for _ in self.levels)
+        self.cms = nn.ModuleList(
+            SwiGLU(config.d_model, lvl.hidden or config.ffn_hidden, config.init_std, out_std) for lvl in self.levels
+        )
+
+    def forward(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        y, state["core"] = self.core(self.core_norm(x), state["core"])
+        h = x + y  # [B, T, D]
+        for i, (norm, mlp) in enumerate(zip(self.cms_norms, self.cms)):
+            fast = None if state["cms"][i] is None else state["cms"][i]["fast"]
+            h = h + mlp(norm(h), fast)
+        return h
+
+
+class HopeLM(nn.Module):
+    """Language model: `model(input_ids, state=None) -> LMOutput(logits, state)`.
+
+    Passing a stream in pieces with the state carried gives what one call gives; the state holds, per sample,
+    the core's memory (KV cache or fast memories) and the CMS fast weights, and can be saved with
+    `export_state` and restored with `import_state`.
+
+    With CMS levels of finite period the stream is processed segment by segment, cut at every multiple of a
+    period, because a level's weights for one chunk depend on the whole network's loss on the previous chunk.
+    Inner gradients need autograd, so such a model computes them even under `torch.no_grad()`.
+    """
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(HopeBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.init_weights()
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.periods = config.fast_periods
+
+    def init_weights(self) -> None:
+        """embed, head: N(0, init_std²); each module's own `init_weights` for the rest (RMSNorm gains: ones)."""
+        nn.init.normal_(self.embed.weight, std=self.config.init_std)
+        nn.init.normal_(self.head.weight, std=self.config.init_std)
+
+    def forward(self, input_ids: torch.Tensor, state: dict[str, Any] | None = None) -> LMOutput:
+        self._check_ids(input_ids)
+        B, T = input_ids.shape
+        state = self.init_state(B, input_ids.device) if state is None else state
+        start = int(state["pos"][0]) if B > 0 else 0
+        if self.config.max_seq_len is not None and start + T > self.config.max_seq_len:
+            raise ValueError(
+                f"stream length {start + T} (position {start} + {T} new tokens) exceeds "
+                f"max_seq_len={self.config.max_seq_len}"
+            )
+        if not self.periods:
+            logits = self._forward_segment(input_ids, state)
+        else:
+            grad_enabled = torch.is_grad_enabled()
+            with torch.enable_grad():
+                logits = torch.cat([self._learn_segment(input_ids[:, s:e], start + s, state, grad_enabled)
+                                    for s, e in self._segments(start, T)], dim=1)
+            if not grad_enabled:
+                logits = logits.detach()
+        state["pos"] = state["pos"] + T
+        return LMOutput(logits, state)
+
+    def _forward_segment(self, ids: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        x = self.embed(ids)  # [B, T, D]
+        for block, layer_state in zip(self.blocks, state["layers"]):
+            x = block(x, layer_state)
+        return self.head(self.norm(x))  # [B, T, V]
+
+    def _segments(self, start: int, T: int) -> list[tuple[int, int]]:
+        """Cut [0, T) wherever start + t is a multiple of a CMS period."""
+        cuts = {0, T}
+        for C in self.periods:
+            cuts.update(range(-start % C, T, C))
+        cuts = sorted(c for c in cuts if 0 <= c <= T)
+        return list(zip(cuts[:-1], cuts[1:]))
+
+    def _learn_segment(self, ids: torch.Tensor, start: int, state: dict[str, Any], keep_graph: bool) -> torch.Tensor:
+        """Forward one segment, add its next-token losses to each period's chunk loss, write finished chunks."""
+        logits = self._forward_segment(ids, state)
+        ce, positions = cms.prediction_losses(logits, ids, start, state.get("pending"))
+        for C in self.periods:
+            loss = cms.chunk_loss(ce, positions, C)
+            state["acc"][C] = loss if state["acc"].get(C) is None else state["acc"][C] + loss
+        state["pending"] = logits[:, -1]
+        end = start + ids.shape[1]
+        for C in self.periods:
+            if end % C == 0:
+                cms.write_levels(self._levels_with_period(C, state), state["acc"][C])
+                state["acc"][C] = None
+        if not keep_graph and end % math.lcm(*self.periods) == 0:
+            # every chunk loss has just been spent: cut the graph so inference memory stays bounded
+            self._detach_(state)
+        return logits
+
+    def _levels_with_period(self, C: int, state: dict[str, Any]):
+        return [
+            (block.cms[i], lvl, layer_state["cms"][i])
+            for block, layer_state in zip(self.blocks, state["layers"])
+            for i, lvl in enumerate(block.levels)
+            if lvl.period == C
+        ]
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> dict[str, Any]:
+        """Empty streams: position 0, empty core memories, CMS fast weights equal to their meta-learned θ_0."""
+        device = device or self.embed.weight.device
+        layers = []
+        for block in self.blocks:
+            fast = [
+                cms.init_level_state(mlp, lvl, batch_size) if lvl.period is not None else None
+                for mlp, lvl in zip(block.cms, block.levels)
+            ]
+            layers.append({"core": None, "cms": fast})
+        return {
+            "pos": torch.zeros(batch_size, dtype=torch.long, device=device),
+            "layers": layers,
+            "acc": {},
+            "pending": None,
+        }
+
+    def _detach_(self, state: dict[str, Any]) -> None:
+        for block, layer_state in zip(self.blocks, state["layers"]):
+            layer_state["core"] = _detach_tree(layer_state["core"])
+            layer_state["cms"] = [
+                None if st is None else cms.detach_level_state(st, mlp)
+                for st, mlp in zip(layer_state["cms"], block.cms)
+            ]
+        if state.get("pending") is not None:
+            state["pending"] = state["pending"].detach()
+
+    def detach_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A copy of `state` cut from the autograd graph (to carry streams across optimizer steps).
+
+        Chunk losses not yet written (the stream stopped inside a CMS chunk) are dropped, with a warning: export
+        at a multiple of every CMS period for a continuation identical to one uninterrupted stream.
+        """
+        if any(v is not None for v in state.get("acc", {}).values()):
+            warnings.warn(
+                f"state detached at position {int(state['pos'][0])}, inside a CMS chunk of periods {self.periods}: "
+                "the partial chunk's inner loss is dropped",
+                stacklevel=2,
+            )
+        out = {"pos": state["pos"].clone(), "layers": [dict(ls) for ls in state["layers"]], "acc": {},
+               "pending": state.get("pending")}
+        self._detach_(out)
+        return out
+
+    def export_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What the model learned from a context, as plain tensors (fast weights Δ, memories, caches)."""
+        out = self.detach_state(state)
+        for layer_state in out["layers"]:
+            layer_state["cms"] = [None if st is None else {k: st[k] for k in ("delta", "opt")} for st in
+                                  layer_state["cms"]]
+        return _detach_tree(out)
+
+    def import_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """Inverse of `export_state`: a state to pass as `model(ids, state=...)`."""
+        if len(saved.get("layers", [])) != len(self.blocks):
+            raise ValueError(f"saved state has {len(saved.get('layers', []))} layers, model has {len(self.blocks)}")
+        state = {"pos": saved["pos"], "acc": {}, "pending": saved.get("pending"), "layers": []}
+        for block, ls in zip(self.blocks, saved["layers"]):
+            fast = [None if st is None else {**st, "fast": cms.materialize(mlp, st["delta"])}
+                    for st, mlp in zip(ls["cms"], block.cms)]
+            state["layers"].append({"core": ls["core"], "cms": fast})
+        return state
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [B, T] tensor, got {shape}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"input_ids out of range [0, {self.config.vocab_size}): min {int(input_ids.min())}, "
+                f"max {int(input_ids.max())}"
+            )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Sample `max_new_tokens` after `prompt` `[B, T]`, one token per call with the state carried
+        (constant memory per token for recurrent cores). `temperature=0` is greedy. Returns `[B, T + N]`."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        out = self(prompt, state)
+        tokens = [prompt]
+        logits, state = out.logits[:, -1], out.state
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, generator)  # [B, 1]
+            tokens.append(nxt)
+            out = self(nxt, state)
+            logits, state = out.logits[:, -1], out.state
+        return torch.cat(tokens, dim=1)
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row from `logits` `[B, V]` (greedy when temperature is 0)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def _detach_tree(tree: Any) -> Any:
+    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
