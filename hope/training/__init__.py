@@ -1,0 +1,3 @@
+from hope.training.module import LMModule, NonFiniteLossError
+
+__all__ = ["LMModule", "NonFiniteLossError"]

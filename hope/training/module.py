@@ -1,0 +1,198 @@
+"""`LMModule`: the LightningModule that trains any `HopeLM` (Transformer++, Titans, Hope-Attention, HOPE).
+
+Logged metrics (train/ and val/ / test/): loss (nats per token), perplexity, bits per byte (the summed loss
+over the UTF-8 bytes the targets stand for, so tokenizers compare), tokens/s, learning rate, gradient norm.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hope.config import HopeConfig
+from hope.config import preset as make_preset
+from hope.models.lm import HopeLM
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last checkpoint written before it is kept untouched."""
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up from 1/warmup to 1, then cosine decay to `min_ratio` at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LMModule(L.LightningModule):
+    """Next-token training of a `HopeLM` built from `config` (the fields of `hope.HopeConfig`).
+
+    Args:
+        config: `HopeConfig` fields (a dict; Hydra passes its node); with `preset`, overrides of the preset.
+        preset, size: a named architecture and size of `hope.preset` ("transformer", "titans", "hope_attention",
+            "hope"; "tiny" | "small" | "base" | depth); `None` builds `HopeConfig(**config)` directly.
+        vocab_size: overrides `config["vocab_size"]` (the trainer passes the tokenizer's).
+        optimizer: a name of `hope.optim.build_optimizer` ("adamw" default, "muon", "m3", …).
+        lr, weight_decay, betas: optimizer hyper-parameters; 1-D parameters (norm gains) and embeddings get no
+            weight decay.
+        optimizer_kwargs: extra keyword arguments for the optimizer.
+        warmup_steps, min_lr_ratio: warm-up + cosine schedule to `trainer.max_steps`.
+        compile: wrap the model in `torch.compile`.
+        token_bytes: `[V]` UTF-8 byte length of each token id, for bits per byte (set by the trainer).
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        preset: str | None = None,
+        size: str | int = "small",
+        vocab_size: int | None = None,
+        optimizer: str = "adamw",
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        optimizer_kwargs: dict[str, Any] | None = None,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        config = dict(config or {})
+        if vocab_size is not None:
+            config["vocab_size"] = int(vocab_size)
+        self.save_hyperparameters()
+        self.model_config = make_preset(preset, size, **config) if preset else HopeConfig(**config)
+        self.model = HopeLM(self.model_config)
+        self.net = torch.compile(self.model) if compile else self.model
+        self.register_buffer("token_bytes", torch.ones(self.model_config.vocab_size, dtype=torch.long), persistent=False)
+        self._stream_state: dict[str, Any] | None = None
+        self._eval_sums: dict[str, torch.Tensor] = {}
+        self._t_last: float | None = None
+
+    def set_token_bytes(self, token_bytes: torch.Tensor) -> None:
+        if token_bytes.shape != (self.model_config.vocab_size,):
+            raise ValueError(
+                f"token_bytes has shape {tuple(token_bytes.shape)}, expected ({self.model_config.vocab_size},)"
+            )
+        self.token_bytes = token_bytes.to(self.token_bytes.device, torch.long)
+
+    def forward(self, input_ids: torch.Tensor, state: dict[str, Any] | None = None):
+        return self.net(input_ids, state)
+
+    def _loss(self, batch: dict[str, torch.Tensor], state: dict[str, Any] | None):
+        out = self(batch["input_ids"], state)
+        labels = batch["labels"]
+        loss_sum = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+        n_bytes = self.token_bytes[labels].sum()
+        return loss_sum, labels.numel(), n_bytes, out.state
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        state = self._stream_state if self.model_config.persist else None
+        loss_sum, n_tokens, n_bytes, state = self._loss(batch, state)
+        if self.model_config.persist:
+            self._stream_state = self.model.detach_state(state)
+        loss = loss_sum / n_tokens
+        if not torch.isfinite(loss):
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise NonFiniteLossError(
+                f"non-finite training loss {loss.item()} at step {self.global_step}; stopped without saving. "
+                f"Last good checkpoint: {ckpt}. Lower model.lr or raise warm-up."
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        self.log("train/bpb", loss_sum.detach() / (math.log(2) * n_bytes))
+        self.log("train/tokens", float(n_tokens), reduce_fx="sum")
+        self._log_throughput(n_tokens)
+        return loss
+
+    def _log_throughput(self, n_tokens: int) -> None:
+        now = time.perf_counter()
+        if self._t_last is not None:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            self.log("train/tokens_per_s", n_tokens * world / max(now - self._t_last, 1e-9), prog_bar=True)
+        self._t_last = now
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
+        loss_sum, n_tokens, n_bytes, _ = self._loss(batch, None)
+        sums = self._eval_sums.setdefault(prefix, torch.zeros(3, dtype=torch.float64, device=self.device))
+        sums += torch.stack([loss_sum.detach().double(), torch.tensor(float(n_tokens), device=self.device,
+                             dtype=torch.float64), n_bytes.double()])
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        sums = self._eval_sums.pop(prefix, None)
+        if sums is None:
+            return
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        loss = sums[0] / sums[1]
+        self.log(f"{prefix}/loss", loss.float(), prog_bar=prefix == "val", sync_dist=False)
+        self.log(f"{prefix}/ppl", torch.exp(loss).float())
+        self.log(f"{prefix}/bpb", (sums[0] / (math.log(2) * sums[2])).float(), prog_bar=prefix == "val")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        from hope.optim import build_optimizer
+
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        kwargs = dict(hp.optimizer_kwargs or {})
+        if hp.optimizer in ("adamw", "adam", "adam_memory"):
+            kwargs.setdefault("betas", tuple(hp.betas))
+        opt = build_optimizer(hp.optimizer, groups, lr=hp.lr, weight_decay=hp.weight_decay, **kwargs)
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10_000
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        if self.model_config.persist and self._stream_state is not None:
+            checkpoint["stream_state"] = self.model.export_state(self._stream_state)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        if "stream_state" in checkpoint:
+            self._stream_state = self.model.import_state(checkpoint["stream_state"])
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if dm is not None and hasattr(dm, "set_resume_batch"):
+            dm.set_resume_batch(int(checkpoint["global_step"]) * int(trainer.accumulate_grad_batches))

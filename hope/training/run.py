@@ -1,0 +1,98 @@
+"""The training job behind `python train.py`: Hydra config in, fitted and tested model out.
+
+data module + LMModule + callbacks + loggers -> `Trainer.fit` -> validate/test, with exact resume from
+`ckpt_path` ("last" or a path) and the resolved config stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from hope.training.checkpoint import AtomicCheckpointIO, check_compatible, load_checkpoint_file
+from hope.training.module import LMModule
+
+log = logging.getLogger(__name__)
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the resolved Hydra config in each checkpoint (`checkpoint["hydra_config"]`)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hydra_config"] = self.cfg
+
+
+def build_datamodule(cfg: DictConfig):
+    from hope.data.datamodule import DataConfig, LMDataModule
+
+    data_cfg = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
+    dm = LMDataModule(data_cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def build_module(cfg: DictConfig, vocab_size: int, token_bytes: torch.Tensor) -> LMModule:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("_target_", None)
+    module = LMModule(vocab_size=vocab_size, **model_cfg)
+    module.set_token_bytes(token_bytes)
+    return module
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str) -> str | None:
+    """`None` → fresh start; "last" → `<ckpt_dir>/last.ckpt` (must exist); anything else → that file."""
+    if ckpt_path is None:
+        return None
+    path = Path(ckpt_dir) / "last.ckpt" if str(ckpt_path) == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint at {str(path)!r}")
+    return str(path)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train and evaluate as `cfg` says; returns the final metrics (floats)."""
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm.vocab_size, dm.token_bytes)
+    n_params = sum(p.numel() for p in module.model.parameters())
+    log.info("model: %s core, %.2fM parameters", module.model_config.core, n_params / 1e6)
+
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
+    if ckpt_path is not None:
+        check_compatible(load_checkpoint_file(ckpt_path), module, ckpt_path)
+
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+    )
+    for lg in loggers:
+        lg.log_hyperparams({"n_params": n_params, **OmegaConf.to_container(cfg, resolve=True)})
+
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.get("test", True):
+        for result in trainer.test(module, datamodule=dm, verbose=False):
+            metrics.update({k: float(v) for k, v in result.items()})
+    metrics["n_params"] = float(n_params)
+    return metrics

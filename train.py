@@ -1,0 +1,32 @@
+"""Train a language model: `python train.py experiment=hope_small` (see configs/ and the README).
+
+Examples:
+    python train.py experiment=transformer_small
+    python train.py experiment=hope_small trainer.max_steps=2000 model.lr=2e-3
+    python train.py experiment=hope_small ckpt_path=last          # resume exactly where the last run stopped
+    python train.py -m experiment=transformer_small model.lr=1e-3,3e-3   # grid sweep
+    python train.py -m hparams_search=optuna experiment=transformer_small
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from hope.training.module import NonFiniteLossError
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from hope.training.run import run
+
+    try:
+        metrics = run(cfg)
+    except (NonFiniteLossError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()
