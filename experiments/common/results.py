@@ -1,0 +1,140 @@
+"""Result files: JSON with the date, machine and command; PNG plots (matplotlib Agg); Markdown tables.
+
+Every published number must be reproducible from one named command and a committed result file, so each JSON
+carries `meta` = {date (UTC), command, git commit, machine (platform, CPU count, torch threads, torch version)}.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def run_meta() -> dict[str, Any]:
+    """Who/where/when of a run, for the `meta` field of every result file."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git_commit": commit or None,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+    }
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain-JSON view of results: tensors/numpy to lists, NaN/inf to None (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.tolist())
+    if hasattr(x, "tolist"):  # numpy arrays and scalars
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_result(name: str, payload: dict[str, Any], out_dir: str | Path = "results") -> Path:
+    """Write `<out_dir>/<name>.json` = {"benchmark": name, "meta": run_meta(), **payload}; return the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    doc = {"benchmark": name, "meta": run_meta(), **_jsonable(payload)}
+    path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
+    """A GitHub Markdown table; floats rounded to `digits`, None shown as '–'."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: benchmarks run on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lines(
+    path: str | Path,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+) -> Path:
+    """One line per entry of `series` = {label: (x, y)}; saved as a PNG at `path`."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (x, y) in series.items():
+        ax.plot(list(x), [math.nan if v is None else v for v in y], marker="o", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_matrices(path: str | Path, matrices: dict[str, Sequence[Sequence[float]]], tasks: Sequence[str],
+                  title: str) -> Path:
+    """Heat maps of score matrices R[i][j] (row: after training task i, column: task j), one panel per entry."""
+    plt = _pyplot()
+    n = len(matrices)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 0.8, 3.4), squeeze=False)
+    for ax, (label, mat) in zip(axes[0], matrices.items()):
+        im = ax.imshow(mat, cmap="viridis")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks], fontsize=7)
+        for i, row in enumerate(mat):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
