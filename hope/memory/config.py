@@ -1,0 +1,97 @@
+"""`MemoryConfig`: the knobs of the inner-loop memories of the "self_modifying" and "titans" cores.
+
+Every field is validated in `__post_init__`; errors print the offending value. The defaults are HOPE's
+(DESIGN.md §3–4) and were chosen by the speed/accuracy measurements recorded in the module docstring of
+`hope.layers.self_modifying`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ERASES = ("dgd", "gd")
+OBJECTIVES = ("l2", "dot")
+DEPTHS = ("linear", "deep")
+ACTIVATIONS = ("silu", "gelu")
+BACKENDS = ("auto", "torch", "recurrent", "triton")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class MemoryConfig:
+    """Inner-loop memories of a core (DESIGN.md §3–4, arXiv:2512.24695 eqs. 83–97).
+
+    Attributes:
+        chunk_size: tokens per chunk of the main memory M_mem; inside a chunk every inner gradient is taken at
+            the chunk-start state (eq. 90), which is what makes the chunk parallel.
+        proj_chunk_size: tokens per chunk of the projection memories M_k, M_v, M_η, M_α (and M_q); k, v, η, α of
+            a chunk are read from these memories' chunk-start states.
+        erase: "dgd" (β = η, Delta Gradient Descent, eq. 88) or "gd" (β = 0, plain GD with retention). The
+            Titans core always uses "gd".
+        momentum: add the momentum memory Z_t = γ_t Z_{t−1} + η_t u_t k_tᵀ to M_mem (Table 6 "w/o momentum");
+            γ_t is a sigmoid read-out of the input. The Titans core always uses momentum.
+        objective: inner objective of M_mem: "l2" (½‖Sk − v‖², eq. 93) or "dot" (−⟨Sk, v⟩, eq. 92).
+        mem_depth: M_mem is a "linear" matrix memory or a "deep" residual MLP `z + W₁σ(W₂z)` (eq. 91).
+        proj_depth: same choice for the projection memories M_k, M_v (and M_q); the scalar read-outs M_η, M_α
+            are always linear (a d_h → 1 map has no residual MLP form).
+        hidden_mult: hidden width of a deep memory, as a multiple of the head width.
+        activation: σ of a deep memory: "silu" or "gelu".
+        eta_max: η_t = eta_max·sigmoid(·). Along k a C = 1 step multiplies S by α − β − η, which must stay in
+            [−1, 1] for every α in (0, 1] (DESIGN.md §3): eta_max ≤ 0.5 with DGD, ≤ 1 with GD.
+        adaptive_q: q_t = M_{q,c(t)}(x_t), a projection memory, instead of a fixed linear W_q (Table 6).
+        self_targets: projection memories regress k_t onto their self-generated targets M_{□,c(t)}(v_t)
+            (eqs. 84/87); False uses the plain target v_t for M_k, M_v, M_q.
+        self_target_mem: M_mem also regresses onto its self-generated target M_{mem,c(t)}(v_t) (the literal
+            reading of eq. 85) instead of v_t.
+        conv_width: width of the causal depthwise convolution on the core's input (eq. 97 text: 4).
+        backend: kernel choice of `hope.ops.memory_update` for M_mem: "auto", "torch", "recurrent", "triton".
+    """
+
+    chunk_size: int = 64
+    proj_chunk_size: int = 16
+    erase: str = "dgd"
+    momentum: bool = False
+    objective: str = "l2"
+    mem_depth: str = "linear"
+    proj_depth: str = "linear"
+    hidden_mult: float = 1.0
+    activation: str = "silu"
+    eta_max: float = 0.5
+    adaptive_q: bool = False
+    self_targets: bool = True
+    self_target_mem: bool = False
+    conv_width: int = 4
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "proj_chunk_size", "conv_width"):
+            value = getattr(self, name)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            _check(ok, f"MemoryConfig.{name} must be an int >= 1, got {value!r}")
+        for name, allowed in (("erase", ERASES), ("objective", OBJECTIVES), ("mem_depth", DEPTHS),
+                              ("proj_depth", DEPTHS), ("activation", ACTIVATIONS), ("backend", BACKENDS)):
+            value = getattr(self, name)
+            _check(value in allowed, f"MemoryConfig.{name} must be one of {allowed}, got {value!r}")
+        for name in ("momentum", "adaptive_q", "self_targets", "self_target_mem"):
+            value = getattr(self, name)
+            _check(isinstance(value, bool), f"MemoryConfig.{name} must be a bool, got {value!r}")
+        _check(self.hidden_mult > 0, f"MemoryConfig.hidden_mult must be > 0, got {self.hidden_mult!r}")
+        bound = 0.5 if self.erase == "dgd" else 1.0
+        _check(
+            0 < self.eta_max <= bound,
+            f"MemoryConfig.eta_max={self.eta_max!r} must be in (0, {bound}] with erase={self.erase!r}: larger "
+            f"steps can make the factor α − β − η along k leave [−1, 1] and the memory blow up (DESIGN.md §3)",
+        )
+        _check(
+            not (self.self_target_mem and self.objective == "dot"),
+            "MemoryConfig.self_target_mem=True needs objective='l2' (a self-generated target is an ℓ2 regression "
+            f"target), got objective={self.objective!r}",
+        )
+
+    def hidden(self, head_dim: int) -> int:
+        """Hidden width of a deep memory for heads of width `head_dim`."""
+        return max(1, round(self.hidden_mult * head_dim))
