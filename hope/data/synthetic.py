@@ -27,6 +27,7 @@ is checked against the language before it is kept.
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -386,7 +387,9 @@ def make_task(task: str, n_examples: int, seed: int = 0, **kwargs) -> SyntheticB
     """Generate `n_examples` of a named task (a key of `SYNTHETIC_TASKS`) with its keyword arguments."""
     if task not in SYNTHETIC_TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {tuple(SYNTHETIC_TASKS)}")
+    fn = SYNTHETIC_TASKS[task]
     try:
-        return SYNTHETIC_TASKS[task](n_examples=n_examples, seed=seed, **kwargs)
+        inspect.signature(fn).bind(n_examples=n_examples, seed=seed, **kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments {sorted(kwargs)} for synthetic task {task!r}: {err}") from None
+    return fn(n_examples=n_examples, seed=seed, **kwargs)

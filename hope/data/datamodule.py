@@ -1,0 +1,449 @@
+"""`LMDataModule`: token streams of the train/val/test splits as Lightning dataloaders, exactly resumable.
+
+Dimension legend: B batch, T sequence length (`seq_len`), N tokens in a split, W world size (ranks), r rank.
+
+Every batch is `{"input_ids": [B, T] int64, "labels": [B, T] int64}` with `labels[:, t]` the token after
+`input_ids[:, t]`; labels equal to -100 (synthetic tasks only: padding and unscored positions) are not scored, the
+default `ignore_index` of `torch.nn.functional.cross_entropy`.
+
+    documents ──split_documents──► train / val / test ──tokenizer──► int32 streams [N] (cached on disk)
+    train:    item i = stream[o_i : o_i + T + 1],  o_i ~ U{0 … N−T−1} drawn from a generator seeded by (seed, i)
+    val/test: window j = stream[j·T : j·T + T + 1],  j = 0 … ⌊(min(N, max_val_tokens) − 1) / T⌋ − 1
+
+Resuming: a train item depends only on (seed, i), and the train sampler yields the global indices
+`start + k·W + r` (k = 0, 1, …) on rank r, so a run restarted with `set_resume_batch(n)` (start = n·B·W, n the
+dataloader batches each rank consumed, i.e. optimizer steps × gradient-accumulation batches) sees exactly the
+batches the uninterrupted run would have seen, on any number of workers. The sampler is effectively infinite:
+train by `max_steps`. The trainer must build `lightning.Trainer(use_distributed_sampler=False)`, otherwise
+Lightning wraps this sampler in a `DistributedSampler` and the indices change.
+
+Val/test windows are dealt round-robin to the ranks (window j to rank j mod W); the union over ranks is the same
+set for every W, so sum the loss and token counts over ranks (not a mean of per-rank means) before dividing.
+
+Token streams are cached in `<cache_dir>/tokens/<key>.pt`, the key being a SHA-256 of the split's documents,
+the tokenizer's name (for BPE: its vocabulary size and training-text fingerprint) and the document separator.
+Caches are written atomically, so concurrent ranks never read half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from hope.data.corpora import (
+    CORPORA,
+    SPLITS,
+    Document,
+    documents_fingerprint,
+    load_corpus,
+    load_hf_documents,
+    load_text_files,
+    split_documents,
+)
+from hope.data.synthetic import IGNORE_INDEX, PAD, SYNTHETIC_TASKS, make_task
+from hope.data.tokenizers import ByteTokenizer, Tokenizer, build_tokenizer
+
+SOURCES = ("default", *CORPORA, "text", "hf", "synthetic")
+DOC_SEPARATOR = "\n\n"
+INFINITE = 1 << 40  # indices per rank the train sampler yields: more than any run consumes
+_STREAM_CODES = {"train": 0, "val": 1, "test": 2}
+_CACHE_FORMAT = 1
+
+
+def _plain(value: Any) -> Any:
+    """Plain Python containers from Hydra/OmegaConf nodes (which `DataConfig(**node)` passes through)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class DataConfig:
+    """What data a run reads and how it is batched. Validated on construction; errors name the value.
+
+    Attributes:
+        source: "default" (shakespeare + kjv + wikipedia), "shakespeare", "kjv", "wikipedia", "bbc", "text"
+            (files in `paths`), "hf" (a Hugging Face dataset) or "synthetic" (`task`).
+        paths: .txt / .jsonl files for source "text".
+        text_field: text column of .jsonl records and Hugging Face datasets.
+        hf_name, hf_config, hf_split, hf_streaming, hf_limit: arguments of `load_hf_documents` for source "hf"
+            (the documents are then split like any corpus).
+        tokenizer: "bytes", "bpe" (trained on the train split) or "hf:<name-or-path>"; ignored for "synthetic".
+        vocab_size: BPE vocabulary size (tokenizer "bpe" only).
+        seq_len: tokens per training sequence (T); each item holds T + 1 tokens.
+        batch_size: sequences per batch and rank (B).
+        num_workers: DataLoader worker processes.
+        seed: seed of the train offsets (and of synthetic examples); the split itself never depends on it.
+        max_val_tokens: cap on the tokens of the val and test streams (None: whole split).
+        val_fraction, test_fraction: held-out fractions of `split_documents`.
+        cache_dir: where token streams and trained tokenizers are cached.
+        task, task_args: synthetic task name (a key of `hope.data.synthetic.SYNTHETIC_TASKS`) and its arguments.
+        val_task_args: overrides of `task_args` for val/test (e.g. a longer `length_range` bin).
+        val_examples: synthetic val (and test) examples.
+    """
+
+    source: str = "default"
+    paths: list[str] | None = None
+    text_field: str = "text"
+    hf_name: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_streaming: bool = True
+    hf_limit: int | None = None
+    tokenizer: str = "bytes"
+    vocab_size: int = 8192
+    seq_len: int = 256
+    batch_size: int = 16
+    num_workers: int = 0
+    seed: int = 0
+    max_val_tokens: int | None = 1 << 20
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    cache_dir: str = "data_cache"
+    task: str | None = None
+    task_args: dict[str, Any] = field(default_factory=dict)
+    val_task_args: dict[str, Any] = field(default_factory=dict)
+    val_examples: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.source in SOURCES, f"DataConfig.source must be one of {SOURCES}, got {self.source!r}")
+        self.paths = None if self.paths is None else [str(p) for p in _plain(self.paths)]
+        self.task_args, self.val_task_args = _plain(self.task_args or {}), _plain(self.val_task_args or {})
+        self.cache_dir = str(self.cache_dir)
+        if self.source == "text":
+            _check(bool(self.paths), f"DataConfig.source='text' needs paths (.txt/.jsonl files), got {self.paths!r}")
+        if self.source == "hf":
+            _check(bool(self.hf_name), f"DataConfig.source='hf' needs hf_name, got {self.hf_name!r}")
+        if self.source == "synthetic":
+            tasks = tuple(SYNTHETIC_TASKS)
+            _check(self.task in tasks, f"DataConfig.source='synthetic' needs task in {tasks}, got {self.task!r}")
+        else:
+            ok = self.tokenizer in ("bytes", "bpe") or (self.tokenizer.startswith("hf:") and len(self.tokenizer) > 3)
+            _check(ok, f"DataConfig.tokenizer must be 'bytes', 'bpe' or 'hf:<name-or-path>', got {self.tokenizer!r}")
+        if self.tokenizer == "bpe":
+            _check(self.vocab_size >= 257, f"DataConfig.vocab_size must be >= 257 for BPE, got {self.vocab_size!r}")
+        for name in ("seq_len", "batch_size", "val_examples"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"DataConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("num_workers", "seed"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 0, f"DataConfig.{name} must be an int >= 0, got {value!r}")
+        ok = self.hf_limit is None or (isinstance(self.hf_limit, int) and self.hf_limit >= 1)
+        _check(ok, f"DataConfig.hf_limit must be None or an int >= 1, got {self.hf_limit!r}")
+        ok = self.max_val_tokens is None or (
+            isinstance(self.max_val_tokens, int) and self.max_val_tokens > self.seq_len
+        )
+        _check(ok, f"DataConfig.max_val_tokens must be None or > seq_len={self.seq_len}, got {self.max_val_tokens!r}")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            _check(0.0 < value < 0.5, f"DataConfig.{name} must be in (0, 0.5), got {value!r}")
+
+
+def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): the given values, else `torch.distributed`'s when initialised, else (0, 1)."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if rank is None:
+        rank = torch.distributed.get_rank() if initialised else 0
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if initialised else 1
+    _check(world_size >= 1 and 0 <= rank < world_size, f"need 0 <= rank < world_size, got {rank=}, {world_size=}")
+    return rank, world_size
+
+
+def split_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of item `index` of a split: seeded by (seed, split, index) only, so it is resumable."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_STREAM_CODES[split], index)))
+
+
+class ResumableSampler(Sampler[int]):
+    """Train indices `start + k·W + r` for k = 0, 1, …: rank r's share of one global, never-repeating stream."""
+
+    def __init__(self, start: int = 0, rank: int | None = None, world_size: int | None = None) -> None:
+        _check(isinstance(start, int) and start >= 0, f"sampler start must be an int >= 0, got {start!r}")
+        self.start = start
+        self.rank, self.world_size = dist_rank_world(rank, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(itertools.count(self.start + self.rank, self.world_size), INFINITE)
+
+    def __len__(self) -> int:
+        return INFINITE
+
+
+class ShardSampler(Sampler[int]):
+    """Eval indices r, r + W, r + 2W, … < n: each window on exactly one rank, in order."""
+
+    def __init__(self, n: int, rank: int | None = None, world_size: int | None = None) -> None:
+        self.n = n
+        self.rank, self.world_size = dist_rank_world(rank, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+class TrainWindows(Dataset):
+    """Item i: T + 1 tokens at the offset drawn by `split_rng(seed, "train", i)`, as inputs and shifted labels."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, seed: int) -> None:
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed  # tokens: [N]
+
+    def offset(self, index: int) -> int:
+        return int(split_rng(self.seed, "train", index).integers(0, self.tokens.numel() - self.seq_len))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        o = self.offset(index)
+        window = self.tokens[o : o + self.seq_len + 1].long()  # [T+1]
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+    def __len__(self) -> int:
+        return INFINITE
+
+
+class EvalWindows(Dataset):
+    """Window j: tokens j·T … j·T + T, consecutive and non-overlapping (as inputs), covering the stream."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
+        self.tokens, self.seq_len = tokens, seq_len  # tokens: [N]
+
+    def __len__(self) -> int:
+        return (self.tokens.numel() - 1) // self.seq_len
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} out of range [0, {len(self)})")
+        window = self.tokens[index * self.seq_len : (index + 1) * self.seq_len + 1].long()  # [T+1]
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+
+class SyntheticWindows(Dataset):
+    """Synthetic examples padded to T: item i from `split_rng(seed, split, i)` (train), or a fixed table."""
+
+    def __init__(self, task: str, args: dict[str, Any], seq_len: int, seed: int, size: int | None = None) -> None:
+        self.task, self.args, self.seq_len, self.seed = task, args, seq_len, seed
+        self.table = None if size is None else self._make(size, seed)  # ([n, T], [n, T])
+
+    def _make(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = make_task(self.task, n, seed=seed, max_len=self.seq_len, **self.args)
+        pad = self.seq_len - batch.inputs.shape[1]
+        inputs = torch.nn.functional.pad(batch.inputs, (0, pad), value=PAD)  # [n, T]
+        labels = torch.nn.functional.pad(batch.targets, (0, pad), value=IGNORE_INDEX)  # [n, T]
+        return inputs, labels
+
+    def __len__(self) -> int:
+        return INFINITE if self.table is None else self.table[0].shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.table is not None:
+            return {"input_ids": self.table[0][index], "labels": self.table[1][index]}
+        seed = int(split_rng(self.seed, "train", index).integers(0, 1 << 31))
+        inputs, labels = self._make(1, seed)
+        return {"input_ids": inputs[0], "labels": labels[0]}
+
+
+class SyntheticTokenizer:
+    """Tokenizer protocol for synthetic tasks: ids written as space-separated integers, one "byte" per token."""
+
+    def __init__(self, task: str, vocab_size: int) -> None:
+        self.name, self.vocab_size = f"synthetic:{task}", vocab_size
+
+    @property
+    def token_bytes(self) -> torch.Tensor:
+        return torch.ones(self.vocab_size, dtype=torch.int64)  # [V]
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def encode_documents(tokenizer: Tokenizer, docs: Sequence[Document]) -> torch.Tensor:
+    """One int32 stream `[N]`: the documents' tokens joined by the tokens of `DOC_SEPARATOR`."""
+    if isinstance(tokenizer, ByteTokenizer):  # bytes are context-free: encode the joined text at once
+        return tokenizer.encode_to_tensor(DOC_SEPARATOR.join(d.text for d in docs))
+    texts = [d.text for d in docs]
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    pieces = encode_batch(texts) if encode_batch is not None else [tokenizer.encode(t) for t in texts]
+    sep = tokenizer.encode(DOC_SEPARATOR)
+    ids = [i for k, piece in enumerate(pieces) for i in (sep if k else []) + piece]
+    return torch.tensor(ids, dtype=torch.int32)  # [N]
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LMDataModule(L.LightningDataModule):
+    """Train/val/test dataloaders of a `DataConfig` (see the module docstring for the sampling contract).
+
+    Build the model from `vocab_size` (builds the tokenizer only; "bpe" trains on the train split once and
+    caches it) and call `setup()` before reading `split_tokens` / `split_bytes`. On resume, call
+    `set_resume_batch(n)` before `train_dataloader()`.
+    """
+
+    def __init__(self, config: DataConfig) -> None:
+        super().__init__()
+        if not isinstance(config, DataConfig):
+            raise TypeError(f"LMDataModule takes a DataConfig, got {type(config).__name__}")
+        self.config = config
+        self.split_tokens: dict[str, int] = {}
+        self.split_bytes: dict[str, int] = {}
+        self._documents: dict[str, list[Document]] | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._streams: dict[str, torch.Tensor] = {}
+        self._resume_batch = 0
+
+    @property
+    def documents(self) -> dict[str, list[Document]]:
+        """The split documents (loaded on first use; empty for synthetic tasks)."""
+        if self._documents is None:
+            c = self.config
+            if c.source == "synthetic":
+                self._documents = {s: [] for s in SPLITS}
+            else:
+                if c.source == "text":
+                    docs = load_text_files(c.paths, c.text_field)
+                elif c.source == "hf":
+                    docs = load_hf_documents(
+                        c.hf_name, c.hf_config, c.hf_split, c.text_field, c.hf_streaming, c.hf_limit
+                    )
+                else:
+                    docs = load_corpus(c.source)
+                self._documents = split_documents(docs, c.val_fraction, c.test_fraction)
+        return self._documents
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            c = self.config
+            if c.source == "synthetic":
+                probe = make_task(c.task, 1, seed=0, **c.task_args)
+                self._tokenizer = SyntheticTokenizer(c.task, probe.vocab_size)
+            else:
+                train_text = [d.text for d in self.documents["train"]] if c.tokenizer == "bpe" else None
+                cache = Path(c.cache_dir) / "tokenizers"
+                self._tokenizer = build_tokenizer(c.tokenizer, train_text, c.vocab_size, cache)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def token_bytes(self) -> torch.Tensor:
+        return self.tokenizer.token_bytes  # [V]
+
+    def stream(self, split: str) -> torch.Tensor:
+        """The int32 token stream `[N]` of a text split, from the cache or freshly encoded (then cached)."""
+        if split not in self._streams:
+            docs = self.documents[split]
+            if not docs:
+                raise ValueError(f"the {split} split of source {self.config.source!r} holds no documents")
+            key = {"format": _CACHE_FORMAT, "docs": documents_fingerprint(docs), "tokenizer": self.tokenizer.name}
+            key["separator"] = DOC_SEPARATOR
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+            path = Path(self.config.cache_dir) / "tokens" / f"{self.config.source}-{split}-{digest}.pt"
+            if path.is_file():
+                cached = torch.load(path, weights_only=True)
+            else:
+                n_bytes = sum(len(d.text.encode()) for d in docs) + len(DOC_SEPARATOR.encode()) * (len(docs) - 1)
+                cached = {"tokens": encode_documents(self.tokenizer, docs), "n_bytes": n_bytes}
+                _atomic_save(cached, path)
+            self._streams[split] = cached["tokens"]
+            self.split_bytes[split] = int(cached["n_bytes"])
+            self.split_tokens[split] = cached["tokens"].numel()
+        return self._streams[split]
+
+    def prepare_data(self) -> None:
+        """Rank 0 only (Lightning): train the tokenizer and write the token caches, so the ranks just load."""
+        if self.config.source != "synthetic":
+            for split in SPLITS:
+                self.stream(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the streams and check that each split holds at least one sequence of `seq_len + 1` tokens."""
+        if self.config.source == "synthetic":
+            return
+        need = self.config.seq_len + 1
+        for split in SPLITS:
+            n = self.stream(split).numel()
+            if n < need:
+                raise ValueError(
+                    f"the {split} split of source {self.config.source!r} has {n} tokens, fewer than "
+                    f"seq_len + 1 = {need}; use a shorter seq_len or more text"
+                )
+
+    def set_resume_batch(self, n_batches_consumed: int) -> None:
+        """Resume the train stream after `n_batches_consumed` batches per rank; call before `train_dataloader()`."""
+        ok = isinstance(n_batches_consumed, int) and n_batches_consumed >= 0
+        _check(ok, f"n_batches_consumed must be an int >= 0, got {n_batches_consumed!r}")
+        self._resume_batch = n_batches_consumed
+
+    def _loader(self, dataset: Dataset, sampler: Sampler[int]) -> DataLoader:
+        c = self.config
+        return DataLoader(
+            dataset,
+            batch_size=c.batch_size,
+            sampler=sampler,
+            num_workers=c.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=c.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        c = self.config
+        if c.source == "synthetic":
+            dataset: Dataset = SyntheticWindows(c.task, c.task_args, c.seq_len, c.seed)
+        else:
+            self.setup("fit")
+            dataset = TrainWindows(self.stream("train"), c.seq_len, c.seed)
+        _, world_size = dist_rank_world()
+        sampler = ResumableSampler(start=self._resume_batch * c.batch_size * world_size)
+        return self._loader(dataset, sampler)
+
+    def _eval_dataset(self, split: str) -> Dataset:
+        c = self.config
+        if c.source == "synthetic":
+            seed = int(split_rng(c.seed, split, 0).integers(0, 1 << 31))
+            return SyntheticWindows(c.task, {**c.task_args, **c.val_task_args}, c.seq_len, seed, c.val_examples)
+        self.setup("validate")
+        tokens = self.stream(split)
+        return EvalWindows(tokens if c.max_val_tokens is None else tokens[: c.max_val_tokens], c.seq_len)
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = self._eval_dataset("val")
+        return self._loader(dataset, ShardSampler(len(dataset)))
+
+    def test_dataloader(self) -> DataLoader:
+        dataset = self._eval_dataset("test")
+        return self._loader(dataset, ShardSampler(len(dataset)))
