@@ -1,0 +1,122 @@
+"""Domain-incremental language modelling: Shakespeare → KJV → Wikipedia → BBC News, one domain after the other.
+
+    python -m experiments.continual.domain_incremental --tiny     # seconds, CPU (what the tests run)
+    python -m experiments.continual.domain_incremental            # full mode (run time: continual/README.md)
+
+Dimensions: N windows, T time (tokens per window).
+
+Each model (Transformer++, Titans, Hope-Attention, HOPE at one size dial, so a matched parameter budget) is trained
+on the four domains in turn with each strategy (plain sequential fine-tuning, reservoir replay, EWC), all with
+the same steps, batch and learning rate. After each domain the held-out loss of every domain fills a row of
+R (R[i][j] = test loss per byte on domain j after training on domains 0..i); `hope.eval.continual_metrics` with
+`higher_is_better=False` turns it into average loss, BWT, FWT and forgetting. Training windows come from the
+`train` split and evaluation windows from the `test` split of `hope.data.corpora.split_documents`.
+
+Writes `<out>/domain_incremental.json`, `.png` (loss on the first domain after each stage) and `.md` (table).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from experiments.common.cli import base_parser, configured, parse_models
+from experiments.common.data import check_fits, lm_task
+from experiments.common.models import LABELS, build_model, build_models
+from experiments.common.results import markdown_table, plot_lines, write_result
+from experiments.common.train import STRATEGIES, Task, TrainConfig, train_on_tasks
+from hope.eval import continual_metrics
+
+NAME = "domain_incremental"
+DOMAINS = ("shakespeare", "kjv", "wikipedia", "bbc")
+MODES: dict[str, dict[str, Any]] = {
+    "tiny": {"size": "tiny", "seq_len": 32, "steps": 3, "batch": 4, "n_eval": 4, "lr": 3e-3,
+             "replay_capacity": 64, "replay_batch": 2, "ewc_strength": 100.0, "ewc_batches": 2},
+    "full": {"size": "small", "seq_len": 256, "steps": 300, "batch": 16, "n_eval": 64, "lr": 1e-3,
+             "replay_capacity": 1024, "replay_batch": 8, "ewc_strength": 1000.0, "ewc_batches": 16},
+}
+
+
+def build_tasks(corpora: Mapping[str, Sequence], seq_len: int, n_train: int, n_eval: int, seed: int) -> list[Task]:
+    """One language-modelling task per domain, in the order of `corpora` (domain name -> Documents).
+
+    Raises `ValueError` for no domains or a domain too small for the window length.
+    """
+    if not corpora:
+        raise ValueError("domain-incremental needs at least one domain, got none")
+    from hope.data.corpora import split_documents
+
+    tasks = []
+    for i, (domain, docs) in enumerate(corpora.items()):
+        if not docs:
+            raise ValueError(f"domain {domain!r} has no documents")
+        parts = split_documents(docs)
+        tasks.append(lm_task(domain, parts["train"], parts["test"] or parts["val"], seq_len, n_train, n_eval,
+                             seed=seed * 1000 + i))
+    return tasks
+
+
+def load_domains(names: Sequence[str] = DOMAINS) -> dict[str, list]:
+    from hope.data.corpora import load_corpus
+
+    return {name: load_corpus(name) for name in names}
+
+
+def run(argv: Sequence[str] | None = None, corpora: Mapping[str, Sequence] | None = None) -> dict[str, Any]:
+    """Parse flags, train every (model, strategy) pair, write the outputs; return the result document."""
+    args = parser().parse_args(argv)
+    with configured(args):
+        return _run(args, corpora)
+
+
+def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> dict[str, Any]:
+    mode = dict(MODES["tiny" if args.tiny else "full"])
+    size = args.size or mode["size"]
+    steps = args.steps or mode["steps"]
+    corpora = corpora if corpora is not None else load_domains(args.domains.split(","))
+    tasks = build_tasks(corpora, mode["seq_len"], steps * mode["batch"], mode["n_eval"], args.seed)
+    built, skipped = build_models(parse_models(args.models), size, args.seed)
+    check_fits(built[0].model, mode["seq_len"])
+
+    results: dict[str, Any] = {}
+    rows, curves = [], {}
+    for entry in built:
+        results[entry.name] = {"params": entry.params, "strategies": {}}
+        for strategy in args.strategies.split(","):
+            print(f"{entry.name} / {strategy}")
+            model = build_model(entry.name, size, args.seed).model  # same initial weights for every strategy
+            cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], strategy=strategy,
+                              replay_capacity=mode["replay_capacity"], replay_batch=mode["replay_batch"],
+                              ewc_strength=mode["ewc_strength"], ewc_batches=mode["ewc_batches"], seed=args.seed)
+            out = train_on_tasks(model, tasks, cfg)
+            metrics = continual_metrics(out["R"], baseline=out["baseline"], higher_is_better=False)
+            results[entry.name]["strategies"][strategy] = {**out, "metrics": metrics}
+            rows.append([LABELS[entry.name], strategy, entry.params, metrics["average_accuracy"],
+                         metrics["backward_transfer"], metrics["average_forgetting"], metrics["forward_transfer"],
+                         metrics["average_incremental_accuracy"], f"{out['seconds']:.1f}"])
+            curves[f"{LABELS[entry.name]} / {strategy}"] = (range(1, len(tasks) + 1), [r[0] for r in out["R"]])
+
+    headers = ["model", "strategy", "params", "final avg loss", "BWT", "forgetting", "FWT", "avg incr. loss", "s"]
+    table = markdown_table(headers, rows)
+    doc = {"mode": "tiny" if args.tiny else "full", "size": size, "tasks": [t.name for t in tasks],
+           "config": {**mode, "steps": steps}, "score": "test loss per byte (nats), lower is better",
+           "models": results, "skipped": skipped, "table": table}
+    path = write_result(NAME, doc, args.out)
+    plot_lines(path.with_suffix(".png"), curves, f"Loss on {tasks[0].name} while learning later domains",
+               "domains learned", f"{tasks[0].name} test loss (nats/byte)")
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return doc
+
+
+def parser() -> argparse.ArgumentParser:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated corpora, in training order")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"subset of {STRATEGIES}")
+    p.add_argument("--steps", type=int, default=None, help="training steps per domain (default: by mode)")
+    return p
+
+
+if __name__ == "__main__":
+    run()
