@@ -17,7 +17,7 @@ def encode(text: str) -> Tensor:
     """Byte-level token ids `[L]` (int64) from the project's `ByteTokenizer`."""
     from hope.data.tokenizers import ByteTokenizer
 
-    return torch.as_tensor(ByteTokenizer().encode(text), dtype=torch.long)
+    return ByteTokenizer().encode_to_tensor(text).long()  # [L]
 
 
 def stream(docs: Sequence, sep: str = "\n\n") -> Tensor:
