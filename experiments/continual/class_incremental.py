@@ -1,0 +1,245 @@
+"""Class-incremental text classification as next-token prediction of a label token.
+
+    python -m experiments.continual.class_incremental --tiny                # seconds, CPU (what the tests run)
+    python -m experiments.continual.class_incremental                       # BBC topics, KJV sections, plays
+    python -m experiments.continual.class_incremental --sources hf:clinc150,hf:banking77,hf:dbpedia14  # network
+    python -m experiments.continual.class_incremental --sources file:my.jsonl    # {"text": ..., "label": ...}
+
+Dimensions: N examples, T time (tokens per example), K classes.
+
+An example is `pad… text-bytes SEP` (T tokens, left-padded) and its target is the class's label token after SEP;
+no other position is scored. Class k's label token is `vocab − K + k`, a byte id of its own. Classes are put in
+a seeded random order and cut into tasks of `classes_per_task`; each model learns the tasks in turn (plain
+sequential, reservoir replay, EWC) and is scored, after each task, by single-head accuracy: argmax over the K
+label tokens of the whole benchmark, so old classes compete with new ones (the class-incremental protocol,
+van de Ven et al. 2022, "Three types of incremental learning"). R[i][j] is the accuracy on task j's classes
+after task i, for `hope.eval.continual_metrics`.
+
+Offline sources: BBC News (5 topics), the KJV with books grouped into 7 sections, Shakespeare's 37 plays (one
+class per play, modern spelling). Held-out examples come from the `test` split of
+`hope.data.corpora.split_documents` (whole articles for BBC; the last 5% of each book or play otherwise).
+The paper's Figure 6 uses CLINC150, Banking77 and DBpedia14 with Llama-3 backbones; `hf:<name>` loads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from experiments.common.cli import base_parser, configured, parse_models
+from experiments.common.data import check_fits, encode
+from experiments.common.models import LABELS, build_model, build_models
+from experiments.common.results import markdown_table, plot_lines, write_result
+from experiments.common.train import STRATEGIES, Task, TrainConfig, train_on_tasks
+from hope.eval import IGNORE_INDEX, continual_metrics
+
+NAME = "class_incremental"
+PAD, SEP = 0, 1  # byte 0 and 1 never occur in the corpora's text
+KJV_SECTIONS = {
+    "law": "Genesis Exodus Leviticus Numbers Deuteronomy",
+    "history": "Joshua Judges Ruth 1_Samuel 2_Samuel 1_Kings 2_Kings 1_Chronicles 2_Chronicles Ezra Nehemiah Esther",
+    "wisdom": "Job Psalms Proverbs Ecclesiastes Song_of_Solomon",
+    "major_prophets": "Isaiah Jeremiah Lamentations Ezekiel Daniel",
+    "minor_prophets": "Hosea Joel Amos Obadiah Jonah Micah Nahum Habakkuk Zephaniah Haggai Zechariah Malachi",
+    "gospels_acts": "Matthew Mark Luke John Acts",
+    "letters": "Romans 1_Corinthians 2_Corinthians Galatians Ephesians Philippians Colossians 1_Thessalonians "
+    "2_Thessalonians 1_Timothy 2_Timothy Titus Philemon Hebrews James 1_Peter 2_Peter 1_John 2_John 3_John Jude "
+    "Revelation",
+}
+SHAKESPEARE_POEMS = {"A Lover's Complaint", "The Passionate Pilgrim", "The Phoenix and the Turtle",
+                     "The Rape of Lucrece", "Sonnets", "Venus and Adonis"}
+# name -> (dataset, config, text column, label column, classes per task)
+HF_SOURCES = {
+    "clinc150": ("clinc_oos", "plus", "text", "intent", 15),
+    "banking77": ("PolyAI/banking77", None, "text", "label", 7),
+    "dbpedia14": ("fancyzhx/dbpedia_14", None, "content", "label", 2),
+}
+CLASSES_PER_TASK = {"bbc": 2, "kjv": 2, "shakespeare": 5}
+MODES: dict[str, dict[str, Any]] = {
+    "tiny": {"size": "tiny", "seq_len": 32, "steps": 4, "batch": 4, "max_per_class": 16, "eval_per_class": 4,
+             "lr": 3e-3, "replay_capacity": 64, "replay_batch": 2, "ewc_strength": 100.0, "ewc_batches": 2},
+    "full": {"size": "small", "seq_len": 128, "steps": 200, "batch": 32, "max_per_class": 2000, "eval_per_class": 50,
+             "lr": 1e-3, "replay_capacity": 1024, "replay_batch": 16, "ewc_strength": 1000.0, "ewc_batches": 16},
+}
+
+
+def labelled_documents(source: str) -> list:
+    """Documents whose `.label` is the class: BBC topic, KJV section, Shakespeare play, or a file / HF label."""
+    from hope.data.corpora import Document, load_corpus, load_hf_documents, load_text_files
+
+    if source == "bbc":
+        return load_corpus("bbc")
+    if source == "kjv":
+        section = {book.replace("_", " "): name for name, books in KJV_SECTIONS.items() for book in books.split()}
+        return [Document(d.source, d.title, d.text, section[d.title]) for d in load_corpus("kjv")]
+    if source == "shakespeare":
+        return [Document(d.source, d.title, d.text, d.title) for d in load_corpus("shakespeare")
+                if d.title not in SHAKESPEARE_POEMS and not d.title.endswith(" (First Folio)")]
+    if source.startswith("file:"):
+        docs = load_text_files([source.removeprefix("file:")])
+        if any(d.label is None for d in docs):
+            raise ValueError(f"{source}: every record needs a 'label' field")
+        return docs
+    if source.startswith("hf:") and source.removeprefix("hf:") in HF_SOURCES:
+        name, config, text_field, label_field, _ = HF_SOURCES[source.removeprefix("hf:")]
+        if label_field == "label":
+            return load_hf_documents(name, config, split="train", text_field=text_field, streaming=False)
+        return _hf_with_label_field(name, config, text_field, label_field)
+    raise ValueError(f"unknown source {source!r}; use bbc, kjv, shakespeare, file:<path.jsonl> or "
+                     f"hf:{{{','.join(HF_SOURCES)}}}")
+
+
+def _hf_with_label_field(name: str, config: str | None, text_field: str, label_field: str) -> list:
+    """CLINC150 stores its class in an `intent` column; map it to names and drop the out-of-scope class."""
+    import datasets
+
+    from hope.data.corpora import Document
+
+    ds = datasets.load_dataset(name, config, split="train")
+    names = ds.features[label_field].int2str
+    return [Document(f"hf:{name}", f"{name}/{i}", r[text_field], names(r[label_field]))
+            for i, r in enumerate(ds) if names(r[label_field]) != "oos"]
+
+
+def group_classes(classes: Sequence[str], per_task: int, seed: int) -> list[list[str]]:
+    """Seeded random class order cut into consecutive tasks of `per_task` classes (the last may be smaller)."""
+    if not isinstance(per_task, int) or per_task <= 0:
+        raise ValueError(f"classes_per_task must be a positive int, got {per_task!r}")
+    order = sorted(set(classes))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + per_task] for i in range(0, len(order), per_task)]
+
+
+def _examples(docs: Sequence, seq_len: int, limit: int, rng: random.Random) -> torch.Tensor:
+    """Up to `limit` examples `[N, T]`: each document cut into pieces of T−1 bytes, left-padded, then SEP."""
+    width = seq_len - 1
+    rows = []
+    for doc in docs:
+        ids = encode(doc.text)  # [L]
+        if ids.numel() == 0:
+            continue
+        for s in range(0, ids.numel(), width):
+            piece = ids[s : s + width]
+            if piece.numel() < min(width, 8) and s > 0:
+                continue  # a short tail of a long document says little about its class
+            rows.append(torch.cat([torch.full((width - piece.numel(),), PAD), piece, torch.tensor([SEP])]))
+    rng.shuffle(rows)
+    return torch.stack(rows[:limit]) if rows else torch.empty(0, seq_len, dtype=torch.long)
+
+
+def build_tasks(docs: Sequence, groups: Sequence[Sequence[str]], seq_len: int, max_per_class: int,
+                eval_per_class: int, seed: int, vocab_size: int = 256) -> tuple[list[Task], torch.Tensor]:
+    """Tasks of (example, label-token) pairs for the class `groups`, and the label tokens of all classes `[K]`.
+
+    Raises `ValueError` for no tasks, an empty group, a class in two tasks, a class with no documents or no
+    held-out text, more classes than free token ids, or a sequence too short to hold text and SEP.
+    """
+    from hope.data.corpora import split_documents
+
+    if not groups:
+        raise ValueError("class-incremental needs at least one task, got none")
+    seen: dict[str, int] = {}
+    for t, group in enumerate(groups):
+        if not group:
+            raise ValueError(f"task {t} has no classes")
+        for c in group:
+            if c in seen:
+                raise ValueError(f"class {c!r} is in task {seen[c]} and task {t}: tasks must not share classes")
+            seen[c] = t
+    classes = [c for g in groups for c in g]
+    if len(classes) > vocab_size - 2:
+        raise ValueError(f"{len(classes)} classes do not fit a vocabulary of {vocab_size} next to PAD and SEP")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (text and SEP), got {seq_len}")
+    label_token = {c: vocab_size - len(classes) + k for k, c in enumerate(classes)}
+    parts = split_documents([d for d in docs if d.label in label_token])
+    rng = random.Random(seed)
+    tasks = []
+    for group in groups:
+        split = {}
+        for name, per_class in (("train", max_per_class), ("test", eval_per_class)):
+            xs, ys = [], []
+            for c in group:
+                x = _examples([d for d in parts[name] if d.label == c], seq_len, per_class, rng)  # [n, T]
+                if x.shape[0] == 0:
+                    raise ValueError(f"class {c!r} has no {name} text (documents: "
+                                     f"{sum(d.label == c for d in docs)})")
+                y = torch.full_like(x, IGNORE_INDEX)
+                y[:, -1] = label_token[c]
+                xs.append(x)
+                ys.append(y)
+            split[name] = (torch.cat(xs), torch.cat(ys))
+        tasks.append(Task("+".join(group), *split["train"], *split["test"]))
+    return tasks, torch.tensor([label_token[c] for c in classes])
+
+
+def run(argv: Sequence[str] | None = None, sources: Mapping[str, Sequence] | None = None) -> dict[str, Any]:
+    """Parse flags, run every (source, model, strategy), write the outputs; return the result document.
+
+    `sources` ({name: labelled Documents}) replaces loading `--sources` (the tests pass local documents).
+    """
+    args = parser().parse_args(argv)
+    with configured(args):
+        return _run(args, sources)
+
+
+def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> dict[str, Any]:
+    mode = dict(MODES["tiny" if args.tiny else "full"])
+    size, steps = args.size or mode["size"], args.steps or mode["steps"]
+    names = list(sources) if sources is not None else args.sources.split(",")
+    built, skipped = build_models(parse_models(args.models), size, args.seed)
+    check_fits(built[0].model, mode["seq_len"])
+    results, rows, curves = {}, [], {}
+    for source in names:
+        docs = sources[source] if sources is not None else labelled_documents(source)
+        hf = HF_SOURCES.get(source.removeprefix("hf:"))
+        per_task = args.classes_per_task or CLASSES_PER_TASK.get(source, hf[4] if hf else 2)
+        groups = group_classes([d.label for d in docs], per_task, args.seed)
+        tasks, candidates = build_tasks(docs, groups, mode["seq_len"], mode["max_per_class"],
+                                        mode["eval_per_class"], args.seed)
+        results[source] = {"groups": groups, "models": {}}
+        for entry in built:
+            runs = results[source]["models"][entry.name] = {"params": entry.params, "strategies": {}}
+            for strategy in args.strategies.split(","):
+                print(f"{source}: {entry.name} / {strategy}")
+                model = build_model(entry.name, size, args.seed).model
+                cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], strategy=strategy,
+                                  replay_capacity=mode["replay_capacity"], replay_batch=mode["replay_batch"],
+                                  ewc_strength=mode["ewc_strength"], ewc_batches=mode["ewc_batches"], seed=args.seed)
+                out = train_on_tasks(model, tasks, cfg, candidates=candidates)
+                metrics = continual_metrics(out["R"], baseline=out["baseline"])
+                runs["strategies"][strategy] = {**out, "metrics": metrics}
+                rows.append([source, LABELS[entry.name], strategy, entry.params, metrics["average_accuracy"],
+                             metrics["average_incremental_accuracy"], metrics["backward_transfer"],
+                             metrics["average_forgetting"], f"{out['seconds']:.1f}"])
+                curves[f"{source}: {LABELS[entry.name]} / {strategy}"] = (
+                    range(1, len(tasks) + 1), [sum(r[: i + 1]) / (i + 1) for i, r in enumerate(out["R"])])
+    headers = ["source", "model", "strategy", "params", "final acc", "avg incr. acc", "BWT", "forgetting", "s"]
+    table = markdown_table(headers, rows)
+    doc = {"mode": "tiny" if args.tiny else "full", "size": size, "config": {**mode, "steps": steps},
+           "score": "single-head accuracy over all label tokens", "sources": results, "skipped": skipped,
+           "table": table}
+    path = write_result(NAME, doc, args.out)
+    plot_lines(path.with_suffix(".png"), curves, "Class-incremental accuracy on the classes seen so far",
+               "tasks learned", "accuracy (seen classes)")
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return doc
+
+
+def parser() -> argparse.ArgumentParser:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--sources", default="bbc,kjv,shakespeare",
+                   help="comma-separated: bbc, kjv, shakespeare, file:<path.jsonl>, hf:clinc150|banking77|dbpedia14")
+    p.add_argument("--classes-per-task", type=int, default=None, help="default: 2 (BBC, KJV), 5 (plays), by HF set")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"subset of {STRATEGIES}")
+    p.add_argument("--steps", type=int, default=None, help="training steps per task (default: by mode)")
+    return p
+
+
+if __name__ == "__main__":
+    run()
