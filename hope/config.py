@@ -176,7 +176,7 @@ def preset(name: str, size: str | int = "small", **overrides: Any) -> HopeConfig
     cms = []
     for lvl in spec["cms"]:
         frac = lvl.get("hidden_frac")
-        hidden = None if frac is None else 64 * max(1, round(base.ffn_hidden * frac / 64))
+        hidden = None if frac is None else 8 * max(1, round(base.ffn_hidden * frac / 8))
         cms.append(CMSLevel(period=lvl["period"], hidden=hidden))
     kwargs: dict[str, Any] = {"d_model": d_model, "n_heads": depth, "n_layers": depth, "core": spec["core"], "cms": cms}
     kwargs.update(overrides)

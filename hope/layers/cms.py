@@ -44,8 +44,12 @@ def init_level_state(mlp: SwiGLU, level: CMSLevel, batch_size: int) -> dict[str,
 
 
 def materialize(mlp: SwiGLU, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fast weights θ_0 − Δ `[B, *θ.shape]`; differentiable in θ_0, constant in Δ."""
-    return {name: w.unsqueeze(0) - delta[name] for name, w in mlp.weights().items()}
+    """Fast weights θ_0 − Δ `[B, *θ.shape]`; differentiable in θ_0, constant in Δ.
+
+    Built with autograd on even under `torch.no_grad()`: the next write differentiates the chunk loss w.r.t. them.
+    """
+    with torch.enable_grad():
+        return {name: w.unsqueeze(0) - delta[name] for name, w in mlp.weights().items()}
 
 
 def prediction_losses(

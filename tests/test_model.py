@@ -1,0 +1,196 @@
+"""HopeLM invariants of DESIGN.md §8 for every core, in fp64 on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from hope import CMSLevel, HopeConfig, HopeLM, preset
+
+CORES = ["attention"]
+if importlib.util.find_spec("hope.layers.self_modifying") is not None:
+    CORES.append("self_modifying")
+if importlib.util.find_spec("hope.layers.titans") is not None:
+    CORES.append("titans")
+
+
+def tiny(core: str = "attention", cms=None, **kw) -> HopeLM:
+    torch.manual_seed(0)
+    cfg = HopeConfig(vocab_size=23, d_model=32, n_layers=2, n_heads=2, core=core,
+                     cms=cms or [CMSLevel()], ffn_hidden=48, **kw)
+    return HopeLM(cfg).double()
+
+
+def fast_cms():
+    return [CMSLevel(period=4, hidden=16, lr=0.5), CMSLevel(period=8, hidden=16, lr=0.5), CMSLevel(hidden=16)]
+
+
+def run_pieces(model, ids, cuts):
+    state, outs = None, []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        out = model(ids[:, a:b], state)
+        state = out.state
+        outs.append(out.logits)
+    return torch.cat(outs, dim=1)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("with_cms", [False, True])
+def test_pieces_equal_whole(core, with_cms):
+    model = tiny(core, fast_cms() if with_cms else None)
+    ids = torch.randint(0, 23, (2, 21))
+    whole = model(ids).logits
+    assert rel_err(run_pieces(model, ids, [0, 3, 4, 11, 16, 21]), whole) < 1e-10
+    assert rel_err(run_pieces(model, ids, list(range(22))), whole) < 1e-10  # one token per call
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("with_cms", [False, True])
+def test_causal(core, with_cms):
+    model = tiny(core, fast_cms() if with_cms else None)
+    ids = torch.randint(0, 23, (1, 17))
+    base = model(ids).logits
+    ids2 = ids.clone()
+    ids2[0, 9] = (ids2[0, 9] + 1) % 23
+    changed = model(ids2).logits
+    assert torch.equal(base[:, :9], changed[:, :9])
+    assert not torch.allclose(base[:, 9:], changed[:, 9:])
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("with_cms", [False, True])
+def test_batch_equals_single_runs(core, with_cms):
+    model = tiny(core, fast_cms() if with_cms else None)
+    ids = torch.randint(0, 23, (3, 19))
+    batch = model(ids).logits
+    singles = torch.cat([model(ids[i : i + 1]).logits for i in range(3)])
+    assert rel_err(batch, singles) < 1e-10
+
+
+def test_cms_weights_change_only_at_period_multiples():
+    model = tiny("attention", [CMSLevel(period=4, hidden=16, lr=0.5), CMSLevel(hidden=16)])
+    ids = torch.randint(0, 23, (2, 13))
+    state = None
+    previous = None
+    for t in range(13):
+        state = model(ids[:, t : t + 1], state).state
+        delta = state["layers"][0]["cms"][0]["delta"]["w_up"].clone()
+        if previous is not None:
+            changed = not torch.equal(delta, previous)
+            assert changed == ((t + 1) % 4 == 0), f"write after token count {t + 1}"
+        previous = delta
+    assert state["layers"][0]["cms"][1] is None  # frozen level keeps no fast state
+
+
+def test_cms_write_is_per_sample_and_learns():
+    """A fast level that sees the same text twice predicts it better the second time (dynamic evaluation)."""
+    model = tiny("attention", [CMSLevel(period=8, hidden=16, lr=0.05, optimizer="sgd"), CMSLevel(hidden=16)])
+    torch.manual_seed(1)
+    chunk = torch.randint(0, 23, (1, 8))
+    ids = torch.cat([chunk, chunk, chunk], dim=1)
+    logits = model(ids).logits
+    ce = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+    frozen = tiny("attention", [CMSLevel(period=None, hidden=16), CMSLevel(hidden=16)])
+    frozen.load_state_dict(model.state_dict())
+    ce_frozen = torch.nn.functional.cross_entropy(frozen(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+    assert torch.allclose(ce[:7], ce_frozen[:7])  # first chunk: identical weights
+    assert ce[16:23].sum() < ce_frozen[16:23].sum()  # after two writes on this text
+
+
+def test_outer_gradients_reach_fast_level_initial_weights():
+    model = tiny("attention", fast_cms())
+    ids = torch.randint(0, 23, (2, 16))
+    loss = model(ids).logits.sum()
+    loss.backward()
+    for block in model.blocks:
+        for mlp in block.cms:
+            for name, w in mlp.weights().items():
+                assert w.grad is not None and w.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_cached_generation_equals_uncached(core):
+    model = tiny(core, fast_cms())
+    prompt = torch.randint(0, 23, (2, 5))
+    out = model.generate(prompt, max_new_tokens=9, temperature=0)
+    assert out.shape == (2, 14)
+    with torch.no_grad():
+        full = model(out).logits
+    # greedy: every generated token is the argmax of the uncached forward at the previous position
+    assert torch.equal(full[:, 4:-1].argmax(-1), out[:, 5:])
+
+
+def test_export_import_state_roundtrip(tmp_path):
+    model = tiny("attention", fast_cms())
+    ids = torch.randint(0, 23, (2, 24))
+    out = model(ids[:, :16])  # 16 is a multiple of every period: the export is exact
+    path = tmp_path / "state.pt"
+    torch.save(model.export_state(out.state), path)
+    restored = model.import_state(torch.load(path, weights_only=False))
+    cont = model(ids[:, 16:], restored).logits
+    ref = model(ids).logits[:, 16:]
+    assert rel_err(cont, ref) < 1e-10
+
+
+def test_detach_inside_chunk_warns():
+    model = tiny("attention", fast_cms())
+    out = model(torch.randint(0, 23, (1, 6)))
+    with pytest.warns(UserWarning, match="inside a CMS chunk"):
+        model.detach_state(out.state)
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        (torch.zeros(3, dtype=torch.long), r"\[B, T\] tensor"),
+        (torch.zeros(1, 3), "int64 or int32"),
+        (torch.full((1, 3), 23), r"out of range \[0, 23\)"),
+        (torch.full((1, 3), -1), "out of range"),
+    ],
+)
+def test_bad_input_ids(ids, match):
+    with pytest.raises(ValueError, match=match):
+        tiny()(ids)
+
+
+def test_max_seq_len_enforced():
+    model = tiny(max_seq_len=8)
+    with pytest.raises(ValueError, match="exceeds max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"d_model": 30, "n_heads": 4}, "divisible"),
+        ({"core": "mamba"}, "core must be one of"),
+        ({"n_layers": 0}, "n_layers must be a positive int"),
+        ({"cms": []}, "at least one level"),
+        ({"cms": [{"period": 1}]}, "period must be an int >= 2"),
+        ({"cms": [{"period": 4, "lr": -1.0}]}, "lr must be >= 0"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HopeConfig(**kwargs)
+
+
+def test_presets_param_budget_matched():
+    def count(name):
+        return sum(p.numel() for p in HopeLM(preset(name, "small")).parameters())
+
+    ref = count("transformer")
+    for name in ["hope_attention", *(["hope"] if "self_modifying" in CORES else []),
+                 *(["titans"] if "titans" in CORES else [])]:
+        assert abs(count(name) / ref - 1) < 0.05, name
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'gpt'"):
+        preset("gpt")
