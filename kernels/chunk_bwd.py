@@ -1,0 +1,333 @@
+"""Backward Triton kernels of the chunked memory update (derivation in kernels/README.md).
+
+Dimensions: B batch, T time, H heads, K key width, V value width, C chunk of the rule, NT tiles,
+BT/BK/BV block sizes along time / key / value. Symbols as in kernels/chunk_fwd.py: per tile, start
+state M, chunk-start state M_c, end state M', decays g, g⁻, UT transform T, pseudo-values W = T R with
+
+    R = diag(η)(V − K M_c) − diag(β e^{g⁻}) K M,       P = Q Kᵀ ⊙ D.
+
+Given dO and dM' (the gradient flowing into the tile's end state), reverse mode gives
+
+    dW  = Pᵀ dO + diag(e^{g_n − g}) K dM'                       (local kernel + state kernel)
+    dM  = e^{g_n} dM' + Qᵀ diag(e^g) dO − W_bᵀ dW,   dM_c = −W_cᵀ dW          (state kernel)
+    dR  = Tᵀ dW,   dA = −dR Wᵀ (strictly lower part),   dV = diag(η) dR      (tile kernel)
+    dQ  = diag(e^g) dO Mᵀ + (dO Wᵀ ⊙ D) K                                      (dq/dk kernel)
+    dK  = (dO Wᵀ ⊙ D)ᵀ Q + diag(e^{g_n − g}) W dM'ᵀ + dG K + dGᵀ K
+          − diag(η) dR M_cᵀ − diag(β e^{g⁻}) dR Mᵀ,          dG = dA ⊙ β_t e^{g⁻_t − g_i}
+plus the gate gradients of the tile kernel. Only the inputs are saved by the forward pass: the tile-start
+states and W are recomputed here (kernels.chunk_fwd.forward_states), which keeps saved memory O(T (K + V)).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.chunk_fwd import forward_states, loop_blocks, state_block_v
+from kernels.common import Tiling, dot_precision, tile_bounds
+
+
+@triton.jit
+def _local_dw_kernel(
+    q, k, g_buf, do, dw_buf,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C, L, NSUB,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Per tile, in parallel: the part Pᵀ dO of dW that does not depend on later tiles."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    start, n, _ = tile_bounds(i_t, T, C, L, NSUB)
+    r = tl.arange(0, BT)
+    row_ok = r < n
+    rows = start + r  # [BT]
+    cv = i_v * BV + tl.arange(0, BV)
+    m_tv = row_ok[:, None] & (cv < V)[None, :]
+    p_qk = i_b.to(tl.int64) * T * H * K + i_h * K + rows[:, None] * (H * K)  # [BT, 1]
+    qk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        ck = i_k * BK + tl.arange(0, BK)
+        m_tk = row_ok[:, None] & (ck < K)[None, :]
+        b_q = tl.load(q + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+        b_k = tl.load(k + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+        qk += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BT, BT]
+    head = i_bh.to(tl.int64) * T
+    g = tl.load(g_buf + head + rows, mask=row_ok, other=0.0)  # [BT]
+    causal = (r[:, None] >= r[None, :]) & row_ok[:, None]
+    p = tl.where(causal, qk * tl.exp(tl.where(causal, g[:, None] - g[None, :], 0.0)), 0.0)  # [BT, BT]
+    p_do = do + i_b.to(tl.int64) * T * H * V + i_h * V + rows[:, None] * (H * V) + cv[None, :]
+    b_do = tl.load(p_do, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+    b_dw = tl.dot(tl.trans(p), b_do, input_precision=PREC)  # [BT, BV]
+    tl.store(dw_buf + (head + rows)[:, None] * V + cv[None, :], b_dw, mask=m_tv)
+
+
+@triton.jit
+def _state_bwd_kernel(
+    q, k, g_buf, wc_buf, wb_buf, do, dht, dh_buf, dw_buf, dh0,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C, L, NSUB, NT,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    MULTI: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Sequential over tiles, last to first: store dM' of each tile, complete dW, carry dM to the previous tile."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    r = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    m_kv = (ck < K)[:, None] & (cv < V)[None, :]
+    p_kv = ck[:, None] * V + cv[None, :]  # [BK, BV] offsets inside one state
+    dm = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dm += tl.load(dht + i_bh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+    dm_c = tl.zeros([BK, BV], dtype=tl.float32)  # gradient owed to the current chunk's start state
+    head = i_bh.to(tl.int64) * T
+    p_qk = i_b.to(tl.int64) * T * H * K + i_h * K
+    p_do = do + i_b.to(tl.int64) * T * H * V + i_h * V
+    for i_rev in range(NT):
+        i_t = NT - 1 - i_rev
+        start, n, i_s = tile_bounds(i_t, T, C, L, NSUB)
+        row_ok = r < n
+        rows = start + r  # [BT]
+        m_tk = row_ok[:, None] & (ck < K)[None, :]
+        m_tv = row_ok[:, None] & (cv < V)[None, :]
+        tl.store(dh_buf + (i_bh.to(tl.int64) * NT + i_t) * K * V + p_kv, dm, mask=m_kv)
+        g = tl.load(g_buf + head + rows, mask=row_ok, other=0.0)  # [BT]
+        g_last = tl.load(g_buf + head + start + n - 1, mask=n > 0, other=0.0)
+        b_k = tl.load(k + p_qk + rows[:, None] * (H * K) + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_q = tl.load(q + p_qk + rows[:, None] * (H * K) + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_do = tl.load(p_do + rows[:, None] * (H * V) + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        p_dw = dw_buf + (head + rows)[:, None] * V + cv[None, :]
+        b_dw = tl.load(p_dw, mask=m_tv, other=0.0)  # [BT, BV]
+        b_dw += tl.dot(b_k * tl.exp(g_last - g)[:, None], dm, input_precision=PREC)
+        tl.store(p_dw, b_dw, mask=m_tv)
+        b_wc = tl.load(wc_buf + (head + rows)[:, None] * K + ck[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+        dm = dm * tl.exp(g_last) + tl.dot(tl.trans(b_q * tl.exp(g)[:, None]), b_do, input_precision=PREC)
+        if MULTI:
+            b_wb = tl.load(wb_buf + (head + rows)[:, None] * K + ck[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+            dm -= tl.dot(tl.trans(b_wb), b_dw, input_precision=PREC)
+            dm_c -= tl.dot(tl.trans(b_wc), b_dw, input_precision=PREC)
+            dm += tl.where(i_s == 0, dm_c, 0.0)  # first tile of the chunk: its start state is M_c
+            dm_c = tl.where(i_s == 0, 0.0, dm_c)
+        else:  # M_c = M, and W_c + W_b is stored in wc_buf
+            dm -= tl.dot(tl.trans(b_wc), b_dw, input_precision=PREC)  # [BK, BV]
+    if STORE_DH0:
+        tl.store(dh0 + i_bh.to(tl.int64) * K * V + p_kv, dm, mask=m_kv)
+
+
+@triton.jit
+def _tile_grads_kernel(
+    q, k, v, eta, alpha, beta, do, g_buf, tm_buf, w_buf, dw_buf, h_buf, dh_buf,
+    dv, ds_buf, dgk_buf, deta, dalpha, dbeta,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C, L, NSUB, NT,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Per tile, in parallel: dV, the gate gradients, and the [BT, BT] factors dS = dO Wᵀ ⊙ D and dG for dq/dk."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    start, n, i_s = tile_bounds(i_t, T, C, L, NSUB)
+    r = tl.arange(0, BT)
+    row_ok = r < n
+    rows = start + r  # [BT]
+    head = i_bh.to(tl.int64) * T
+    p_gate = i_b.to(tl.int64) * T * H + i_h + rows * H  # [BT]
+    b_alpha = tl.load(alpha + p_gate, mask=row_ok, other=1.0).to(tl.float32)  # [BT]
+    b_eta = tl.load(eta + p_gate, mask=row_ok, other=0.0).to(tl.float32)  # [BT]
+    b_beta = tl.load(beta + p_gate, mask=row_ok, other=0.0).to(tl.float32)  # [BT]
+    g = tl.load(g_buf + head + rows, mask=row_ok, other=0.0)  # [BT]
+    g_prev = g - tl.log(b_alpha)  # [BT]
+    g_last = tl.load(g_buf + head + start + n - 1, mask=n > 0, other=0.0)
+    tm = tl.load(tm_buf + (head + rows)[:, None] * BT + r[None, :], mask=row_ok[:, None], other=0.0)  # [BT, BT]
+    p_s = h_buf + (i_bh.to(tl.int64) * NT + i_t) * K * V  # tile-start state M
+    p_c = h_buf + (i_bh.to(tl.int64) * NT + i_t - i_s) * K * V  # chunk-start state M_c
+    p_dh = dh_buf + (i_bh.to(tl.int64) * NT + i_t) * K * V  # dM'
+    p_qk = i_b.to(tl.int64) * T * H * K + i_h * K + rows[:, None] * (H * K)  # [BT, 1]
+    p_v = i_b.to(tl.int64) * T * H * V + i_h * V + rows[:, None] * (H * V)  # [BT, 1]
+
+    dow = tl.zeros([BT, BT], dtype=tl.float32)  # dO Wᵀ
+    drw = tl.zeros([BT, BT], dtype=tl.float32)  # dR Wᵀ
+    d_eta = tl.zeros([BT], dtype=tl.float32)  # Σ_v dR ⊙ (V − K M_c)
+    dr_km = tl.zeros([BT], dtype=tl.float32)  # Σ_v dR ⊙ K M
+    do_qm = tl.zeros([BT], dtype=tl.float32)  # Σ_v dO ⊙ Q M
+    kdm_w = tl.zeros([BT], dtype=tl.float32)  # Σ_v (K dM') ⊙ W
+    frob = tl.zeros([BV], dtype=tl.float32)  # ⟨dM', M⟩ summed over keys, one entry per value column
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        m_tv = row_ok[:, None] & (cv < V)[None, :]
+        b_do = tl.load(do + p_v + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        b_v = tl.load(v + p_v + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        b_w = tl.load(w_buf + (head + rows)[:, None] * V + cv[None, :], mask=m_tv, other=0.0)  # [BT, BV]
+        b_dw = tl.load(dw_buf + (head + rows)[:, None] * V + cv[None, :], mask=m_tv, other=0.0)  # [BT, BV]
+        b_dr = tl.dot(tl.trans(tm), b_dw, input_precision=PREC)  # dR, [BT, BV]
+        tl.store(dv + p_v + cv[None, :], (b_eta[:, None] * b_dr).to(dv.dtype.element_ty), mask=m_tv)
+        dow += tl.dot(b_do, tl.trans(b_w), input_precision=PREC)
+        drw += tl.dot(b_dr, tl.trans(b_w), input_precision=PREC)
+        km = tl.zeros([BT, BV], dtype=tl.float32)  # K M
+        km_c = tl.zeros([BT, BV], dtype=tl.float32)  # K M_c
+        qm = tl.zeros([BT, BV], dtype=tl.float32)  # Q M
+        kdm = tl.zeros([BT, BV], dtype=tl.float32)  # K dM'
+        for i_k in range(tl.cdiv(K, BK)):
+            ck = i_k * BK + tl.arange(0, BK)
+            m_tk = row_ok[:, None] & (ck < K)[None, :]
+            m_kv = (ck < K)[:, None] & (cv < V)[None, :]
+            b_q = tl.load(q + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+            b_k = tl.load(k + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+            b_m = tl.load(p_s + ck[:, None] * V + cv[None, :], mask=m_kv, other=0.0)  # [BK, BV]
+            b_dm = tl.load(p_dh + ck[:, None] * V + cv[None, :], mask=m_kv, other=0.0)  # [BK, BV]
+            km += tl.dot(b_k, b_m, input_precision=PREC)
+            qm += tl.dot(b_q, b_m, input_precision=PREC)
+            kdm += tl.dot(b_k, b_dm, input_precision=PREC)
+            frob += tl.sum(b_dm * b_m, 0)
+            if MULTI:
+                b_mc = tl.load(p_c + ck[:, None] * V + cv[None, :], mask=m_kv, other=0.0)  # [BK, BV]
+                km_c += tl.dot(b_k, b_mc, input_precision=PREC)
+        if not MULTI:
+            km_c = km
+        d_eta += tl.sum(b_dr * (b_v - km_c), 1)
+        dr_km += tl.sum(b_dr * km, 1)
+        do_qm += tl.sum(b_do * qm, 1)
+        kdm_w += tl.sum(kdm * b_w, 1)
+
+    qk = tl.zeros([BT, BT], dtype=tl.float32)
+    kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        ck = i_k * BK + tl.arange(0, BK)
+        m_tk = row_ok[:, None] & (ck < K)[None, :]
+        b_q = tl.load(q + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+        b_k = tl.load(k + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+        qk += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    causal = (r[:, None] >= r[None, :]) & row_ok[:, None]
+    strict = (r[:, None] > r[None, :]) & row_ok[:, None]
+    ds = tl.where(causal, dow * tl.exp(tl.where(causal, g[:, None] - g[None, :], 0.0)), 0.0)  # dS, [BT, BT]
+    e_prev = tl.where(strict, tl.exp(tl.where(strict, g_prev[:, None] - g[None, :], 0.0)), 0.0)  # [BT, BT]
+    da = -drw * e_prev  # dA ⊙ e^{g⁻_t − g_i}, zero off the strict lower triangle
+    dgk = da * b_beta[:, None]  # dG, [BT, BT]
+    tl.store(ds_buf + (head + rows)[:, None] * BT + r[None, :], ds, mask=row_ok[:, None])
+    tl.store(dgk_buf + (head + rows)[:, None] * BT + r[None, :], dgk, mask=row_ok[:, None])
+    d_beta = tl.sum(da * kk, 1) - tl.exp(g_prev) * dr_km  # [BT]
+
+    # decay gradients: dg for g_t (inclusive sums), dgp for g⁻_t (exclusive sums); see README
+    s_o = ds * qk  # from D in P
+    s_a = dgk * kk  # from the decays inside A
+    w_end = tl.where(row_ok, tl.exp(g_last - g) * kdm_w, 0.0)  # from e^{g_n − g_i} in M'
+    dg = tl.sum(s_o, 1) - tl.sum(s_o, 0) - tl.sum(s_a, 0) + tl.exp(g) * do_qm - w_end
+    dg += tl.where(r == n - 1, tl.exp(g_last) * tl.sum(frob, 0) + tl.sum(w_end, 0), 0.0)
+    dgp = tl.sum(s_a, 1) - b_beta * tl.exp(g_prev) * dr_km
+    d_log_alpha = tl.cumsum(dg, 0, reverse=True) + tl.cumsum(dgp, 0, reverse=True) - dgp  # [BT]
+    tl.store(deta + p_gate, d_eta.to(deta.dtype.element_ty), mask=row_ok)
+    tl.store(dbeta + p_gate, d_beta.to(dbeta.dtype.element_ty), mask=row_ok)
+    tl.store(dalpha + p_gate, (d_log_alpha / b_alpha).to(dalpha.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _dqk_kernel(
+    q, k, eta, alpha, beta, do, g_buf, tm_buf, w_buf, dw_buf, h_buf, dh_buf, ds_buf, dgk_buf, dq, dk,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C, L, NSUB, NT,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MULTI: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Per tile and key block, in parallel: dQ and dK (formulas in the module docstring)."""
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    start, n, i_s = tile_bounds(i_t, T, C, L, NSUB)
+    r = tl.arange(0, BT)
+    row_ok = r < n
+    rows = start + r  # [BT]
+    ck = i_k * BK + tl.arange(0, BK)
+    m_tk = row_ok[:, None] & (ck < K)[None, :]
+    head = i_bh.to(tl.int64) * T
+    p_gate = i_b.to(tl.int64) * T * H + i_h + rows * H  # [BT]
+    b_eta = tl.load(eta + p_gate, mask=row_ok, other=0.0).to(tl.float32)  # [BT]
+    b_beta = tl.load(beta + p_gate, mask=row_ok, other=0.0).to(tl.float32)  # [BT]
+    g = tl.load(g_buf + head + rows, mask=row_ok, other=0.0)  # [BT]
+    g_prev = g - tl.log(tl.load(alpha + p_gate, mask=row_ok, other=1.0).to(tl.float32))  # [BT]
+    g_last = tl.load(g_buf + head + start + n - 1, mask=n > 0, other=0.0)
+    p_qk = i_b.to(tl.int64) * T * H * K + i_h * K + rows[:, None] * (H * K) + ck[None, :]  # [BT, BK]
+    b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+    b_k = tl.load(k + p_qk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+    p_tt = (head + rows)[:, None] * BT + r[None, :]  # [BT, BT]
+    ds = tl.load(ds_buf + p_tt, mask=row_ok[:, None], other=0.0)  # [BT, BT]
+    dgk = tl.load(dgk_buf + p_tt, mask=row_ok[:, None], other=0.0)  # [BT, BT]
+    tm = tl.load(tm_buf + p_tt, mask=row_ok[:, None], other=0.0)  # [BT, BT]
+    b_dq = tl.dot(ds, b_k, input_precision=PREC)  # [BT, BK]
+    b_dk = tl.dot(tl.trans(ds), b_q, input_precision=PREC) + tl.dot(dgk + tl.trans(dgk), b_k, input_precision=PREC)
+
+    p_s = h_buf + (i_bh.to(tl.int64) * NT + i_t) * K * V
+    p_c = h_buf + (i_bh.to(tl.int64) * NT + i_t - i_s) * K * V
+    p_dh = dh_buf + (i_bh.to(tl.int64) * NT + i_t) * K * V
+    p_v = i_b.to(tl.int64) * T * H * V + i_h * V + rows[:, None] * (H * V)  # [BT, 1]
+    do_m = tl.zeros([BT, BK], dtype=tl.float32)  # dO Mᵀ
+    w_dm = tl.zeros([BT, BK], dtype=tl.float32)  # W dM'ᵀ
+    dr_m = tl.zeros([BT, BK], dtype=tl.float32)  # dR Mᵀ
+    dr_mc = tl.zeros([BT, BK], dtype=tl.float32)  # dR M_cᵀ
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        m_tv = row_ok[:, None] & (cv < V)[None, :]
+        m_kv = (ck < K)[:, None] & (cv < V)[None, :]
+        b_do = tl.load(do + p_v + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        b_w = tl.load(w_buf + (head + rows)[:, None] * V + cv[None, :], mask=m_tv, other=0.0)  # [BT, BV]
+        b_dw = tl.load(dw_buf + (head + rows)[:, None] * V + cv[None, :], mask=m_tv, other=0.0)  # [BT, BV]
+        b_dr = tl.dot(tl.trans(tm), b_dw, input_precision=PREC)  # dR, [BT, BV]
+        b_m = tl.load(p_s + ck[:, None] * V + cv[None, :], mask=m_kv, other=0.0)  # [BK, BV]
+        b_dm = tl.load(p_dh + ck[:, None] * V + cv[None, :], mask=m_kv, other=0.0)  # [BK, BV]
+        do_m += tl.dot(b_do, tl.trans(b_m), input_precision=PREC)
+        w_dm += tl.dot(b_w, tl.trans(b_dm), input_precision=PREC)
+        dr_m += tl.dot(b_dr, tl.trans(b_m), input_precision=PREC)
+        if MULTI:
+            b_mc = tl.load(p_c + ck[:, None] * V + cv[None, :], mask=m_kv, other=0.0)  # [BK, BV]
+            dr_mc += tl.dot(b_dr, tl.trans(b_mc), input_precision=PREC)
+    b_dq += tl.exp(g)[:, None] * do_m
+    b_dk += tl.exp(g_last - g)[:, None] * w_dm
+    if MULTI:
+        b_dk -= b_eta[:, None] * dr_mc + (b_beta * tl.exp(g_prev))[:, None] * dr_m
+    else:  # M_c = M
+        b_dk -= (b_eta + b_beta * tl.exp(g_prev))[:, None] * dr_m
+    tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+
+
+def chunk_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    tiling: Tiling,
+    initial_state: torch.Tensor | None,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients (dq, dk, dv, deta, dalpha, dbeta, d initial_state or None) given dO and d final_state."""
+    batch, seq_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    n_tiles, block_t = tiling.n_tiles, tiling.block_t
+    fwd = forward_states(k, v, eta, alpha, beta, tiling, initial_state, False)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    prec = dot_precision(q.dtype)
+    tiles = (seq_len, heads, key_dim, value_dim, tiling.chunk_size, tiling.tile_len, tiling.n_sub)
+    bk, bv = loop_blocks(key_dim, value_dim)
+    dw = torch.empty(batch, heads, seq_len, value_dim, **f32)
+    _local_dw_kernel[(triton.cdiv(value_dim, bv), n_tiles, batch * heads)](
+        q, k, fwd["g"], do, dw, *tiles, BT=block_t, BK=bk, BV=bv, PREC=prec
+    )
+    dh = torch.empty(batch, heads, n_tiles, key_dim, value_dim, **f32)
+    dh0 = torch.empty(batch, heads, key_dim, value_dim, **f32) if initial_state is not None else None
+    sk, sv = state_block_v(key_dim, value_dim)
+    _state_bwd_kernel[(triton.cdiv(value_dim, sv), batch * heads)](
+        q, k, fwd["g"], fwd["wc"], fwd["wb"], do, dht, dh, dw, dh0, *tiles, n_tiles, BT=block_t, BK=sk, BV=sv,
+        MULTI=tiling.multi, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
+        num_warps=8 if sk >= 128 else 4,
+    )  # fmt: skip
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    ds = torch.empty(batch, heads, seq_len, block_t, **f32)
+    dgk = torch.empty(batch, heads, seq_len, block_t, **f32)
+    deta, dalpha, dbeta = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (eta, alpha, beta))
+    _tile_grads_kernel[(n_tiles, batch * heads)](
+        q, k, v, eta, alpha, beta, do, fwd["g"], fwd["tm"], fwd["w"], dw, fwd["h"], dh,
+        dv, ds, dgk, deta, dalpha, dbeta, *tiles, n_tiles, BT=block_t, BK=bk, BV=bv, MULTI=tiling.multi, PREC=prec,
+    )  # fmt: skip
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    _dqk_kernel[(triton.cdiv(key_dim, bk), n_tiles, batch * heads)](
+        q, k, eta, alpha, beta, do, fwd["g"], fwd["tm"], fwd["w"], dw, fwd["h"], dh, ds, dgk, dq, dk,
+        *tiles, n_tiles, BT=block_t, BK=bk, BV=bv, MULTI=tiling.multi, PREC=prec,
+    )  # fmt: skip
+    return dq, dk, dv, deta, dalpha, dbeta, dh0
