@@ -45,7 +45,7 @@ def chunk_memory_update(
     v: torch.Tensor,
     eta: torch.Tensor,
     alpha: torch.Tensor,
-    beta: torch.Tensor,
+    beta: torch.Tensor | None,
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -69,7 +69,7 @@ def chunk_memory_update(
     v_t     v [B, T, H, V]    regression target (v̂ in the paper)
     η_t     eta [B, T, H]     inner learning rate
     α_t     alpha [B, T, H]   retention, in (0, 1] (its logarithm is taken: α ≤ 0 gives NaN)
-    β_t     beta [B, T, H]    erase strength of the (α I − β k kᵀ) factor
+    β_t     beta [B, T, H]    erase strength of the (α I − β k kᵀ) factor; None means 0
     C       chunk_size        tokens per chunk; gradients inside a chunk use S_{c(t)}
     S_0ᵀ    initial_state     [B, H, K, V] fp32, zeros when None
     ======  ================  ====================================================================
@@ -80,6 +80,8 @@ def chunk_memory_update(
     Gradients flow to q, k, v, eta, alpha, beta and initial_state; the backward recomputes the chunk-start
     states, so saved memory is the inputs only.
     """
+    if beta is None and isinstance(eta, torch.Tensor):
+        beta = torch.zeros_like(eta)  # plain GD; the kernels always read a β
     check_inputs(q, k, v, eta, alpha, beta, chunk_size, initial_state, output_final_state)
     tiling = plan_tiles(q.shape[1], chunk_size)
     return ChunkMemoryUpdateFunction.apply(q, k, v, eta, alpha, beta, tiling, initial_state, output_final_state)

@@ -1,0 +1,99 @@
+"""Token-by-token Triton kernel of the inner-loop memory update: the rule's step in a loop (decoding, oracle).
+
+Dimensions: B batch, T time, H heads, K key width, V value width, C chunk (``chunk_size``),
+BK/BV block sizes along key / value.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.chunk_fwd import state_block_v
+from kernels.common import check_inputs
+
+
+@triton.jit
+def _recurrent_kernel(
+    q, k, v, eta, alpha, beta, h0, o, ht,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+):  # fmt: skip
+    """One program per (value block, batch·head) walks t = 0 … T−1 holding M = Sᵀ [K, BV] in registers.
+
+    Per token, with M_c the state at the start of t's chunk:
+        w = η (v − M_cᵀ k) − β Mᵀ k,   M ← α M + k wᵀ,   o = Mᵀ q.
+    """
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = ck < K, cv < V
+    p_kv = ck[:, None] * V + cv[None, :]  # [BK, BV] offsets inside one state
+    m = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        m += tl.load(h0 + i_bh.to(tl.int64) * K * V + p_kv, mask=m_k[:, None] & m_v[None, :], other=0.0)
+    m_c = m
+    p_qk = i_b.to(tl.int64) * T * H * K + i_h * K
+    p_v = i_b.to(tl.int64) * T * H * V + i_h * V
+    p_gate = i_b.to(tl.int64) * T * H + i_h
+    for t in range(T):
+        m_c = tl.where(t % C == 0, m, m_c)  # first token of a chunk: gradients are taken at this state
+        b_q = tl.load(q + p_qk + t * H * K + ck, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+        b_k = tl.load(k + p_qk + t * H * K + ck, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+        b_v = tl.load(v + p_v + t * H * V + cv, mask=m_v, other=0.0).to(tl.float32)  # [BV]
+        b_eta = tl.load(eta + p_gate + t * H).to(tl.float32)
+        b_alpha = tl.load(alpha + p_gate + t * H).to(tl.float32)
+        b_beta = tl.load(beta + p_gate + t * H).to(tl.float32)
+        b_u = b_v - tl.sum(m_c * b_k[:, None], 0)  # v − M_cᵀ k, [BV]
+        b_w = b_eta * b_u - b_beta * tl.sum(m * b_k[:, None], 0)  # [BV]
+        m = b_alpha * m + b_k[:, None] * b_w[None, :]  # [BK, BV]
+        b_o = tl.sum(m * b_q[:, None], 0)  # [BV]
+        tl.store(o + p_v + t * H * V + cv, b_o.to(o.dtype.element_ty), mask=m_v)
+    if STORE_HT:
+        tl.store(ht + i_bh.to(tl.int64) * K * V + p_kv, m, mask=m_k[:, None] & m_v[None, :])
+
+
+def recurrent_memory_update(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor | None,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rule of ``kernels.chunk_memory_update`` one token at a time: for decoding and as a second oracle.
+
+        S_t = S_{t−1} (α_t I − β_t k_t k_tᵀ) + η_t (v_t − S_{c(t)} k_t) k_tᵀ,      o_t = S_t q_t
+
+    (eq. 93 of arXiv:2512.24695 with chunk-start gradients, eq. 90; symbols, shapes, dtypes and checks as in
+    ``chunk_memory_update``; ``beta=None`` means β = 0). Forward only: a token-by-token backward needs
+    ⟨dS_t, S_{t−1}⟩ for the retention gradient, i.e. every per-token state (T·K·V memory), so training uses
+    the chunk kernel, whose backward recomputes chunk-start states. Raises ``ValueError`` when an input
+    requires grad while grad mode is on, rather than returning outputs that silently carry no gradient.
+    """
+    if beta is None and isinstance(eta, torch.Tensor):
+        beta = torch.zeros_like(eta)
+    check_inputs(q, k, v, eta, alpha, beta, chunk_size, initial_state, output_final_state)
+    if torch.is_grad_enabled():
+        named = dict(q=q, k=k, v=v, eta=eta, alpha=alpha, beta=beta, initial_state=initial_state)
+        needing = [name for name, x in named.items() if x is not None and x.requires_grad]
+        if needing:
+            raise ValueError(
+                f"recurrent_memory_update is forward-only but {needing} require grad; use chunk_memory_update "
+                "for training or call it under torch.no_grad()"
+            )
+    batch, seq_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    o = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    final = None
+    if output_final_state:
+        final = torch.empty(batch, heads, key_dim, value_dim, device=q.device, dtype=torch.float32)
+    bk, bv = state_block_v(key_dim, value_dim)
+    _recurrent_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
+        q, k, v, eta, alpha, beta, initial_state, o, final, seq_len, heads, key_dim, value_dim, chunk_size,
+        BK=bk, BV=bv, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
+    )  # fmt: skip
+    return o, final
