@@ -1,0 +1,176 @@
+"""Test-time memory: how well a model still knows a document it read earlier in a stream, with no outer steps.
+
+    python -m experiments.continual.test_time --tiny       # seconds, CPU (what the tests run)
+    python -m experiments.continual.test_time              # full mode (run time: continual/README.md)
+
+Dimensions: B batch (1 stream), T time, L tokens per document, W window of the windowed Transformer.
+
+Each model is first trained briefly on the corpus's training split (the only outer steps). Then a stream of
+held-out documents d_0, d_1, …, d_{n−1} (L tokens each) is read with the in-context state carried from call to
+call (attention KV cache, neural memories, CMS fast weights); the weights θ never change. After reading d_k the
+state is forked and d_0 is read again: the probe loss ℓ_k is the mean next-token loss on d_0 then, a function of
+the distance k·L tokens since d_0 ended. It is compared with
+
+- ℓ_fresh: the loss on d_0 from an empty state (first reading; no memory of it at all);
+- a Transformer limited to a fixed window of W tokens (it sees only the last W stream tokens before the probe),
+  which forgets d_0 completely once d_0 has left its window.
+
+memory gain g_k = ℓ_fresh − ℓ_k (nats per byte): > 0 while the model remembers d_0. Writes
+`<out>/test_time.json`, `.png` (ℓ_k against distance) and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from experiments.common.cli import base_parser, configured, parse_models
+from experiments.common.data import check_fits, lm_task, stream
+from experiments.common.models import LABELS, build_models
+from experiments.common.results import markdown_table, plot_lines, write_result
+from experiments.common.train import TrainConfig, train_on_tasks
+from hope.eval import logits_of
+
+NAME = "test_time"
+MODES: dict[str, dict[str, Any]] = {
+    "tiny": {"size": "tiny", "doc_len": 32, "n_docs": 4, "window": 32, "train_len": 64, "steps": 4, "batch": 4,
+             "lr": 3e-3},
+    "full": {"size": "small", "doc_len": 256, "n_docs": 32, "window": 768, "train_len": 1024, "steps": 600,
+             "batch": 8, "lr": 1e-3},
+}
+
+
+def build_stream(docs: Sequence, n_docs: int, doc_len: int) -> Tensor:
+    """The first `n_docs` documents with at least `doc_len` tokens, each cut to `doc_len`: `[n_docs, L]`."""
+    if n_docs < 2:
+        raise ValueError(f"n_docs must be >= 2 (one to remember, one to read after it), got {n_docs}")
+    if doc_len < 2:
+        raise ValueError(f"doc_len must be >= 2, got {doc_len}")
+    rows = [ids[:doc_len] for ids in (stream([d]) for d in docs) if ids.numel() >= doc_len]
+    if len(rows) < n_docs:
+        raise ValueError(f"only {len(rows)} documents have >= {doc_len} tokens, need n_docs={n_docs}")
+    return torch.stack(rows[:n_docs])  # [n_docs, L]
+
+
+def fork_state(model: nn.Module, state: Any) -> Any:
+    """An independent copy of a stream state, so a probe leaves the stream untouched."""
+    if state is None:
+        return None
+    if hasattr(model, "detach_state"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a partial CMS chunk at the fork point is dropped; docs align to it
+            state = model.detach_state(state)
+    return copy.deepcopy(state)
+
+
+@torch.no_grad()
+def read(model: nn.Module, ids: Tensor, state: Any) -> tuple[float, Any]:
+    """Read `ids` `[L]` as one stream piece: mean next-token loss inside it and the new state."""
+    out = model(ids[None], state=state)
+    logits = logits_of(out)[0, :-1].float()  # [L-1, V]
+    loss = nn.functional.cross_entropy(logits, ids[1:]).item()
+    return loss, getattr(out, "state", None)
+
+
+def probe_carried(model: nn.Module, docs: Tensor) -> dict[str, Any]:
+    """Stream `docs` `[n, L]` with the state carried; after each document re-read docs[0] from a fork of it."""
+    model.eval()
+    fresh, _ = read(model, docs[0], None)
+    state, probe, stream_loss = None, [], []
+    for k in range(docs.shape[0]):
+        loss, state = read(model, docs[k], state)
+        stream_loss.append(loss)
+        probe.append(read(model, docs[0], fork_state(model, state))[0])
+    return _summary(docs, fresh, probe, stream_loss)
+
+
+def probe_windowed(model: nn.Module, docs: Tensor, window: int) -> dict[str, Any]:
+    """A fixed-window model: before each probe it reads only the last `window` stream tokens, from an empty state."""
+    model.eval()
+    n, L = docs.shape
+    flat = docs.flatten()  # [n·L]
+    fresh, _ = read(model, docs[0], None)
+    probe = []
+    for k in range(n):
+        _, ctx = read(model, flat[max(0, (k + 1) * L - window) : (k + 1) * L], None)
+        probe.append(read(model, docs[0], ctx)[0])
+    return _summary(docs, fresh, probe, [])
+
+
+def _summary(docs: Tensor, fresh: float, probe: list[float], stream_loss: list[float]) -> dict[str, Any]:
+    L = docs.shape[1]
+    return {"distance": [k * L for k in range(docs.shape[0])], "probe_loss": probe, "fresh_loss": fresh,
+            "memory_gain": [fresh - p for p in probe], "stream_loss": stream_loss}
+
+
+def run(argv: Sequence[str] | None = None, docs: Sequence | None = None) -> dict[str, Any]:
+    """Parse flags, train and probe every model, write the outputs; return the result document.
+
+    `docs` (Documents) replaces loading `--corpus` (the tests pass local documents).
+    """
+    args = parser().parse_args(argv)
+    with configured(args):
+        return _run(args, docs)
+
+
+def _run(args: argparse.Namespace, docs: Sequence | None) -> dict[str, Any]:
+    from hope.data.corpora import load_corpus, split_documents
+
+    mode = dict(MODES["tiny" if args.tiny else "full"])
+    size, steps = args.size or mode["size"], args.steps or mode["steps"]
+    parts = split_documents(docs if docs is not None else load_corpus(args.corpus))
+    held_out = parts["test"] + parts["val"]
+    stream_ids = build_stream(held_out, mode["n_docs"], mode["doc_len"])  # [n, L]
+    task = lm_task("pretrain", parts["train"], held_out, mode["train_len"], steps * mode["batch"], 4, args.seed)
+    built, skipped = build_models(parse_models(args.models), size, args.seed)
+    check_fits(built[0].model, (mode["n_docs"] + 1) * mode["doc_len"])  # the last probe's context
+    cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], seed=args.seed)
+    results, rows, curves, trained = {}, [], {}, {}
+    entries = [(e.name, e, None) for e in built]
+    if any(e.name == "transformer" for e in built):  # the windowed Transformer is the trained Transformer
+        entries.append(("transformer_window", next(e for e in built if e.name == "transformer"), mode["window"]))
+    for key, entry, window in entries:
+        if entry.name not in trained:
+            print(f"{entry.name}: {steps} training steps")
+            trained[entry.name] = train_on_tasks(entry.model, [task], cfg)
+        if window is None:
+            res = probe_carried(entry.model, stream_ids)
+        else:
+            res = probe_windowed(entry.model, stream_ids, window)
+        label = LABELS[entry.name] + (f" (window {window})" if window else " (state carried)")
+        results[key] = {"label": label, "params": entry.params, "window": window, **res,
+                        "pretrain_eval_loss": trained[entry.name]["R"][0][0],
+                        "pretrain_seconds": trained[entry.name]["seconds"]}
+        rows.append([label, entry.params, res["fresh_loss"], res["probe_loss"][0], res["probe_loss"][-1],
+                     res["memory_gain"][0], res["memory_gain"][-1]])
+        curves[label] = (res["distance"], res["probe_loss"])
+    L = mode["doc_len"]
+    headers = ["model", "params", "fresh loss", "re-read at 0", f"re-read at {(mode['n_docs'] - 1) * L}",
+               "gain at 0", "gain at end"]
+    table = markdown_table(headers, rows)
+    doc = {"mode": "tiny" if args.tiny else "full", "size": size, "config": {**mode, "steps": steps},
+           "score": "next-token loss on the first document (nats/byte)", "models": results, "skipped": skipped,
+           "table": table}
+    path = write_result(NAME, doc, args.out)
+    plot_lines(path.with_suffix(".png"), curves, "Loss when re-reading the stream's first document",
+               "tokens read since the first document", "loss on first document (nats/byte)")
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return doc
+
+
+def parser() -> argparse.ArgumentParser:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--corpus", default="wikipedia", help="a corpus of hope.data.corpora.load_corpus")
+    p.add_argument("--steps", type=int, default=None, help="outer training steps before the stream")
+    return p
+
+
+if __name__ == "__main__":
+    run()

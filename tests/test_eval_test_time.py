@@ -1,0 +1,71 @@
+"""Test-time memory benchmark: stream building, state forking, windowed probe, tiny mode (L tokens per doc)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `experiments` is a folder of scripts at the repo root
+
+from experiments.common.models import build_model  # noqa: E402
+from experiments.continual import test_time as tt  # noqa: E402
+from hope.data.corpora import Document  # noqa: E402
+
+
+def fake_docs(n: int = 6, chars: int = 1200) -> list[Document]:
+    rng = random.Random(0)
+    return [Document("text", f"doc-{i}", "".join(rng.choice("abcdefgh \n") for _ in range(chars))) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return build_model("transformer", "tiny", seed=0).model.eval()
+
+
+def test_build_stream_and_errors():
+    docs = tt.build_stream(fake_docs(), n_docs=3, doc_len=16)
+    assert docs.shape == (3, 16) and docs.dtype == torch.long
+    assert torch.equal(docs, tt.build_stream(fake_docs(), n_docs=3, doc_len=16))
+    with pytest.raises(ValueError, match=r"n_docs must be >= 2 .*got 1"):
+        tt.build_stream(fake_docs(), n_docs=1, doc_len=16)
+    with pytest.raises(ValueError, match="only 6 documents .* need n_docs=9"):
+        tt.build_stream(fake_docs(), n_docs=9, doc_len=16)
+
+
+def test_probes_do_not_disturb_the_stream(model):
+    docs = tt.build_stream(fake_docs(), n_docs=3, doc_len=16)
+    res = tt.probe_carried(model, docs)
+    state, plain = None, []
+    for k in range(3):
+        loss, state = tt.read(model, docs[k], state)
+        plain.append(loss)
+    assert res["stream_loss"] == pytest.approx(plain, rel=1e-6)
+    assert res["distance"] == [0, 16, 32] and len(res["probe_loss"]) == 3
+    assert res["memory_gain"][0] == pytest.approx(res["fresh_loss"] - res["probe_loss"][0])
+
+
+def test_window_covering_everything_matches_carried_state(model):
+    # With a window as long as the stream, the windowed probe sees exactly the carried context.
+    docs = tt.build_stream(fake_docs(), n_docs=3, doc_len=16)
+    carried = tt.probe_carried(model, docs)["probe_loss"]
+    windowed = tt.probe_windowed(model, docs, window=48)["probe_loss"]
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(carried, windowed))
+    narrow = tt.probe_windowed(model, docs, window=16)["probe_loss"]
+    assert narrow[0] == pytest.approx(carried[0], rel=1e-5) and narrow[2] != pytest.approx(carried[2], rel=1e-5)
+
+
+def test_tiny_mode_end_to_end(tmp_path):
+    tt.run(["--tiny", "--models", "transformer", "--out", str(tmp_path)], docs=fake_docs())
+    doc = json.loads((tmp_path / "test_time.json").read_text())
+    assert set(doc["models"]) == {"transformer", "transformer_window"}
+    for res in doc["models"].values():
+        assert len(res["probe_loss"]) == tt.MODES["tiny"]["n_docs"] and 0 < res["fresh_loss"] < 10
+    assert doc["models"]["transformer_window"]["stream_loss"] == []
+    assert (tmp_path / "test_time.png").exists() and "state carried" in doc["table"]
