@@ -44,7 +44,7 @@ def test_build_tasks_examples_and_labels():
     tasks, cand = ci.build_tasks(fake_docs(), groups, seq_len=32, max_per_class=10, eval_per_class=3, seed=0)
     again, _ = ci.build_tasks(fake_docs(), groups, seq_len=32, max_per_class=10, eval_per_class=3, seed=0)
     assert torch.equal(cand, torch.tensor([252, 253, 254, 255]))
-    assert [t.name for t in tasks] == ["red+green", "blue+gold"]
+    assert [t.name for t in tasks] == ["t0", "t1"]
     for t, u in zip(tasks, again):
         assert torch.equal(t.train_inputs, u.train_inputs) and torch.equal(t.eval_targets, u.eval_targets)
     t0 = tasks[0]

@@ -159,7 +159,7 @@ def build_tasks(docs: Sequence, groups: Sequence[Sequence[str]], seq_len: int, m
     parts = split_documents([d for d in docs if d.label in label_token])
     rng = random.Random(seed)
     tasks = []
-    for group in groups:
+    for t, group in enumerate(groups):
         split = {}
         for name, per_class in (("train", max_per_class), ("test", eval_per_class)):
             xs, ys = [], []
@@ -173,7 +173,7 @@ def build_tasks(docs: Sequence, groups: Sequence[Sequence[str]], seq_len: int, m
                 xs.append(x)
                 ys.append(y)
             split[name] = (torch.cat(xs), torch.cat(ys))
-        tasks.append(Task("+".join(group), *split["train"], *split["test"]))
+        tasks.append(Task(f"t{t}", *split["train"], *split["test"]))  # the classes of task t: groups[t]
     return tasks, torch.tensor([label_token[c] for c in classes])
 
 
