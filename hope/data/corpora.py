@@ -28,11 +28,16 @@ Resulting sizes in UTF-8 bytes (`val_fraction = test_fraction = 0.05`; `python -
 
 | corpus        | train bytes | val bytes | test bytes | train / val / test documents |
 |---------------|-------------|-----------|------------|------------------------------|
-| `shakespeare` |   8,888,925 |   524,983 |    516,555 | 70 / 4 / 3                   |
-| `kjv`         |   3,980,646 |   244,183 |    227,103 | 55 / 5 / 6                   |
-| `wikipedia`   |   2,728,519 |   158,325 |    153,592 | 89 / 9 / 8                   |
-| `default`     |  15,598,090 |   927,491 |    897,250 | 214 / 18 / 17                |
-| `bbc`         |   4,414,497 |   260,418 |    255,004 | 1,977 / 125 / 123            |
+| `shakespeare` |   8,417,829 |   515,674 |    609,556 | 68 / 4 / 5                   |
+| `kjv`         |   3,702,632 |   223,757 |    212,750 | 58 / 1 / 7                   |
+| `wikipedia`   |   2,713,393 |   153,649 |    192,749 | 90 / 10 / 6                  |
+| `default`     |  14,833,854 |   893,080 |  1,015,055 | 216 / 15 / 18                |
+| `bbc`         |   4,498,130 |   273,899 |    267,126 | 1,991 / 116 / 118            |
+
+A work larger than 1.5× a held-out target stays in train (so a split never swallows a huge book): the KJV's
+val is one book (Jeremiah), Shakespeare's val two plays (Romeo and Juliet, The Merchant of Venice) in both
+editions. Token streams join the
+documents with "\n\n" (`hope.data.datamodule.DOC_SEPARATOR`), which adds 2 bytes per document boundary.
 
 User corpora: `load_text_files` (.txt: one document per file; .jsonl: one per line) and `load_hf_documents`
 (Hugging Face `datasets`, streamed by default).
