@@ -69,3 +69,9 @@ def build_models(
     if not built:
         raise ModelUnavailable(f"none of the models {list(names)} is available: {skipped}")
     return built, skipped
+
+
+def available_models(names: list[str] | tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """The names in `names` whose presets build in this checkout, and a {name: reason} map of the others."""
+    built, skipped = build_models(names, "tiny")
+    return [b.name for b in built], skipped

@@ -117,6 +117,26 @@ def plot_lines(
     return Path(path)
 
 
+def plot_bars(path: str | Path, categories: Sequence[str], series: dict[str, Sequence[float]], title: str,
+              ylabel: str) -> Path:
+    """Grouped bars: one group per category, one bar per entry of `series` = {label: values per category}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(categories) + 2), 4))
+    width = 0.8 / max(len(series), 1)
+    for k, (label, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(categories))]
+        ax.bar(xs, [math.nan if v is None else v for v in values], width, label=label)
+    ax.set_xticks(range(len(categories)), list(categories))
+    ax.set(title=title, ylabel=ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_matrices(path: str | Path, matrices: dict[str, Sequence[Sequence[float]]], tasks: Sequence[str],
                   title: str) -> Path:
     """Heat maps of score matrices R[i][j] (row: after training task i, column: task j), one panel per entry."""

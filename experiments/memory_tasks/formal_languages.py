@@ -1,0 +1,119 @@
+"""Formal-language recognition of arXiv:2512.24695 Table 5: train on short strings (Bin0), test on long (Bin1).
+
+    python -m experiments.memory_tasks.formal_languages --tiny      # seconds, CPU (what the tests run)
+    python -m experiments.memory_tasks.formal_languages             # full mode (run time: memory_tasks/README.md)
+
+Dimensions: N examples, T time (string length + 1, right-padded).
+
+For each language (Parity, (aa)*, (abab)*, aⁿbⁿ, aⁿbⁿcⁿ, Shuffle-2) each model is trained on strings of length
+1–50 (Bin0) and scored on held-out strings of length 1–50 and 51–100 (Bin1): after `s_1 … s_n QUERY` it must put
+more mass on ACCEPT or REJECT, whichever is right (`hope.data.synthetic.formal_language_task`; half positive,
+negatives are near misses). The result table sets our numbers next to the paper's Table 5.
+
+Caveat: the paper (after Irie et al. 2023) scores a different protocol, so the comparison is of trends (who
+generalises to Bin1) rather than of digits; on our balanced recognition task chance is 50%, and 0% is impossible.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from experiments.common.cli import base_parser, configured, parse_models
+from experiments.common.models import LABELS, available_models
+from experiments.common.results import markdown_table, plot_bars, write_result
+from experiments.memory_tasks.harness import score, train_on_synthetic
+
+NAME = "formal_languages"
+# arXiv:2512.24695 Table 5, accuracy (%) Bin0 / Bin1 (transcribed in /work/shared/paper_notes.md §5).
+_ALL100 = {lang: (100.0, 100.0) for lang in ("parity", "aa_star", "abab_star", "anbn", "anbncn", "shuffle2")}
+_COUNTERS = {"anbn": (100.0, 100.0), "anbncn": (100.0, 100.0), "shuffle2": (100.0, 100.0)}
+PAPER_TABLE5: dict[str, dict[str, tuple[float, float]]] = {
+    "LSTM": _ALL100,
+    "Transformer": {"parity": (46.4, 0.0), "aa_star": (0.0, 0.0), "abab_star": (0.0, 0.0), **_COUNTERS},
+    "Linear": {"parity": (78.1, 0.0), "aa_star": (0.0, 0.0), "abab_star": (0.0, 0.0), **_COUNTERS},
+    "DeltaNet": {"parity": (98.2, 10.1), "aa_star": (0.0, 0.0), "abab_star": (0.0, 0.0), **_COUNTERS},
+    "SRWM": _ALL100,
+    "Hope": _ALL100,
+}
+TITLES = {"parity": "Parity", "aa_star": "(aa)*", "abab_star": "(abab)*", "anbn": "aⁿbⁿ", "anbncn": "aⁿbⁿcⁿ",
+          "shuffle2": "Shuffle-2"}
+MODES: dict[str, dict[str, Any]] = {
+    "tiny": {"size": "tiny", "steps": 3, "batch": 8, "n_test": 16, "lr": 3e-3, "languages": "parity,anbn"},
+    "full": {"size": "small", "steps": 2000, "batch": 32, "n_test": 500, "lr": 1e-3,
+             "languages": ",".join(TITLES)},
+}
+
+
+def run_language(language: str, names: Sequence[str], mode: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Train each model on Bin0 strings of `language`; accuracy (%) on held-out Bin0 and Bin1."""
+    from hope.data.synthetic import ACCEPT, FORMAL_BINS, FORMAL_VOCAB_SIZE, REJECT, formal_language_task
+
+    n_train = mode["steps"] * mode["batch"]
+    train = formal_language_task(language, n_train, FORMAL_BINS["bin0"], seed=seed)
+    tests = {b: formal_language_task(language, mode["n_test"], FORMAL_BINS[b], seed=seed + 1 + i)
+             for i, b in enumerate(("bin0", "bin1"))}
+    candidates = torch.tensor([ACCEPT, REJECT])
+    out: dict[str, Any] = {}
+    for name in names:
+        trained = train_on_synthetic(name, mode["size"], FORMAL_VOCAB_SIZE, train, tests["bin0"], mode["steps"],
+                                     mode["batch"], mode["lr"], seed)
+        acc = {b: 100.0 * score(trained.model, t.inputs, t.targets, candidates)["token_accuracy"]
+               for b, t in tests.items()}
+        out[name] = {"params": trained.params, "bin0": acc["bin0"], "bin1": acc["bin1"],
+                     "train_seconds": trained.train["seconds"], "final_train_loss": trained.train["train_loss"][0][-1]}
+        print(f"{TITLES[language]:>9} {name:>15}: Bin0 {acc['bin0']:.1f}  Bin1 {acc['bin1']:.1f}")
+    return out
+
+
+def comparison_table(results: dict[str, dict[str, Any]], languages: Sequence[str]) -> str:
+    """Our rows (`ours: <model>`) under the paper's Table 5 rows, cells "Bin0 / Bin1" in %."""
+    rows = [[f"paper: {m}"] + [f"{v[lang][0]:.1f} / {v[lang][1]:.1f}" for lang in languages]
+            for m, v in PAPER_TABLE5.items()]
+    models = list(next(iter(results.values()))) if results else []
+    for m in models:
+        rows.append([f"ours: {LABELS[m]}"] + [f"{results[lang][m]['bin0']:.1f} / {results[lang][m]['bin1']:.1f}"
+                                              for lang in languages])
+    return markdown_table(["model"] + [TITLES[lang] for lang in languages], rows)
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    with configured(args):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    mode = dict(MODES["tiny" if args.tiny else "full"])
+    mode["size"] = args.size or mode["size"]
+    mode["steps"] = args.steps or mode["steps"]
+    languages = [lang for lang in (args.languages or mode["languages"]).split(",") if lang]
+    bad = [lang for lang in languages if lang not in TITLES]
+    if not languages or bad:
+        raise ValueError(f"--languages must list languages from {tuple(TITLES)}, got {args.languages!r}")
+    names, skipped = available_models(parse_models(args.models))
+    results = {lang: run_language(lang, names, mode, args.seed) for lang in languages}
+    table = comparison_table(results, languages)
+    doc = {"mode": "tiny" if args.tiny else "full", "config": mode, "score": "recognition accuracy (%) Bin0 / Bin1",
+           "paper_table5": PAPER_TABLE5, "results": results, "skipped": skipped, "table": table}
+    path = write_result(NAME, doc, args.out)
+    series = {f"{LABELS[m]} {b}": [results[lang][m][b] for lang in languages] for m in names for b in ("bin0", "bin1")}
+    plot_bars(path.with_suffix(".png"), [TITLES[lang] for lang in languages], series,
+              "Formal languages: trained on Bin0 (1-50), tested on Bin0 and Bin1 (51-100)", "accuracy (%)")
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return doc
+
+
+def parser() -> argparse.ArgumentParser:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--languages", default=None, help=f"comma-separated subset of {tuple(TITLES)}")
+    p.add_argument("--steps", type=int, default=None, help="training steps per language and model")
+    return p
+
+
+if __name__ == "__main__":
+    run()

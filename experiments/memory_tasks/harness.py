@@ -1,0 +1,121 @@
+"""What the memory benchmarks share: train a named model on a synthetic task, score it on held-out sets.
+
+Dimensions: N examples, T time, V vocabulary, K candidate answer tokens.
+
+Data come from `hope.data.synthetic` (MQAR, passkey, formal languages); each benchmark trains on one setting
+(short sequences) and tests on others (longer ones). Scores are teacher-forced: per-token accuracy over the scored
+positions, and exact match per example (every scored token right). With teacher forcing, an example is an exact
+match exactly when greedy decoding would produce its whole answer, so no decoding loop is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from experiments.common.data import check_fits
+from experiments.common.models import build_model
+from experiments.common.train import Task, TrainConfig, train_on_tasks
+from hope.eval import IGNORE_INDEX, logits_of
+
+
+@dataclass
+class Trained:
+    name: str
+    model: nn.Module
+    params: int
+    train: dict[str, Any]
+
+
+def train_on_synthetic(
+    name: str, size: str | int, vocab_size: int, train: Any, held_out: Any, steps: int, batch: int, lr: float,
+    seed: int, **overrides: Any,
+) -> Trained:
+    """Build `name` with the task's vocabulary and train it for `steps` on `train` (a `SyntheticBatch`).
+
+    Raises `ValueError` when the sequences are longer than the model's `max_seq_len`.
+    """
+    built = build_model(name, size, seed, vocab_size=vocab_size, **overrides)
+    check_fits(built.model, max(train.inputs.shape[1], held_out.inputs.shape[1]))
+    task = Task("train", train.inputs, train.targets, held_out.inputs, held_out.targets)
+    cfg = TrainConfig(steps_per_task=steps, batch_size=batch, lr=lr, weight_decay=0.0, seed=seed)
+    out = train_on_tasks(built.model, [task], cfg, log=lambda _: None)
+    return Trained(name, built.model, built.params, out)
+
+
+@torch.no_grad()
+def score(model: nn.Module, inputs: Tensor, targets: Tensor, candidates: Tensor | None = None,
+          batch_size: int = 16) -> dict[str, float]:
+    """Teacher-forced per-token accuracy and per-example exact match on the scored positions.
+
+    `candidates` `[K]` restricts the argmax to the answer tokens (e.g. ACCEPT/REJECT, the ten digits).
+    """
+    model.eval()
+    correct = total = exact = 0
+    for s in range(0, inputs.shape[0], batch_size):
+        x, y = inputs[s : s + batch_size], targets[s : s + batch_size]  # [b, T]
+        logits = logits_of(model(x)).float()  # [b, T, V]
+        if candidates is not None:
+            pred = candidates[logits[..., candidates].argmax(-1)]  # [b, T]
+        else:
+            pred = logits.argmax(-1)  # [b, T]
+        mask = y != IGNORE_INDEX  # [b, T]
+        hit = (pred == y) & mask
+        correct += int(hit.sum())
+        total += int(mask.sum())
+        exact += int((hit.sum(1) == mask.sum(1)).sum())
+    model.train()
+    return {"token_accuracy": correct / max(total, 1), "exact_match": exact / max(inputs.shape[0], 1)}
+
+
+def sweep(
+    names: list[str],
+    make: Callable[[int, int, int], Any],
+    train_setting: int,
+    test_settings: list[int],
+    vocab_size: int,
+    candidates: Tensor | None,
+    mode: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """Train each model at `train_setting`, score it at every test setting (context length, number of pairs, ...).
+
+    `make(setting, n_examples, seed)` returns a `SyntheticBatch`; training, validation and each test set use
+    different seeds, so no test example was trained on. Returns {model: {"params", "train_seconds",
+    "token_accuracy": [...], "exact_match": [...]}} with one entry per test setting.
+    """
+    train = make(train_setting, mode["steps"] * mode["batch"], seed)
+    held_out = make(train_setting, mode["n_test"], seed + 1)
+    tests = [make(s, mode["n_test"], seed + 2 + i) for i, s in enumerate(test_settings)]
+    out: dict[str, Any] = {}
+    for name in names:
+        trained = train_on_synthetic(name, mode["size"], vocab_size, train, held_out, mode["steps"], mode["batch"],
+                                     mode["lr"], seed)
+        scores = [score(trained.model, t.inputs, t.targets, candidates, mode["eval_batch"]) for t in tests]
+        out[name] = {"params": trained.params, "train_seconds": trained.train["seconds"],
+                     "final_train_loss": trained.train["train_loss"][0][-1],
+                     "token_accuracy": [s["token_accuracy"] for s in scores],
+                     "exact_match": [s["exact_match"] for s in scores]}
+        print(f"{name:>15}: " + "  ".join(f"{s}: {v['exact_match']:.2f}" for s, v in zip(test_settings, scores)))
+    return out
+
+
+def write_sweep(bench: str, doc: dict[str, Any], settings: list[int], xlabel: str, out_dir: str,
+                logx: bool = False) -> dict[str, Any]:
+    """Write `<out_dir>/<bench>.json`, a PNG of exact match against the setting and a Markdown table."""
+    from experiments.common.models import LABELS
+    from experiments.common.results import markdown_table, plot_lines, write_result
+
+    results = doc["results"]
+    rows = [[LABELS[m], r["params"]] + [f"{100 * v:.1f}" for v in r["exact_match"]] for m, r in results.items()]
+    doc["table"] = markdown_table(["model", "params"] + [f"{xlabel} {s}" for s in settings], rows)
+    path = write_result(bench, doc, out_dir)
+    plot_lines(path.with_suffix(".png"), {LABELS[m]: (settings, r["exact_match"]) for m, r in results.items()},
+               f"{bench}: exact match (trained at {doc['train_setting']})", xlabel, "exact match", logx=logx)
+    path.with_suffix(".md").write_text(doc["table"] + "\n")
+    print(doc["table"])
+    return doc

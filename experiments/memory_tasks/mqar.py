@@ -1,0 +1,64 @@
+"""Multi-query associative recall (MQAR, Arora et al. 2023): recall the values of many keys seen in context.
+
+    python -m experiments.memory_tasks.mqar --tiny       # seconds, CPU (what the tests run)
+    python -m experiments.memory_tasks.mqar              # full mode (run time: memory_tasks/README.md)
+
+Dimensions: N examples, D key-value pairs in context, Q queries, T = 2(D + Q) − 1 time.
+
+Each model is trained on sequences of `train_pairs` key-value pairs followed by queries (all keys, in a random
+order; `hope.data.synthetic.mqar_task`) and tested on held-out sequences with fewer and more pairs. Scored:
+the value after each query key (argmax over the value tokens); exact match = every query of a sequence right.
+The memory load D at which a fixed-size state stops recalling separates recurrent memories from attention, whose
+cache grows with D. Writes `<out>/mqar.json`, `.png` and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from experiments.common.cli import base_parser, configured, parse_models
+from experiments.common.models import available_models
+from experiments.memory_tasks.harness import sweep, write_sweep
+
+NAME = "mqar"
+MODES: dict[str, dict[str, Any]] = {
+    "tiny": {"size": "tiny", "vocab": 64, "train_pairs": 4, "test_pairs": [2, 4, 8], "steps": 3, "batch": 8,
+             "n_test": 8, "eval_batch": 8, "lr": 3e-3},
+    "full": {"size": "small", "vocab": 256, "train_pairs": 16, "test_pairs": [8, 16, 32, 64], "steps": 3000,
+             "batch": 32, "n_test": 256, "eval_batch": 32, "lr": 1e-3},
+}
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    with configured(args):
+        from hope.data.synthetic import mqar_task
+
+        mode = dict(MODES["tiny" if args.tiny else "full"])
+        mode["size"], mode["steps"] = args.size or mode["size"], args.steps or mode["steps"]
+        names, skipped = available_models(parse_models(args.models))
+        vocab = mode["vocab"]
+        values = torch.arange(1 + (vocab - 1) // 2, vocab)  # [K] the value tokens of mqar_task
+
+        def make(pairs: int, n: int, seed: int):
+            return mqar_task(n, n_pairs=pairs, vocab_size=vocab, seed=seed)
+
+        results = sweep(names, make, mode["train_pairs"], mode["test_pairs"], vocab, values, mode, args.seed)
+        doc = {"mode": "tiny" if args.tiny else "full", "config": mode, "train_setting": mode["train_pairs"],
+               "test_settings": mode["test_pairs"], "score": "exact match (all queries right) and token accuracy",
+               "results": results, "skipped": skipped}
+        return write_sweep(NAME, doc, mode["test_pairs"], "pairs", args.out, logx=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    return p
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,80 @@
+"""Memory benchmarks (MQAR, passkey, formal languages): scoring, bad input, tiny modes end to end (N, T)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `experiments` is a folder of scripts at the repo root
+
+from experiments.memory_tasks import formal_languages, mqar, passkey  # noqa: E402
+from experiments.memory_tasks.harness import score, train_on_synthetic  # noqa: E402
+from hope.data.synthetic import formal_language_task, mqar_task  # noqa: E402
+
+
+class Oracle(nn.Module):
+    """Predicts `answers[b, t]` at every position (logit 1 there, 0 elsewhere)."""
+
+    def __init__(self, answers: torch.Tensor, vocab: int) -> None:
+        super().__init__()
+        self.answers, self.vocab = answers, vocab
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, ids):
+        logits = nn.functional.one_hot(self.answers[: ids.shape[0]].clamp(min=0), self.vocab).float()
+        return SimpleNamespace(logits=logits)  # [B, T, V]
+
+
+def test_score_token_accuracy_and_exact_match():
+    y = torch.full((2, 4), -100)
+    y[0, 1], y[0, 3], y[1, 2] = 5, 6, 7
+    guess = y.clone()
+    guess[0, 3] = 5  # one of example 0's two answers wrong
+    res = score(Oracle(guess, 8), torch.zeros(2, 4, dtype=torch.long), y)
+    assert res == {"token_accuracy": 2 / 3, "exact_match": 0.5}
+    restricted = score(Oracle(guess, 8), torch.zeros(2, 4, dtype=torch.long), y, candidates=torch.tensor([6, 7]))
+    assert restricted["token_accuracy"] == 2 / 3  # 5 is not a candidate: argmax over {6, 7} ties -> first, 6
+
+
+def test_sequences_longer_than_the_model_limit_raise():
+    data = mqar_task(4, n_pairs=8, vocab_size=32, seed=0)  # length 31
+    with pytest.raises(ValueError, match="31 exceeds the model's max_seq_len=16"):
+        train_on_synthetic("transformer", "tiny", 32, data, data, 1, 2, 1e-3, 0, max_seq_len=16)
+
+
+def test_formal_comparison_table_and_bad_languages():
+    results = {"parity": {"transformer": {"bin0": 75.0, "bin1": 50.0}}}
+    table = formal_languages.comparison_table(results, ["parity"])
+    assert "| paper: Transformer | 46.4 / 0.0 |" in table and "| ours: Transformer++ | 75.0 / 50.0 |" in table
+    with pytest.raises(ValueError, match="'klingon'"):
+        formal_languages.run(["--tiny", "--languages", "klingon"])
+    a = formal_language_task("parity", 6, (1, 50), seed=3)
+    b = formal_language_task("parity", 6, (1, 50), seed=3)
+    assert torch.equal(a.inputs, b.inputs)  # the benchmark's data are reproducible by seed
+
+
+@pytest.mark.parametrize("bench, key", [(mqar, "pairs"), (passkey, "tokens")])
+def test_sweep_tiny_modes(tmp_path, bench, key):
+    bench.run(["--tiny", "--models", "transformer", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / f"{bench.NAME}.json").read_text())
+    res = doc["results"]["transformer"]
+    n = len(doc["test_settings"])
+    assert len(res["exact_match"]) == n == len(res["token_accuracy"])
+    assert all(0.0 <= v <= 1.0 for v in res["exact_match"] + res["token_accuracy"])
+    assert f"{key} {doc['test_settings'][-1]}" in doc["table"] and doc["meta"]["machine"]["cpu_count"]
+    assert (tmp_path / f"{bench.NAME}.png").exists()
+
+
+def test_formal_languages_tiny_mode(tmp_path):
+    formal_languages.run(["--tiny", "--models", "transformer", "--languages", "parity", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "formal_languages.json").read_text())
+    cell = doc["results"]["parity"]["transformer"]
+    assert 0.0 <= cell["bin0"] <= 100.0 and 0.0 <= cell["bin1"] <= 100.0
+    assert doc["paper_table5"]["Hope"]["parity"] == [100.0, 100.0]
+    assert "ours: Transformer++" in (tmp_path / "formal_languages.md").read_text()
