@@ -18,6 +18,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="preset size (tiny/small/base or a depth); default: by mode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results", help="directory for the JSON, PNG and Markdown outputs")
+    p.add_argument("--device", default="cpu", help="torch device for the models (cpu, cuda, cuda:1, ...)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with --tiny, else torch's)")
     return p
 

@@ -35,7 +35,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
 
 
-def build_model(name: str, size: str | int = "tiny", seed: int = 0, **overrides: Any) -> BuiltModel:
+def build_model(
+    name: str, size: str | int = "tiny", seed: int = 0, device: str | torch.device = "cpu", **overrides: Any
+) -> BuiltModel:
     """`HopeLM(preset(name, size, **overrides))` initialised from `seed`, smoke-tested on two tokens.
 
     Raises `ValueError` for an unknown name and `ModelUnavailable` (with the import error) when the preset's core
@@ -52,17 +54,18 @@ def build_model(name: str, size: str | int = "tiny", seed: int = 0, **overrides:
             model(torch.zeros(1, 2, dtype=torch.long))  # cores and CMS levels import lazily: fail here, not mid-run
     except (ImportError, NotImplementedError) as err:
         raise ModelUnavailable(f"model {name!r} is not available in this checkout yet: {err}") from err
-    return BuiltModel(name, model, count_params(model))
+    return BuiltModel(name, model.to(device), count_params(model))
 
 
 def build_models(
-    names: list[str] | tuple[str, ...], size: str | int = "tiny", seed: int = 0, **overrides: Any
+    names: list[str] | tuple[str, ...], size: str | int = "tiny", seed: int = 0, device: str | torch.device = "cpu",
+    **overrides: Any,
 ) -> tuple[list[BuiltModel], dict[str, str]]:
     """Build every available model in `names`; return them and a {name: reason} map of those skipped."""
     built, skipped = [], {}
     for name in names:
         try:
-            built.append(build_model(name, size, seed, **overrides))
+            built.append(build_model(name, size, seed, device, **overrides))
         except ModelUnavailable as err:
             skipped[name] = str(err)
             print(f"[skip] {err}")

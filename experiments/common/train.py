@@ -82,9 +82,11 @@ def evaluate(
     right class among all classes of the benchmark, not only those of the current task.
     """
     model.eval()
+    device = model_device(model)
+    candidates = None if candidates is None else candidates.to(device)
     total, count = 0.0, 0
     for s in range(0, inputs.shape[0], batch_size):
-        x, y = inputs[s : s + batch_size], targets[s : s + batch_size]  # [b, T]
+        x, y = inputs[s : s + batch_size].to(device), targets[s : s + batch_size].to(device)  # [b, T]
         logits = logits_of(model(x)).float()  # [b, T, V]
         mask = y != IGNORE_INDEX  # [b, T]
         if candidates is None:
@@ -98,10 +100,15 @@ def evaluate(
     return total / max(count, 1)
 
 
-def _batches(task: Task, batch_size: int, generator: torch.Generator, count: int):
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live; data are moved there batch by batch (tasks stay on the CPU)."""
+    return next(model.parameters()).device
+
+
+def _batches(task: Task, batch_size: int, generator: torch.Generator, count: int, device: torch.device):
     for _ in range(count):
         idx = torch.randint(0, task.train_inputs.shape[0], (batch_size,), generator=generator)
-        yield task.train_inputs[idx], task.train_targets[idx]
+        yield task.train_inputs[idx].to(device), task.train_targets[idx].to(device)
 
 
 def train_on_tasks(
@@ -119,6 +126,7 @@ def train_on_tasks(
     if not tasks:
         raise ValueError("train_on_tasks needs at least one task, got none")
     start = time.perf_counter()
+    device = model_device(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     replay = ReplayBuffer(cfg.replay_capacity, seed=cfg.seed) if cfg.strategy == "replay" else None
     ewc = EWC(cfg.ewc_strength) if cfg.strategy == "ewc" else None
@@ -131,7 +139,7 @@ def train_on_tasks(
     for i, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + i)
         losses = []
-        for x, y in _batches(task, cfg.batch_size, gen, cfg.steps_per_task):
+        for x, y in _batches(task, cfg.batch_size, gen, cfg.steps_per_task, device):
             if replay is not None and i > 0:
                 rx, ry = replay.sample(cfg.replay_batch)
                 x_all, y_all = torch.cat([x, rx]), torch.cat([y, ry])  # [B + b_r, T]
@@ -147,7 +155,7 @@ def train_on_tasks(
                 replay.add(x, y)
             losses.append(loss.item())
         if ewc is not None:
-            ewc.consolidate(model, list(_batches(task, cfg.batch_size, gen, cfg.ewc_batches)))
+            ewc.consolidate(model, list(_batches(task, cfg.batch_size, gen, cfg.ewc_batches, device)))
         R.append(score_all())
         curves.append(losses)
         log(f"  after {task.name}: " + " ".join(f"{t.name}={v:.3f}" for t, v in zip(tasks, R[-1])))

@@ -191,7 +191,7 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
     mode = dict(MODES["tiny" if args.tiny else "full"])
     size, steps = args.size or mode["size"], args.steps or mode["steps"]
     names = list(sources) if sources is not None else args.sources.split(",")
-    built, skipped = build_models(parse_models(args.models), size, args.seed)
+    built, skipped = build_models(parse_models(args.models), size, args.seed, args.device)
     check_fits(built[0].model, mode["seq_len"])
     results, rows, curves = {}, [], {}
     for source in names:
@@ -206,7 +206,7 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
             runs = results[source]["models"][entry.name] = {"params": entry.params, "strategies": {}}
             for strategy in args.strategies.split(","):
                 print(f"{source}: {entry.name} / {strategy}")
-                model = build_model(entry.name, size, args.seed).model
+                model = build_model(entry.name, size, args.seed, args.device).model
                 cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], strategy=strategy,
                                   replay_capacity=mode["replay_capacity"], replay_batch=mode["replay_batch"],
                                   ewc_strength=mode["ewc_strength"], ewc_batches=mode["ewc_batches"], seed=args.seed)

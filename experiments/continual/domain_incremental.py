@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> di
     steps = args.steps or mode["steps"]
     corpora = corpora if corpora is not None else load_domains(args.domains.split(","))
     tasks = build_tasks(corpora, mode["seq_len"], steps * mode["batch"], mode["n_eval"], args.seed)
-    built, skipped = build_models(parse_models(args.models), size, args.seed)
+    built, skipped = build_models(parse_models(args.models), size, args.seed, args.device)
     check_fits(built[0].model, mode["seq_len"])
 
     results: dict[str, Any] = {}
@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> di
         results[entry.name] = {"params": entry.params, "strategies": {}}
         for strategy in args.strategies.split(","):
             print(f"{entry.name} / {strategy}")
-            model = build_model(entry.name, size, args.seed).model  # same initial weights for every strategy
+            model = build_model(entry.name, size, args.seed, args.device).model  # same init for all strategies
             cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], strategy=strategy,
                               replay_capacity=mode["replay_capacity"], replay_batch=mode["replay_batch"],
                               ewc_strength=mode["ewc_strength"], ewc_batches=mode["ewc_batches"], seed=args.seed)

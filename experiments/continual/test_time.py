@@ -34,7 +34,7 @@ from experiments.common.cli import base_parser, configured, parse_models
 from experiments.common.data import check_fits, lm_task, stream
 from experiments.common.models import LABELS, build_models
 from experiments.common.results import markdown_table, plot_lines, write_result
-from experiments.common.train import TrainConfig, train_on_tasks
+from experiments.common.train import TrainConfig, model_device, train_on_tasks
 from hope.eval import logits_of
 
 NAME = "test_time"
@@ -72,9 +72,9 @@ def fork_state(model: nn.Module, state: Any) -> Any:
 @torch.no_grad()
 def read(model: nn.Module, ids: Tensor, state: Any) -> tuple[float, Any]:
     """Read `ids` `[L]` as one stream piece: mean next-token loss inside it and the new state."""
-    out = model(ids[None], state=state)
+    out = model(ids[None].to(model_device(model)), state=state)
     logits = logits_of(out)[0, :-1].float()  # [L-1, V]
-    loss = nn.functional.cross_entropy(logits, ids[1:]).item()
+    loss = nn.functional.cross_entropy(logits, ids[1:].to(logits.device)).item()
     return loss, getattr(out, "state", None)
 
 
@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace, docs: Sequence | None) -> dict[str, Any]:
     held_out = parts["test"] + parts["val"]
     stream_ids = build_stream(held_out, mode["n_docs"], mode["doc_len"])  # [n, L]
     task = lm_task("pretrain", parts["train"], held_out, mode["train_len"], steps * mode["batch"], 4, args.seed)
-    built, skipped = build_models(parse_models(args.models), size, args.seed)
+    built, skipped = build_models(parse_models(args.models), size, args.seed, args.device)
     check_fits(built[0].model, (mode["n_docs"] + 1) * mode["doc_len"])  # the last probe's context
     cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], seed=args.seed)
     results, rows, curves, trained = {}, [], {}, {}

@@ -60,7 +60,7 @@ def run_language(language: str, names: Sequence[str], mode: dict[str, Any], seed
     out: dict[str, Any] = {}
     for name in names:
         trained = train_on_synthetic(name, mode["size"], FORMAL_VOCAB_SIZE, train, tests["bin0"], mode["steps"],
-                                     mode["batch"], mode["lr"], seed)
+                                     mode["batch"], mode["lr"], seed, mode.get("device", "cpu"))
         acc = {b: 100.0 * score(trained.model, t.inputs, t.targets, candidates)["token_accuracy"]
                for b, t in tests.items()}
         out[name] = {"params": trained.params, "bin0": acc["bin0"], "bin1": acc["bin1"],
@@ -90,6 +90,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     mode = dict(MODES["tiny" if args.tiny else "full"])
     mode["size"] = args.size or mode["size"]
     mode["steps"] = args.steps or mode["steps"]
+    mode["device"] = args.device
     languages = [lang for lang in (args.languages or mode["languages"]).split(",") if lang]
     bad = [lang for lang in languages if lang not in TITLES]
     if not languages or bad:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from experiments.common.data import check_fits
 from experiments.common.models import build_model
-from experiments.common.train import Task, TrainConfig, train_on_tasks
+from experiments.common.train import Task, TrainConfig, model_device, train_on_tasks
 from hope.eval import IGNORE_INDEX, logits_of
 
 
@@ -33,13 +33,13 @@ class Trained:
 
 def train_on_synthetic(
     name: str, size: str | int, vocab_size: int, train: Any, held_out: Any, steps: int, batch: int, lr: float,
-    seed: int, **overrides: Any,
+    seed: int, device: str = "cpu", **overrides: Any,
 ) -> Trained:
     """Build `name` with the task's vocabulary and train it for `steps` on `train` (a `SyntheticBatch`).
 
     Raises `ValueError` when the sequences are longer than the model's `max_seq_len`.
     """
-    built = build_model(name, size, seed, vocab_size=vocab_size, **overrides)
+    built = build_model(name, size, seed, device, vocab_size=vocab_size, **overrides)
     check_fits(built.model, max(train.inputs.shape[1], held_out.inputs.shape[1]))
     task = Task("train", train.inputs, train.targets, held_out.inputs, held_out.targets)
     cfg = TrainConfig(steps_per_task=steps, batch_size=batch, lr=lr, weight_decay=0.0, seed=seed)
@@ -55,9 +55,11 @@ def score(model: nn.Module, inputs: Tensor, targets: Tensor, candidates: Tensor 
     `candidates` `[K]` restricts the argmax to the answer tokens (e.g. ACCEPT/REJECT, the ten digits).
     """
     model.eval()
+    device = model_device(model)
+    candidates = None if candidates is None else candidates.to(device)
     correct = total = exact = 0
     for s in range(0, inputs.shape[0], batch_size):
-        x, y = inputs[s : s + batch_size], targets[s : s + batch_size]  # [b, T]
+        x, y = inputs[s : s + batch_size].to(device), targets[s : s + batch_size].to(device)  # [b, T]
         logits = logits_of(model(x)).float()  # [b, T, V]
         if candidates is not None:
             pred = candidates[logits[..., candidates].argmax(-1)]  # [b, T]
@@ -94,7 +96,7 @@ def sweep(
     out: dict[str, Any] = {}
     for name in names:
         trained = train_on_synthetic(name, mode["size"], vocab_size, train, held_out, mode["steps"], mode["batch"],
-                                     mode["lr"], seed)
+                                     mode["lr"], seed, mode.get("device", "cpu"))
         scores = [score(trained.model, t.inputs, t.targets, candidates, mode["eval_batch"]) for t in tests]
         out[name] = {"params": trained.params, "train_seconds": trained.train["seconds"],
                      "final_train_loss": trained.train["train_loss"][0][-1],

@@ -40,6 +40,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         mode = dict(MODES["tiny" if args.tiny else "full"])
         mode["size"], mode["steps"] = args.size or mode["size"], args.steps or mode["steps"]
+        mode["device"] = args.device
         names, skipped = available_models(parse_models(args.models))
         vocab = mode["vocab"]
         values = torch.arange(1 + (vocab - 1) // 2, vocab)  # [K] the value tokens of mqar_task

@@ -41,6 +41,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         mode = dict(MODES["tiny" if args.tiny else "full"])
         mode["size"], mode["steps"] = args.size or mode["size"], args.steps or mode["steps"]
+        mode["device"] = args.device
         names, skipped = available_models(parse_models(args.models))
         digits = torch.arange(DIGIT0, DIGIT0 + 10)  # [K] the ten digit tokens
 
