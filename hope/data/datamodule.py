@@ -20,8 +20,9 @@ Lightning wraps this sampler in a `DistributedSampler` and the indices change.
 Val/test windows are dealt round-robin to the ranks (window j to rank j mod W); the union over ranks is the same
 set for every W, so sum the loss and token counts over ranks (not a mean of per-rank means) before dividing.
 
-Token streams are cached in `<cache_dir>/tokens/<key>.pt`, the key being a SHA-256 of the split's documents,
-the tokenizer's name (for BPE: its vocabulary size and training-text fingerprint) and the document separator.
+Token streams are cached in `<cache_dir>/tokens/<source>-<split>-<key>.pt`, the key being a SHA-256 of the
+split's documents, the tokenizer (name, which for BPE holds its vocabulary size and training-text fingerprint;
+token byte lengths; encoding of a probe text) and the document separator.
 Caches are written atomically, so concurrent ranks never read half a file.
 """
 
@@ -60,6 +61,7 @@ DOC_SEPARATOR = "\n\n"
 INFINITE = 1 << 40  # indices per rank the train sampler yields: more than any run consumes
 _STREAM_CODES = {"train": 0, "val": 1, "test": 2}
 _CACHE_FORMAT = 1
+_PROBE = "The quick brown fox jumps over the lazy dog. 1234567890 — naïve café, 日本語.\n\n"
 
 
 def _plain(value: Any) -> Any:
@@ -286,9 +288,18 @@ def encode_documents(tokenizer: Tokenizer, docs: Sequence[Document]) -> torch.Te
     texts = [d.text for d in docs]
     encode_batch = getattr(tokenizer, "encode_batch", None)
     pieces = encode_batch(texts) if encode_batch is not None else [tokenizer.encode(t) for t in texts]
-    sep = tokenizer.encode(DOC_SEPARATOR)
-    ids = [i for k, piece in enumerate(pieces) for i in (sep if k else []) + piece]
-    return torch.tensor(ids, dtype=torch.int32)  # [N]
+    sep = np.asarray(tokenizer.encode(DOC_SEPARATOR), dtype=np.int32)
+    arrays = [a for k, piece in enumerate(pieces) for a in ((sep,) if k else ()) + (np.asarray(piece, np.int32),)]
+    return torch.from_numpy(np.concatenate(arrays))  # [N]
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """SHA-256 of a tokenizer's name, token byte lengths and encoding of a probe text: a tokenizer that changes
+    behind the same name (a local Hugging Face directory rewritten) gets a new cache key."""
+    h = hashlib.sha256(tokenizer.name.encode())
+    h.update(tokenizer.token_bytes.numpy().tobytes())
+    h.update(json.dumps(tokenizer.encode(_PROBE)).encode())
+    return h.hexdigest()
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -369,9 +380,8 @@ class LMDataModule(L.LightningDataModule):
             docs = self.documents[split]
             if not docs:
                 raise ValueError(f"the {split} split of source {self.config.source!r} holds no documents")
-            key = {"format": _CACHE_FORMAT, "docs": documents_fingerprint(docs), "tokenizer": self.tokenizer.name}
-            key["separator"] = DOC_SEPARATOR
-            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+            key = [_CACHE_FORMAT, documents_fingerprint(docs), tokenizer_fingerprint(self.tokenizer), DOC_SEPARATOR]
+            digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
             path = Path(self.config.cache_dir) / "tokens" / f"{self.config.source}-{split}-{digest}.pt"
             if path.is_file():
                 cached = torch.load(path, weights_only=True)

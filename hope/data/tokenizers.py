@@ -115,7 +115,9 @@ class BPETokenizer:
         return self._tok.encode(text).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts))]
+        # `encode_batch_fast` (tokenizers >= 0.20) skips the character offsets we never use: ~1.5x faster.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(list(texts))]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
