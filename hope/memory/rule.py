@@ -51,7 +51,7 @@ def step(
     v: torch.Tensor,
     eta: torch.Tensor,
     alpha: torch.Tensor,
-    beta: torch.Tensor,
+    beta: torch.Tensor | None,
     chunk_state: torch.Tensor,
     *,
     gamma: torch.Tensor | None = None,
@@ -79,7 +79,7 @@ def step(
     | v      | v             | [B, H, V]    | target ([B, H, K] input for objective "self")                  |
     | η      | eta           | [B, H]       | learning rate                                                  |
     | α      | alpha         | [B, H]       | retention (weight decay), in (0, 1]                            |
-    | β      | beta          | [B, H]       | erase strength: β = η is DGD (eq. 88), β = 0 is plain GD       |
+    | β      | beta          | [B, H]       | erase: β = η is DGD (eq. 88); β = 0 (or None) is plain GD      |
     | γ      | gamma         | [B, H]       | momentum decay, in [0, 1] (γ = 0 equals no momentum)           |
     | Zᵀ     | momentum      | [B, H, K, V] | momentum Z_{t−1}, stored transposed (zeros if None)            |
     | u      | —             | [B, H, V]    | written value, `write_value(v, k, S_c, objective)`             |
@@ -88,11 +88,13 @@ def step(
     """
     u = write_value(v, k, chunk_state, objective)  # [B, H, V]
     write = eta[..., None, None] * k[..., :, None] * u[..., None, :]  # η k uᵀ = (η u kᵀ)ᵀ  # [B, H, K, V]
-    erase = beta[..., None, None] * k[..., :, None] * torch.einsum("bhk,bhkv->bhv", k, state)[..., None, :]
     if gamma is not None:
         momentum = write if momentum is None else gamma[..., None, None] * momentum + write
         write = momentum
-    new_state = alpha[..., None, None] * state - erase + write  # (αI − βkkᵀ) Sᵀ + (η u kᵀ)ᵀ  # [B, H, K, V]
+    new_state = alpha[..., None, None] * state + write  # [B, H, K, V]
+    if beta is not None:  # (αI − βkkᵀ) Sᵀ: erase what the memory holds along k
+        held = torch.einsum("bhk,bhkv->bhv", k, state)  # kᵀ Sᵀ = (S k)ᵀ  # [B, H, V]
+        new_state = new_state - beta[..., None, None] * k[..., :, None] * held[..., None, :]
     o = torch.einsum("bhk,bhkv->bhv", q, new_state)  # [B, H, V]
     return o, new_state, momentum
 
@@ -119,7 +121,7 @@ def recurrent(
     v: torch.Tensor,
     eta: torch.Tensor,
     alpha: torch.Tensor,
-    beta: torch.Tensor,
+    beta: torch.Tensor | None,
     chunk_size: int,
     initial_state: State | None = None,
     output_final_state: bool = False,
@@ -150,7 +152,7 @@ def recurrent(
         if t % chunk_size == 0:
             chunk_state = state  # S_{c(t)}: the memory as the previous chunk left it
         o, state, momentum = step(
-            state, q[:, t], k[:, t], v[:, t], eta[:, t], alpha[:, t], beta[:, t], chunk_state,
+            state, q[:, t], k[:, t], v[:, t], eta[:, t], alpha[:, t], None if beta is None else beta[:, t], chunk_state,
             gamma=None if gamma is None else gamma[:, t], momentum=momentum, objective=objective,
         )
         outputs.append(o)
