@@ -45,7 +45,9 @@ class LMModule(L.LightningModule):
         lr, weight_decay, betas: optimizer hyper-parameters; 1-D parameters (norm gains) and embeddings get no
             weight decay.
         optimizer_kwargs: extra keyword arguments for the optimizer.
-        warmup_steps, min_lr_ratio: warm-up + cosine schedule to `trainer.max_steps`.
+        warmup_steps, min_lr_ratio: warm-up + cosine schedule down to `min_lr_ratio·lr`.
+        lr_decay_steps: length of the schedule; `None` = `trainer.max_steps`. Set it when a run is stopped early
+            on purpose (`trainer.max_steps` smaller) and resumed later, so both parts follow one schedule.
         compile: wrap the model in `torch.compile`.
         token_bytes: `[V]` UTF-8 byte length of each token id, for bits per byte (set by the trainer).
     """
@@ -63,6 +65,7 @@ class LMModule(L.LightningModule):
         optimizer_kwargs: dict[str, Any] | None = None,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        lr_decay_steps: int | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -72,8 +75,10 @@ class LMModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_config = make_preset(preset, size, **config) if preset else HopeConfig(**config)
         self.model = HopeLM(self.model_config)
-        self.net = torch.compile(self.model) if compile else self.model
-        self.register_buffer("token_bytes", torch.ones(self.model_config.vocab_size, dtype=torch.long), persistent=False)
+        # kept out of the module tree so the state dict holds the weights once, under "model."
+        self.__dict__["_net"] = torch.compile(self.model) if compile else self.model
+        ones = torch.ones(self.model_config.vocab_size, dtype=torch.long)
+        self.register_buffer("token_bytes", ones, persistent=False)
         self._stream_state: dict[str, Any] | None = None
         self._eval_sums: dict[str, torch.Tensor] = {}
         self._t_last: float | None = None
@@ -86,21 +91,22 @@ class LMModule(L.LightningModule):
         self.token_bytes = token_bytes.to(self.token_bytes.device, torch.long)
 
     def forward(self, input_ids: torch.Tensor, state: dict[str, Any] | None = None):
-        return self.net(input_ids, state)
+        return self._net(input_ids, state)
 
     def _loss(self, batch: dict[str, torch.Tensor], state: dict[str, Any] | None):
         out = self(batch["input_ids"], state)
-        labels = batch["labels"]
+        labels = batch["labels"]  # [B, T]; -100 marks unscored positions (synthetic tasks)
+        scored = labels >= 0
         loss_sum = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
-        n_bytes = self.token_bytes[labels].sum()
-        return loss_sum, labels.numel(), n_bytes, out.state
+        n_bytes = (self.token_bytes[labels.clamp_min(0)] * scored).sum()
+        return loss_sum, int(scored.sum()), n_bytes, out.state
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         state = self._stream_state if self.model_config.persist else None
         loss_sum, n_tokens, n_bytes, state = self._loss(batch, state)
         if self.model_config.persist:
             self._stream_state = self.model.detach_state(state)
-        loss = loss_sum / n_tokens
+        loss = loss_sum / max(n_tokens, 1)
         if not torch.isfinite(loss):
             ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
             raise NonFiniteLossError(
@@ -169,7 +175,9 @@ class LMModule(L.LightningModule):
         if hp.optimizer in ("adamw", "adam", "adam_memory"):
             kwargs.setdefault("betas", tuple(hp.betas))
         opt = build_optimizer(hp.optimizer, groups, lr=hp.lr, weight_decay=hp.weight_decay, **kwargs)
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10_000
+        total = hp.lr_decay_steps or self.trainer.max_steps
+        if not total or total <= 0:
+            raise ValueError(f"set trainer.max_steps or model.lr_decay_steps for the LR schedule, got {total!r}")
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
         )

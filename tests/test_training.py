@@ -1,0 +1,181 @@
+"""The trainer: every experiment config composes, instantiates and runs; resume is exact; bad input is explained."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from hope.training.run import run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+def make_cfg(tmp_path: Path, overrides: list[str]):
+    """Compose `configs/train.yaml` as `python train.py <overrides>` would, with outputs under tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / "out")
+        cfg.paths.data_cache = str(ROOT / ".cache" / "data")  # share the token-stream cache between tests
+        cfg.hydra.runtime.output_dir = str(tmp_path / "out")
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+TINY = ["logger=none", "data.seq_len=32", "data.batch_size=2", "data.max_val_tokens=256",
+        "trainer.limit_val_batches=2", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(tmp_path, experiment):
+    from hydra.utils import instantiate
+
+    cfg = make_cfg(tmp_path, [f"experiment={experiment}", "+model.config.n_layers=1"])
+    assert cfg.run_name == experiment
+    assert cfg.model._target_ == "hope.training.LMModule"
+    module = instantiate(cfg.model, vocab_size=256)
+    assert module.model_config.n_layers == 1
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.endswith("_small")])
+def test_fast_dev_run(tmp_path, experiment):
+    cfg = make_cfg(tmp_path, [f"experiment={experiment}", "debug=fast_dev_run", *TINY, "model.size=tiny"])
+    metrics = run(cfg)
+    assert torch.isfinite(torch.tensor(metrics["test/loss"]))
+    assert 0 < metrics["test/bpb"] < 20
+
+
+def losses_by_step(log_dir: Path) -> dict[int, float]:
+    out = {}
+    for path in log_dir.rglob("metrics.csv"):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss"):
+                    out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+def test_resume_is_exact(tmp_path):
+    common = [*TINY, "logger=csv", "model.size=tiny", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+              "callbacks.model_checkpoint.every_n_train_steps=4", "test=false", "model.warmup_steps=2",
+              "model.lr_decay_steps=8"]
+    straight = make_cfg(tmp_path / "a", [*common, "trainer.max_steps=8"])
+    run(straight)
+    first = make_cfg(tmp_path / "b", [*common, "trainer.max_steps=4"])
+    run(first)
+    resumed = make_cfg(tmp_path / "b", [*common, "trainer.max_steps=8", "ckpt_path=last"])
+    resumed.paths.output_dir = str(tmp_path / "b" / "out2")
+    run(resumed)
+    a = losses_by_step(tmp_path / "a" / "out")
+    b = {**losses_by_step(tmp_path / "b" / "out"), **losses_by_step(tmp_path / "b" / "out2")}
+    assert sorted(a) == sorted(b) and len(a) == 8
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    ckpt = torch.load(tmp_path / "b" / "logs" / "train" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["hydra_config"]["trainer"]["max_steps"] == 8
+    assert ckpt["global_step"] == 8
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    from hope.training.checkpoint import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "c.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": Boom()}}, path)
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]  # no temporary left behind
+
+
+def test_nan_loss_stops_with_message(tmp_path):
+    cfg = make_cfg(tmp_path, [*TINY, "model.size=tiny", "trainer.max_steps=3", "+model.config.init_std=1e38"])
+    from hope.training.module import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss .* at step 0"):
+        run(cfg)
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+def test_mismatched_checkpoint(tmp_path):
+    cfg = make_cfg(tmp_path, [*TINY, "model.size=tiny", "trainer.max_steps=2",
+                              "callbacks.model_checkpoint.every_n_train_steps=2", "test=false"])
+    run(cfg)
+    other = make_cfg(tmp_path, [*TINY, "model.size=small", "trainer.max_steps=4", "ckpt_path=last", "test=false"])
+    with pytest.raises(ValueError, match="does not match this model"):
+        run(other)
+
+
+def test_unreadable_checkpoint(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    cfg = make_cfg(tmp_path, [*TINY, "model.size=tiny", f"ckpt_path={bad}"])
+    with pytest.raises(ValueError, match="unreadable"):
+        run(cfg)
+    cfg = make_cfg(tmp_path, [*TINY, "model.size=tiny", "ckpt_path=last"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        run(cfg)
+
+
+def train_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PROJECT_ROOT": str(cwd), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={cwd}/out"],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["experiment=nope"], "experiment/nope"),
+        (["model.no_such_key=1"], "no_such_key"),
+        (["data=text", "data.paths=[/nonexistent/x.txt]"], "/nonexistent/x.txt"),
+        (["data.seq_len=100000000", "data.max_val_tokens=null"], "seq_len"),
+    ],
+)
+def test_cli_bad_input_is_explained(tmp_path, args, expected):
+    proc = train_cli(*args, "logger=none", cwd=tmp_path)
+    assert proc.returncode != 0
+    message = proc.stderr + proc.stdout
+    assert expected in message
+    assert "Traceback" not in message
+
+
+@pytest.mark.parametrize("content, expected", [(b"", "empty"), (b"caf\xe9 au lait", "byte")])
+def test_cli_bad_text_file(tmp_path, content, expected):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    proc = train_cli("data=text", f"data.paths=[{path}]", "logger=none", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert expected in (proc.stderr + proc.stdout) and "Traceback" not in proc.stderr
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    proc = train_cli("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model.size=tiny",
+                     "trainer.max_steps=3", "trainer.val_check_interval=3", *TINY[1:], "logger=csv",
+                     cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [row for path in tmp_path.rglob("metrics.csv") for row in csv.DictReader(open(path))]
+    assert any(row.get("test/bpb") for row in rows), rows
