@@ -193,21 +193,23 @@ def test_rule_update_is_pure() -> None:
         assert all(torch.equal(before[k], state[k]) for k in state), name
 
 
-def test_delta_momentum_erase_is_the_rank1_projection_for_vectors_and_bounded() -> None:
+def test_delta_momentum_erase_is_the_sherman_morrison_step_for_vectors_and_bounded() -> None:
     beta, erase = 0.9, 0.5
     rule = memory_rule("delta_momentum", beta=beta, erase=erase)
     g0, g1 = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64), torch.tensor([0.5, -1.0, 3.0], dtype=torch.float64)
     state, _ = rule.update(rule.init_state(g0), g0)
     _, d = rule.update(state, g1)
-    u = g1 / g1.norm()
-    expected = beta * g0 - erase * (g0 @ u) * u + g1
-    assert rel_rms(d, expected) < 1e-12
-    # Any gradient scale: along a constant gradient the memory converges to g / (1 − β + ζ), never blows up.
-    big = torch.full((2, 3), 1e6, dtype=torch.float64)
-    state = rule.init_state(big)
-    for _ in range(200):
-        state, d = rule.update(state, big)
-    assert rel_rms(d, big / (1 - beta + erase)) < 1e-8
+    step = erase / (1 + erase * g1 @ g1)  # ζ' = ζ / (1 + ζ‖g‖²)
+    assert rel_rms(d, beta * g0 - step * (g0 @ g1) * g1 + g1) < 1e-12
+    # Any gradient scale: along a constant gradient the factor is β − c with c = ζ'‖g‖² ∈ [0, 1), so the memory
+    # converges to g / (1 − β + c) instead of blowing up.
+    for scale in (1e-3, 1.0, 1e6):
+        g = torch.full((2, 3), scale, dtype=torch.float64)
+        c = erase * g.square().sum() / (1 + erase * g.square().sum())
+        state = rule.init_state(g)
+        for _ in range(300):
+            state, d = rule.update(state, g)
+        assert rel_rms(d, g / (1 - beta + c)) < 1e-8, scale
 
 
 def test_deep_momentum_closed_form_inner_grads_match_autograd() -> None:
@@ -317,7 +319,7 @@ def test_closure_is_called_and_its_loss_returned() -> None:
         ("adam", {"betas": (0.9, 1.5)}, "beta2=1.5"),
         ("adam", {"eps": 0.0}, "eps=0.0"),
         ("preconditioned_momentum", {"preconditioner": "shampoo"}, "shampoo"),
-        ("delta_momentum", {"erase": 3.0}, "erase=3.0"),
+        ("delta_momentum", {"erase": -1.0}, "erase=-1.0"),
         ("deep_momentum", {"hidden": 0}, "hidden=0"),
         ("muon", {"ns_steps": 0}, "ns_steps=0"),
         ("m3", {"frequency": 0}, "frequency=0"),

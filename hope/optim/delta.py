@@ -24,28 +24,33 @@ def _tiny(x: torch.Tensor) -> float:
 class DeltaMomentumRule:
     """Delta momentum: the momentum memory minimises an ℓ2 (delta-rule) objective instead of ⟨m, g⟩ (eqs. 48–49).
 
-        m_t = m_{t−1} (β I − ζ G_tᵀ G_t / ‖G_t‖_F²) + P_t g_t          d_t = m_t
+        m_t = m_{t−1} (β I − ζ'_t G_tᵀ G_t) + P_t g_t,     ζ'_t = ζ / (1 + ζ ‖G_t‖_F²)          d_t = m_t
 
     | symbol | meaning |
     |---|---|
     | G_t | the gradient as rows `[..., R, K]`; Gᵀ G `[..., K, K]` is its Gram matrix over the row width |
     | m | momentum memory, same shape as the gradient |
     | β | `beta`, retention in [0, 1) (the paper's forget gate α) |
-    | ζ | `erase` in [0, 1 + β]: how much of the memory along the current gradient's row space is erased |
+    | ζ | `erase` >= 0, step on the ℓ2 term, in units of 1/‖g‖²: how fast large gradients erase the memory |
     | P_t | value map, as in `PreconditionedMomentumRule` (`preconditioner` "identity" default, or "rms") |
 
-    Derivation: one GD step on ½‖m Gᵀ − P‖² (eq. 48's objective; m read with the gradient rows as keys) gives the
-    erase term m GᵀG, the state-dependent decay that lets the memory drop stale momentum where the landscape turned.
-    The paper's two versions disagree (arXiv eq. 49: m (α − gᵀg), right side; NeurIPS eq. 22: (α I − g gᵀ) m, left
-    side) and neither puts a step size on the erase, whose factor α − ‖g‖² then leaves [−1, 1] as soon as
-    ‖g‖² > 1 + α. Our reading keeps the arXiv side (the row space, as DGD's m (I − x xᵀ), eq. 57) and normalises
-    the erase by ‖G‖_F² ≥ σ_max², so along each right singular vector of G the factor is β − ζ σ_i²/‖G‖_F² ∈
-    [β − ζ, β] ⊂ [−1, 1]: stable for any gradient scale. For a vector (R = 1) the erase is the rank-1 projection
-    onto ĝ = g/‖g‖: m ← β m − ζ ⟨m, ĝ⟩ ĝ + P g. ζ = 0 recovers (preconditioned) momentum.
+    Derivation: the ℓ2 objective ½‖m Gᵀ − P‖² (eq. 48; the memory read with the gradient rows as keys) splits into
+    the erase term ½‖m Gᵀ‖² and the write of P g. A proximal (implicit) step on the erase term, min_m ½‖m Gᵀ‖² +
+    1/(2ζ)‖m − β m_{t−1}‖², is β m_{t−1} (I + ζ GᵀG)⁻¹; for a rank-1 gradient Sherman–Morrison gives exactly
+    β m_{t−1}(I − ζ' g gᵀ) with ζ' = ζ / (1 + ζ‖g‖²), the same normalisation the paper uses for DGD (eqs. 56–57).
+    For matrices we keep that closed form with ‖G‖_F² (exact for rank 1). We fold β into the erase factor as the
+    paper does (α I − …) rather than multiplying it: along each right singular vector of G the factor is
+    β − ζσ_i²/(1 + ζ‖G‖_F²) ∈ (β − 1, β], stable for any ζ and any gradient scale.
+
+    This is the paper's "gradient-dependent weight decay" (Figure 4's explanation): a small gradient leaves the
+    momentum almost untouched (ζ' ‖g‖² ≈ ζ‖g‖²), a large one erases the memory along its direction (→ 1). The two
+    printed versions disagree (arXiv eq. 49: m (α − gᵀg), right side; NeurIPS eq. 22: (α I − g gᵀ) m, left side)
+    and neither bounds the erase, whose factor α − ‖g‖² leaves [−1, 1] once ‖g‖² > 1 + α. We keep the arXiv side
+    (the row space, as DGD's m (I − x xᵀ)) and the bounded step above. ζ = 0 recovers (preconditioned) momentum.
     """
 
     beta: float = 0.9
-    erase: float = 0.5
+    erase: float = 1.0
     preconditioner: str = "identity"
     beta2: float = 0.99
     eps: float = 1e-8
@@ -55,8 +60,7 @@ class DeltaMomentumRule:
         check_retention("beta", self.beta)
         check_retention("beta2", self.beta2)
         check_positive("eps", self.eps)
-        if not isinstance(self.erase, (int, float)) or not 0.0 <= self.erase <= 1.0 + self.beta:
-            raise ValueError(f"erase must be in [0, 1 + beta] = [0, {1 + self.beta}], got erase={self.erase!r}")
+        check_positive("erase", self.erase, allow_zero=True)
         if self.preconditioner not in PRECONDITIONERS:
             raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {self.preconditioner!r}")
 
@@ -70,8 +74,8 @@ class DeltaMomentumRule:
         m, G = as_rows(state["momentum"]), as_rows(grad)  # [..., R, K]
         # m GᵀG, associated on the cheaper side: (m Gᵀ) G costs R²K, m (GᵀG) costs RK².
         erase = (m @ G.mT) @ G if G.shape[-2] <= G.shape[-1] else m @ (G.mT @ G)  # [..., R, K]
-        norm2 = G.square().sum(dim=(-2, -1), keepdim=True).clamp_min(_tiny(G))  # [..., 1, 1]
-        m = (self.beta * m - (self.erase / norm2) * erase).reshape(grad.shape) + value
+        step = self.erase / (1 + self.erase * G.square().sum(dim=(-2, -1), keepdim=True))  # ζ'  # [..., 1, 1]
+        m = (self.beta * m - step * erase).reshape(grad.shape) + value
         return {"momentum": m, **pre}, m
 
 

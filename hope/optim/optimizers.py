@@ -166,7 +166,7 @@ class PreconditionedMomentum(MemoryOptimizer):
 
 
 class DeltaMomentum(MemoryOptimizer):
-    """Delta momentum, m ← m (β I − ζ GᵀG/‖G‖²) + P g (ℓ2 inner objective, eqs. 48–49, see `DeltaMomentumRule`)."""
+    """Delta momentum, m ← m (β I − ζ' GᵀG) + P g, ζ' = ζ/(1 + ζ‖G‖²) (eqs. 48–49, see `DeltaMomentumRule`)."""
 
     rule_cls, rule_keys = DeltaMomentumRule, ("beta", "erase", "preconditioner", "beta2", "eps")
 
@@ -175,7 +175,7 @@ class DeltaMomentum(MemoryOptimizer):
         params: Params,
         lr: float = 1e-2,
         beta: float = 0.9,
-        erase: float = 0.5,
+        erase: float = 1.0,
         preconditioner: str = "identity",
         beta2: float = 0.99,
         eps: float = 1e-8,
