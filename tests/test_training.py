@@ -179,3 +179,25 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [row for path in tmp_path.rglob("metrics.csv") for row in csv.DictReader(open(path))]
     assert any(row.get("test/bpb") for row in rows), rows
+
+
+def test_generate_and_evaluate_entry_points(tmp_path):
+    cfg = make_cfg(tmp_path, [*TINY, "model.size=tiny", "trainer.max_steps=2", "test=false",
+                              "callbacks.model_checkpoint.every_n_train_steps=2"])
+    run(cfg)
+    ckpt = tmp_path / "logs" / "train" / "checkpoints" / "last.ckpt"
+    text = tmp_path / "eval.txt"
+    text.write_text("To be, or not to be, that is the question. " * 8)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(ckpt), "--file", str(text)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = __import__("json").loads(proc.stdout)
+    assert result["tokens"] == 10 * 32  # 351 bytes -> 10 windows of 32 + 1 and 0 < result["bpb"] < 20
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), str(ckpt), "--prompt", "To be", "--tokens", "12",
+                           "--temperature", "0"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("To be") and len(proc.stdout.encode()) >= 5 + 12
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(tmp_path / "missing.ckpt")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "missing.ckpt" in proc.stderr and "Traceback" not in proc.stderr
