@@ -51,6 +51,23 @@ def test_probes_do_not_disturb_the_stream(model):
     assert res["memory_gain"][0] == pytest.approx(res["fresh_loss"] - res["probe_loss"][0])
 
 
+def test_fork_keeps_cms_streams_intact():
+    """Hope-Attention's state holds CMS fast weights built from the parameters; forking must still be exact."""
+    from experiments.common.models import ModelUnavailable
+
+    try:
+        cms_model = build_model("hope_attention", "tiny", seed=0).model.eval()
+    except ModelUnavailable as err:
+        pytest.skip(str(err))
+    docs = tt.build_stream(fake_docs(), n_docs=2, doc_len=64)  # 64 = a multiple of every CMS period of the preset
+    res = tt.probe_carried(cms_model, docs)
+    state, plain = None, []
+    for k in range(2):
+        loss, state = tt.read(cms_model, docs[k], state)
+        plain.append(loss)
+    assert res["stream_loss"] == pytest.approx(plain, rel=1e-5)
+
+
 def test_window_covering_everything_matches_carried_state(model):
     # With a window as long as the stream, the windowed probe sees exactly the carried context.
     docs = tt.build_stream(fake_docs(), n_docs=3, doc_len=16)

@@ -1,4 +1,7 @@
-"""The command-line flags every benchmark shares (`--tiny`, `--models`, `--size`, `--seed`, `--out`, `--threads`)."""
+"""The command-line flags every benchmark shares (`--tiny`, `--models`, `--size`, `--seed`, `--out`, `--device`, ...).
+
+Dimensions: none (flags only).
+"""
 
 from __future__ import annotations
 

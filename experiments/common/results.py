@@ -2,6 +2,8 @@
 
 Every published number must be reproducible from one named command and a committed result file, so each JSON
 carries `meta` = {date (UTC), command, git commit, machine (platform, CPU count, torch threads, torch version)}.
+
+Dimensions: N tasks (rows and columns of a score matrix).
 """
 
 from __future__ import annotations

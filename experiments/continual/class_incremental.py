@@ -115,20 +115,21 @@ def group_classes(classes: Sequence[str], per_task: int, seed: int) -> list[list
 
 
 def _examples(docs: Sequence, seq_len: int, limit: int, rng: random.Random) -> torch.Tensor:
-    """Up to `limit` examples `[N, T]`: each document cut into pieces of T−1 bytes, left-padded, then SEP."""
+    """Up to `limit` examples `[N, T]`: pieces of T−1 bytes of the documents, left-padded, then SEP.
+
+    Pieces are cut at multiples of T−1 in each document (a short tail of a long document is dropped: it says
+    little about its class); `limit` of them are drawn at random, so only the kept pieces are materialised.
+    """
     width = seq_len - 1
+    ids = [encode(d.text) for d in docs]  # each [L_d]
+    pieces = [(k, s) for k, x in enumerate(ids) for s in range(0, x.numel(), width)
+              if s == 0 or x.numel() - s >= min(width, 8)]
+    rng.shuffle(pieces)
     rows = []
-    for doc in docs:
-        ids = encode(doc.text)  # [L]
-        if ids.numel() == 0:
-            continue
-        for s in range(0, ids.numel(), width):
-            piece = ids[s : s + width]
-            if piece.numel() < min(width, 8) and s > 0:
-                continue  # a short tail of a long document says little about its class
-            rows.append(torch.cat([torch.full((width - piece.numel(),), PAD), piece, torch.tensor([SEP])]))
-    rng.shuffle(rows)
-    return torch.stack(rows[:limit]) if rows else torch.empty(0, seq_len, dtype=torch.long)
+    for k, s in pieces[:limit]:
+        piece = ids[k][s : s + width]
+        rows.append(torch.cat([torch.full((width - piece.numel(),), PAD), piece, torch.tensor([SEP])]))
+    return torch.stack(rows) if rows else torch.empty(0, seq_len, dtype=torch.long)
 
 
 def build_tasks(docs: Sequence, groups: Sequence[Sequence[str]], seq_len: int, max_per_class: int,

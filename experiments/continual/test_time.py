@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from experiments.common.cli import base_parser, configured, parse_models
 from experiments.common.data import check_fits, lm_task, stream
@@ -59,14 +60,18 @@ def build_stream(docs: Sequence, n_docs: int, doc_len: int) -> Tensor:
 
 
 def fork_state(model: nn.Module, state: Any) -> Any:
-    """An independent copy of a stream state, so a probe leaves the stream untouched."""
+    """An independent copy of a stream state, so a probe leaves the stream untouched.
+
+    HopeLM's CMS fast weights are functions of the parameters (not graph leaves), so they are copied through
+    `export_state` (plain tensors) and rebuilt by `import_state`; other models' states are cloned tensor by tensor.
+    """
     if state is None:
         return None
-    if hasattr(model, "detach_state"):
+    if hasattr(model, "export_state") and hasattr(model, "import_state"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a partial CMS chunk at the fork point is dropped; docs align to it
-            state = model.detach_state(state)
-    return copy.deepcopy(state)
+            return model.import_state(copy.deepcopy(model.export_state(state)))
+    return tree_map(lambda x: x.detach().clone() if isinstance(x, Tensor) else x, state)
 
 
 @torch.no_grad()
