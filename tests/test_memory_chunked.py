@@ -20,6 +20,15 @@ OBJECTIVES = ("l2", "dot", "self")
 ERASES = ("dgd", "gd", "none")  # β = η, β = 0 as a tensor, β = None (skips the solve)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (and OpenMP spin-waits on a busy CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
     got, ref = got.detach(), ref.detach()
     return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))

@@ -177,6 +177,22 @@ def _write(y: torch.Tensor | None, z: torch.Tensor | None, state: torch.Tensor) 
     return -(z @ state) if y is None else y - z @ state
 
 
+def linear_chunk(
+    ops: ChunkOperators, state: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One chunk `[..., C, ·]` of a linear memory (no momentum) that starts at a chunk boundary, so its write
+    values x_t = y_t − P₀ᵀ z_t are taken at `state` itself (y = η·target, z = η·key as in `write_terms`; None
+    is zero). Folds the write into R = 𝒯 y − 𝒯(diag(β ᾱ_prev) K + z) P₀: one state matmul fewer than
+    `chunk_step`. Returns (o or None, P_C)."""
+    if ops.solve is None:
+        r = _write(y, z, state)
+    else:
+        w = ops.solve @ (ops.erase if z is None else ops.erase + z)  # W'  # [..., C, K]
+        r = _write(None if y is None else ops.solve @ y, w, state)  # [..., C, V]
+    o = None if ops.q_decay is None else ops.q_decay @ state + ops.attn @ r
+    return o, ops.decay_end[..., None, None] * state + ops.k_end.transpose(-1, -2) @ r
+
+
 def _linear_pass(ops: ChunkOperators, y, z, state: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """All full chunks of a linear memory without momentum; ops and y, z carry a chunk dim N at position 2.
 

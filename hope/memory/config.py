@@ -41,7 +41,9 @@ class MemoryConfig:
         hidden_mult: hidden width of a deep memory, as a multiple of the head width.
         activation: σ of a deep memory: "silu" or "gelu".
         eta_max: η_t = eta_max·sigmoid(·). Along k a C = 1 step multiplies S by α − β − η, which must stay in
-            [−1, 1] for every α in (0, 1] (DESIGN.md §3): eta_max ≤ 0.5 with DGD, ≤ 1 with GD.
+            [−1, 1] for every α in (0, 1] (DESIGN.md §3): eta_max ≤ 0.5 with DGD. With GD the steps of a chunk
+            add up (S_c is multiplied by I − Σ_t η_t k_t k_tᵀ), so eta_max ≤ min(1, 2/C) for the largest chunk C;
+            `tests/test_memory_chunked.py` shows GD blowing up where DGD stays bounded.
         adaptive_q: q_t = M_{q,c(t)}(x_t), a projection memory, instead of a fixed linear W_q (Table 6).
         self_targets: projection memories regress k_t onto their self-generated targets M_{□,c(t)}(v_t)
             (eqs. 84/87); False uses the plain target v_t for M_k, M_v, M_q.
@@ -80,11 +82,14 @@ class MemoryConfig:
             value = getattr(self, name)
             _check(isinstance(value, bool), f"MemoryConfig.{name} must be a bool, got {value!r}")
         _check(self.hidden_mult > 0, f"MemoryConfig.hidden_mult must be > 0, got {self.hidden_mult!r}")
-        bound = 0.5 if self.erase == "dgd" else 1.0
+        # DGD: along k a token multiplies S by α − 2η ∈ [−1, 1] for every α ∈ (0, 1] iff η ≤ 1/2. GD: inside a chunk
+        # every gradient is taken at S_c, so S_c is multiplied by I − Σ_t η_t k_t k_tᵀ (α = 1, equal keys): Cη ≤ 2.
+        chunk = max(self.chunk_size, self.proj_chunk_size)
+        bound = 0.5 if self.erase == "dgd" else min(1.0, 2 / chunk)
         _check(
             0 < self.eta_max <= bound,
-            f"MemoryConfig.eta_max={self.eta_max!r} must be in (0, {bound}] with erase={self.erase!r}: larger "
-            f"steps can make the factor α − β − η along k leave [−1, 1] and the memory blow up (DESIGN.md §3)",
+            f"MemoryConfig.eta_max={self.eta_max!r} must be in (0, {bound:g}] with erase={self.erase!r} and chunks "
+            f"of up to {chunk} tokens: larger steps can make the memory blow up (DESIGN.md §3)",
         )
         _check(
             not (self.self_target_mem and self.objective == "dot"),

@@ -165,17 +165,28 @@ def deep_recurrent(
     return o.to(in_dtype), state
 
 
-def _deep_chunk(
-    ops2: ChunkOperators, state: DeepState, start: DeepState, q, k, v, eta, alpha, gamma, objective: str, act: str
-) -> tuple[torch.Tensor, DeepState]:
-    """One (possibly partial) chunk `[B, H, C, ·]` from `state`, gradients at the chunk-start weights `start`."""
-    delta, err, h = inner_grad(k, _target(v, start, objective, act), start["w2"], start["w1"], act)
+def deep_write(
+    ops2: ChunkOperators,
+    state: DeepState,
+    start: DeepState,
+    k: torch.Tensor,
+    target: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    gamma: torch.Tensor | None,
+    act: str,
+) -> tuple[torch.Tensor | None, DeepState]:
+    """One (possibly partial) chunk `[B, H, C, ·]` of writes from `state`, inner gradients of ½‖M(k) − v̂‖² at the
+    chunk-start weights `start`. `ops2` = `chunk_operators(k, α, β, q, γ)` of the W₂ layer; with a query in
+    `ops2` the reads after the writes M_{W_t}(q_t) are returned too (else None)."""
+    delta, err, h = inner_grad(k, target, start["w2"], start["w1"], act)  # [B, H, C, F|K]
     eta = eta[..., None]  # [B, H, C, 1]
     o2, w2, m2 = chunk_step(ops2, state["w2"], -eta * delta, state.get("m2"))  # o2_t = W₂,t q_t  # [B, H, C, F]
-    ops1 = chunk_operators(h, alpha, None, activation(o2, act)[0], gamma)  # keys h_t, queries σ(W₂,t q_t)
+    query = None if o2 is None else activation(o2, act)[0]  # σ(W₂,t q_t)
+    ops1 = chunk_operators(h, alpha, None, query, gamma)  # W₁ reads h_t = σ(W₂,c k_t): no erase, plain retention
     o1, w1, m1 = chunk_step(ops1, state["w1"], -eta * err, state.get("m1"))  # [B, H, C, K]
     new = {"w2": w2, "w1": w1} if m2 is None else {"w2": w2, "w1": w1, "m2": m2, "m1": m1}
-    return q + o1, new
+    return o1, new
 
 
 def deep_chunked(
@@ -228,8 +239,10 @@ def deep_chunked(
         ops2 = full_ops[j] if 0 <= j < n_full else chunk_operators(seg[1], seg[4], seg[5], seg[0], seg[6])
         if (offset + a) % C == 0:
             start = weights(state)  # a chunk boundary: gradients are taken at the weights reached here
-        o, state = _deep_chunk(ops2, state, start, *seg[:5], seg[6], objective, act)
-        outputs.append(o)
+        q_n, k_n, v_n, eta_n, alpha_n, _, gamma_n = seg
+        o, state = deep_write(ops2, state, start, k_n, _target(v_n, start, objective, act), eta_n, alpha_n, gamma_n,
+                              act)
+        outputs.append(q_n + o)  # M(q) = q + W₁σ(W₂q)
     if (offset + T) % C == 0:
         start = weights(state)
     o = torch.cat(outputs, dim=2) if outputs else q  # [B, H, T, K]

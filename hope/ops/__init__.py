@@ -12,8 +12,16 @@ import importlib
 
 import torch
 
-from hope.memory.chunked import ChunkOperators, chunk_operators, chunk_step, chunked, partial_chunk, write_terms
-from hope.memory.deep import DeepState, activation, deep_chunked, inner_grad, mlp
+from hope.memory.chunked import (
+    ChunkOperators,
+    chunk_operators,
+    chunk_step,
+    chunked,
+    linear_chunk,
+    partial_chunk,
+    write_terms,
+)
+from hope.memory.deep import DeepState, activation, deep_chunked, deep_write, inner_grad, mlp
 from hope.memory.rule import OBJECTIVES, State, compute_dtype, recurrent
 
 BACKENDS = ("auto", "torch", "recurrent", "triton")
@@ -27,7 +35,9 @@ __all__ = [
     "chunk_step",
     "compute_dtype",
     "deep_memory",
+    "deep_write",
     "inner_grad",
+    "linear_chunk",
     "memory_stream",
     "memory_update",
     "mlp",

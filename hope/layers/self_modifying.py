@@ -1,0 +1,272 @@
+"""Self-modifying Titans: HOPE's sequence core (DESIGN.md §4, arXiv:2512.24695 eqs. 83–97).
+
+Legend: B batch, T time, D model width, H heads, K head width, F deep-memory hidden width, C chunk,
+P read width of the linear projection memory (K per vector memory, 1 per scalar read-out).
+
+Every memory is trained in context by the rule of `hope.memory` (DGD by default, eq. 88) and starts each
+stream from a meta-learned initial state (a parameter), so the outer optimizer learns how each memory
+should start; gradients flow through every write.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hope import ops
+from hope.config import HopeConfig
+from hope.layers.conv import CausalConv
+from hope.layers.mlp import residual_std
+
+Tensor = torch.Tensor
+
+
+def stream_position(state: dict[str, Tensor], batch: int) -> int:
+    """The common stream position of the batch (rows must advance together: chunk boundaries are shared)."""
+    pos = state["pos"]
+    if tuple(pos.shape) != (batch,):
+        raise ValueError(f"state['pos'] must be an int64 [B={batch}] tensor, got shape {list(pos.shape)}")
+    if batch > 1 and not bool((pos == pos[0]).all()):
+        raise ValueError(f"every row of a batch must be at the same stream position, got {pos.tolist()}")
+    return int(pos[0]) if batch else 0
+
+
+def check_input(x: object, d_model: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"core input must be a torch.Tensor [B, T, D], got {type(x).__name__}")
+    if x.ndim != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"core input must be [B, T, D={d_model}], got shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"core input must be floating point, got dtype {x.dtype}")
+
+
+def segments(T: int, offset: int, chunk: int) -> list[tuple[int, int]]:
+    """Cut [0, T) at the chunk boundaries of a stream whose first token here is `offset` tokens into a chunk."""
+    cuts = sorted({0, T, *range((chunk - offset) % chunk, T, chunk)})
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def retention_bias(n_heads: int) -> Tensor:
+    """b_α per head so that sigmoid(b_α) = 1 − 1/τ with memory horizons τ log-spaced in [16, 1024] tokens."""
+    tau = torch.logspace(math.log10(16), math.log10(1024), n_heads)
+    return torch.log(tau - 1)  # logit(1 − 1/τ)
+
+
+class MemoryOutput(nn.Module):
+    """o `[B, T, H, K]` → per-head RMSNorm → ⊙ SiLU(x W_g) → W_o (Titans §4.4: norm and gate before the output)."""
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__()
+        D = config.d_model
+        self.eps, self.init_std = config.norm_eps, config.init_std
+        self.out_std = residual_std(config.init_std, config.n_layers)
+        self.norm_weight = nn.Parameter(torch.empty(D))
+        self.gate = nn.Linear(D, D, bias=False)
+        self.out = nn.Linear(D, D, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """norm_weight: ones; gate: N(0, init_std²); out: N(0, (init_std/√(2·n_layers))²)."""
+        nn.init.ones_(self.norm_weight)
+        nn.init.normal_(self.gate.weight, std=self.init_std)
+        nn.init.normal_(self.out.weight, std=self.out_std)
+
+    def forward(self, o: Tensor, x: Tensor) -> Tensor:
+        B, T, H, K = o.shape
+        o = F.rms_norm(o.float(), (K,), eps=self.eps).to(x.dtype)  # per head  # [B, T, H, K]
+        o = o.reshape(B, T, H * K) * self.norm_weight * F.silu(self.gate(x))  # [B, T, D]
+        return self.out(o)  # [B, T, D]
+
+
+class SelfModifyingCore(nn.Module):
+    """Self-modifying Titans core: every projection is a memory that rewrites itself in context.
+
+    ```
+    x [B,T,D] ─► CausalConv(W) ─► SiLU ─► x̃ ─┬─► W_q (or M_q) ─► ℓ2 ─► q ──────────────────┐
+       state["conv"] ◄┘                       │                                             │
+                                              └─► M_k, M_v, M_η, M_α  (read at chunk start) │
+           state["proj.*"] ⇄ (write: regress k_t onto M_□,c(t)(v_t), DGD)                   │
+                          k = ℓ2(M_k x̃), v = M_v x̃, η = η_max·σ(M_η x̃ + b_η), α = σ(M_α x̃ + b_α)
+                                              │                                             │
+                                              ▼                                             ▼
+                    state["mem.*"] ⇄ M_mem: write (k, v, η, α, β = η) then read o_t = M_mem,t(q_t)
+                                              │
+    x ─► W_g ─► SiLU ─────────────────────── (⊙) ◄─ per-head RMSNorm ◄─ o [B,T,H,K]
+                                              └─► W_o ─► y [B,T,D]
+    ```
+    The four (five with `adaptive_q`) linear projection memories share keys and gates, so they are one
+    linear memory whose read has P = 2K + 2 columns [k | v | (q) | η | α]. The scalar read-outs M_η, M_α are
+    always linear (d_h → 1); with `proj_depth="deep"` M_k, M_v (M_q) are residual MLPs. State keys: "pos",
+    "conv", "proj.S", "proj.S_start" (and "proj_<k|v|q>.<w2|w1>[_start]" when deep), "mem.S", "mem.S_start"
+    ("mem.Z" with momentum) or "mem.<w2|w1|m2|m1>", "mem.<w2|w1>_start" when M_mem is deep.
+    """
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__()
+        self.config, self.mc = config, config.memory
+        D, H, K = config.d_model, config.n_heads, config.head_dim
+        self.n_heads, self.head_dim, self.hidden = H, K, self.mc.hidden(K)
+        self.vectors = ("k", "v", "q") if self.mc.adaptive_q else ("k", "v")
+        self.conv = CausalConv(D, self.mc.conv_width)
+        self.q_proj = None if self.mc.adaptive_q else nn.Linear(D, D, bias=False)
+        self.momentum_proj = nn.Linear(D, H) if self.mc.momentum else None
+        width = 2 + (len(self.vectors) * K if self.mc.proj_depth == "linear" else 0)
+        self.proj_init = nn.Parameter(torch.empty(H, K, width))  # Sᵀ of the linear projection memory
+        self.proj_deep = nn.ParameterDict()
+        if self.mc.proj_depth == "deep":
+            for name in self.vectors:
+                self.proj_deep[f"{name}_w2"] = nn.Parameter(torch.empty(H, K, self.hidden))
+                self.proj_deep[f"{name}_w1"] = nn.Parameter(torch.empty(H, self.hidden, K))
+        self.eta_bias = nn.Parameter(torch.empty(H))
+        self.alpha_bias = nn.Parameter(torch.empty(H))
+        self.mem_init = nn.ParameterDict()
+        if self.mc.mem_depth == "linear":
+            self.mem_init["S"] = nn.Parameter(torch.empty(H, K, K))
+        else:
+            self.mem_init["w2"] = nn.Parameter(torch.empty(H, K, self.hidden))
+            self.mem_init["w1"] = nn.Parameter(torch.empty(H, self.hidden, K))
+        self.output = MemoryOutput(config)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Initialisation of every parameter:
+
+        - conv: see `CausalConv.init_weights`; output (norm, gate, out): see `MemoryOutput.init_weights`.
+        - q_proj: N(0, init_std²). momentum_proj: weight N(0, init_std²), bias 2.2 (γ ≈ 0.9 at the start).
+        - proj_init (Sᵀ of the linear projection memories): vector columns [k | v | q] N(0, 1/K), so that
+          M x̃ starts as a unit-gain random projection; scalar columns [η | α] N(0, init_std²).
+        - proj_deep (deep M_k, M_v, M_q): w2 N(0, 1/K), w1 N(0, init_std²) (M(z) ≈ z at the start).
+        - eta_bias: 0 (η = η_max/2 at the start); alpha_bias: `retention_bias` (horizons 16…1024 tokens).
+        - mem_init: linear Sᵀ N(0, init_std²); deep w2 N(0, 1/K), w1 N(0, init_std²).
+        """
+        K, std = self.head_dim, self.config.init_std
+        self.conv.init_weights()
+        self.output.init_weights()
+        if self.q_proj is not None:
+            nn.init.normal_(self.q_proj.weight, std=std)
+        if self.momentum_proj is not None:
+            nn.init.normal_(self.momentum_proj.weight, std=std)
+            nn.init.constant_(self.momentum_proj.bias, 2.2)
+        with torch.no_grad():
+            self.proj_init.normal_(std=std)
+            self.proj_init[..., :-2].normal_(std=K**-0.5)
+            self.eta_bias.zero_()
+            self.alpha_bias.copy_(retention_bias(self.n_heads))
+        for name, p in [*self.proj_deep.items(), *self.mem_init.items()]:
+            nn.init.normal_(p, std=K**-0.5 if name.endswith("w2") else std)
+
+    def init_state(self, batch: int) -> dict[str, Tensor]:
+        """A fresh stream: position 0, empty conv cache, every memory at its meta-learned initial state."""
+        expand = lambda p: p.expand(batch, *p.shape)
+        state = {"pos": torch.zeros(batch, dtype=torch.long, device=self.proj_init.device)}
+        state["proj.S"] = state["proj.S_start"] = expand(self.proj_init)
+        for name in self.vectors if self.proj_deep else ():
+            for layer in ("w2", "w1"):
+                w = expand(self.proj_deep[f"{name}_{layer}"])
+                state[f"proj_{name}.{layer}"] = state[f"proj_{name}.{layer}_start"] = w
+        if "S" in self.mem_init:
+            state["mem.S"] = state["mem.S_start"] = expand(self.mem_init["S"])
+            if self.mc.momentum:
+                state["mem.Z"] = torch.zeros_like(state["mem.S"])
+        else:
+            for layer in ("w2", "w1"):
+                state[f"mem.{layer}"] = state[f"mem.{layer}_start"] = expand(self.mem_init[layer])
+        return state
+
+    def forward(self, x: Tensor, state: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        check_input(x, self.config.d_model)
+        B, T, _ = x.shape
+        state = self.init_state(B) if state is None else state
+        pos = stream_position(state, B)
+        xc, conv_cache = self.conv(x, state.get("conv"))
+        xs = F.silu(xc)  # x̃  # [B, T, D]
+        reads, new = self._projections(xs.view(B, T, self.n_heads, self.head_dim), state, pos)
+        k, v, eta, alpha = reads["k"], reads["v"], reads["eta"], reads["alpha"]  # [B, T, H, ·]
+        q = reads["q"] if self.q_proj is None else F.normalize(self.q_proj(xs).view_as(k), dim=-1)
+        beta = eta if self.mc.erase == "dgd" else None
+        gamma = None if self.momentum_proj is None else torch.sigmoid(self.momentum_proj(x))  # [B, T, H]
+        o, mem = self._main_memory(q, k, v, eta, alpha, beta, gamma, state, pos)  # [B, T, H, K]
+        new.update(mem)
+        new.update(pos=state["pos"] + T, conv=conv_cache)
+        return self.output(o.to(x.dtype), x), new
+
+    def _main_memory(self, q, k, v, eta, alpha, beta, gamma, state, pos):
+        """M_mem over this piece: write (k, v̂) with (η, α, β, γ), read q after the write (eqs. 88–93)."""
+        C, mc = self.mc.chunk_size, self.mc
+        if "S" in self.mem_init:
+            objective = "self" if mc.self_target_mem else mc.objective
+            st = {name[4:]: t for name, t in state.items() if name.startswith("mem.")}
+            o, st = ops.memory_stream(q, k, v, eta, alpha, beta, C, st, pos % C, mc.backend, gamma=gamma,
+                                      objective=objective)
+        else:
+            objective = "self" if mc.self_target_mem else "l2"
+            st = {name[4:]: t for name, t in state.items() if name.startswith("mem.")}
+            o, st = ops.deep_memory(q, k, v, eta, alpha, beta, C, st, pos % C, gamma=gamma, objective=objective,
+                                    act=mc.activation)
+        return o, {f"mem.{name}": t for name, t in st.items()}
+
+    def _gates(self, eta_raw: Tensor, alpha_raw: Tensor) -> tuple[Tensor, Tensor]:
+        """η = η_max·σ(M_η x̃ + b_η) (bounded, DESIGN.md §3), α = σ(M_α x̃ + b_α); raw reads `[..., 1]` → `[...]`."""
+        eta = self.mc.eta_max * torch.sigmoid(eta_raw[..., 0] + self.eta_bias[:, None])
+        return eta, torch.sigmoid(alpha_raw[..., 0] + self.alpha_bias[:, None])
+
+    def _projections(self, xh: Tensor, state: dict[str, Tensor], pos: int) -> tuple[dict[str, Tensor], dict]:
+        """Sweep the projection memories over the piece, chunk by chunk (`proj_chunk_size`, aligned to the
+        stream): read k, v, η, α (q) of a chunk from the chunk-start states, then write them (eq. 90)."""
+        C = self.mc.proj_chunk_size
+        st = {name: t for name, t in state.items() if name.startswith("proj")}
+        bounds = segments(xh.shape[1], pos % C, C)
+        pieces = xh.movedim(1, 2).split([b - a for a, b in bounds], dim=2)  # split: its backward is one cat
+        outs = []
+        for (a, _), x_n in zip(bounds, pieces):
+            if (pos + a) % C == 0:  # a chunk boundary: later reads and inner gradients use the state reached here
+                st.update({f"{n}_start": st[n] for n in list(st) if not n.endswith("_start")})
+            reads, st = self._projection_chunk(x_n, st, aligned=(pos + a) % C == 0)
+            outs.append(reads)
+        if (pos + xh.shape[1]) % C == 0:
+            st.update({f"{n}_start": st[n] for n in list(st) if not n.endswith("_start")})
+        reads = {n: torch.cat([r[n] for r in outs], dim=2).movedim(2, 1) for n in outs[0]} if outs else {}
+        return reads, st
+
+    def _projection_chunk(
+        self, x: Tensor, st: dict[str, Tensor], aligned: bool
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One (partial) chunk x̃ `[B, H, C, K]`: reads from the chunk-start states, then one chunk of writes.
+        `aligned`: the chunk starts at a boundary, so the current states are the chunk-start states."""
+        K, nv = self.head_dim, len(self.vectors)
+        start = st["proj.S_start"]
+        raw = x @ start  # [B, H, C, P]
+        reads = {}
+        if self.proj_deep:
+            for name in self.vectors:
+                w = {layer: st[f"proj_{name}.{layer}_start"] for layer in ("w2", "w1")}
+                reads[name] = ops.mlp(x, w["w2"], w["w1"], self.mc.activation)  # [B, H, C, K]
+        else:
+            reads.update({name: raw[..., i * K : (i + 1) * K] for i, name in enumerate(self.vectors)})
+        k = F.normalize(reads["k"], dim=-1)
+        v = reads["v"]
+        eta, alpha = self._gates(raw[..., -2:-1], raw[..., -1:])  # [B, H, C]
+        ops_k = ops.chunk_operators(k, alpha, eta if self.mc.erase == "dgd" else None)
+        plain = not self.mc.self_targets and not self.proj_deep
+        # self-generated targets M_□,c(v): u = M_c(v) − M_c(k) = (v − k) S_c for a linear memory (eq. 93)
+        if aligned and not plain:
+            _, new_S = ops.linear_chunk(ops_k, st["proj.S"], None, eta[..., None] * (k - v))
+        else:
+            write = -(k - v) @ start  # [B, H, C, P]
+            if plain:  # u = v − S_c k for M_k, M_v, M_q; the scalar read-outs keep their self-generated targets
+                write = torch.cat([v.repeat(1, 1, 1, nv) - k @ start[..., : nv * K], write[..., nv * K :]], dim=-1)
+            _, new_S, _ = ops.chunk_step(ops_k, st["proj.S"], eta[..., None] * write)
+        new = {**st, "proj.S": new_S}
+        for name in self.vectors if self.proj_deep else ():
+            w = {layer: st[f"proj_{name}.{layer}"] for layer in ("w2", "w1")}
+            w0 = {layer: st[f"proj_{name}.{layer}_start"] for layer in ("w2", "w1")}
+            target = ops.mlp(v, w0["w2"], w0["w1"], self.mc.activation) if self.mc.self_targets else v
+            _, w = ops.deep_write(ops_k, w, w0, k, target, eta, alpha, None, self.mc.activation)
+            new.update({f"proj_{name}.{layer}": w[layer] for layer in ("w2", "w1")})
+        out = {"k": k, "v": v, "eta": eta, "alpha": alpha}
+        if "q" in self.vectors:
+            out["q"] = F.normalize(reads["q"], dim=-1)
+        return out, new

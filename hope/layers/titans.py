@@ -1,0 +1,98 @@
+"""Titans neural long-term memory (LMM), the Titans baseline core (arXiv:2501.00663 §3, §4.4; paper_notes §3.1).
+
+Legend: B batch, T time, D model width, H heads, K head width, F memory hidden width, C chunk.
+
+Titans' memory update (eqs. 13–14) `M_t = (1 − a_t) M_{t−1} + S_t, S_t = η_t S_{t−1} − θ_t ∇ℓ(M_{t−1}; x_t)` is the
+rule of `hope.memory` with plain GD (β = 0), retention α_t = 1 − a_t, momentum γ_t = η_t (Titans' name) and
+learning rate θ_t (our η_t), gradients at the chunk-start weights (Titans eqs. 16–18).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hope import ops
+from hope.config import HopeConfig
+from hope.layers.conv import CausalConv
+from hope.layers.self_modifying import MemoryOutput, check_input, retention_bias, stream_position
+
+Tensor = torch.Tensor
+
+
+class TitansCore(nn.Module):
+    """Titans LMM core: fixed projections, a deep MLP memory trained in context by GD + momentum + retention.
+
+    ```
+    x [B,T,D] ─► W_qkv ─► CausalConv(W) ─► SiLU ─┬─► ℓ2 ─► q ─────────────────────────────┐
+         state["conv"] ◄──────────┘              ├─► ℓ2 ─► k ──┐                          │
+                                                 └─────► v ────┤                          │
+    x ─► W_gate ─► σ ─► α (retention), θ = η_max/C·σ (lr), γ (momentum) ─┤                │
+                                                                         ▼                ▼
+         state["mem.*"] ⇄ M(z) = z + W₁σ(W₂z): write ½‖M(k) − v‖² by GD + momentum, then read M_t(q_t)
+                                                                         │
+    x ─► W_g ─► SiLU ─────────────────────────────────────── (⊙) ◄─ per-head RMSNorm ◄─ o [B,T,H,K]
+                                                              └─► W_o ─► y [B,T,D]
+    ```
+    Uses from `MemoryConfig`: chunk_size, hidden_mult, activation, eta_max, conv_width. The memory is always
+    deep and the rule always GD with momentum (that is what defines the baseline); erase, momentum,
+    objective, mem_depth, proj_* and the target flags are HOPE's knobs and are ignored. With GD the steps of a
+    chunk add up (the S_c factor is I − Σ_t θ_t k_t k_tᵀ), so θ_t ≤ η_max/C keeps a chunk's total step ≤ η_max.
+    State keys: "pos", "conv", "mem.w2", "mem.w1", "mem.m2", "mem.m1", "mem.w2_start", "mem.w1_start".
+    """
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__()
+        self.config, self.mc = config, config.memory
+        D, H, K = config.d_model, config.n_heads, config.head_dim
+        self.n_heads, self.head_dim, self.hidden = H, K, self.mc.hidden(K)
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.conv = CausalConv(3 * D, self.mc.conv_width)
+        self.gates = nn.Linear(D, 3 * H)  # [α | θ | γ] pre-activations per head
+        self.mem_w2 = nn.Parameter(torch.empty(H, K, self.hidden))
+        self.mem_w1 = nn.Parameter(torch.empty(H, self.hidden, K))
+        self.output = MemoryOutput(config)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Initialisation of every parameter:
+
+        - qkv: N(0, init_std²); conv: see `CausalConv.init_weights`; output: see `MemoryOutput.init_weights`.
+        - gates: weight N(0, init_std²); bias [α | θ | γ] = [`retention_bias` (horizons 16…1024 tokens) | 0 |
+          2.2 (γ ≈ 0.9)].
+        - mem_w2 (W₂ᵀ of the initial memory): N(0, 1/K); mem_w1 (W₁ᵀ): N(0, init_std²), so M(z) ≈ z at the start.
+        """
+        H, K, std = self.n_heads, self.head_dim, self.config.init_std
+        nn.init.normal_(self.qkv.weight, std=std)
+        self.conv.init_weights()
+        self.output.init_weights()
+        nn.init.normal_(self.gates.weight, std=std)
+        with torch.no_grad():
+            self.gates.bias.copy_(torch.cat([retention_bias(H), torch.zeros(H), torch.full((H,), 2.2)]))
+        nn.init.normal_(self.mem_w2, std=K**-0.5)
+        nn.init.normal_(self.mem_w1, std=std)
+
+    def init_state(self, batch: int) -> dict[str, Tensor]:
+        """A fresh stream: position 0, empty conv cache, the memory at its meta-learned initial weights."""
+        w2, w1 = self.mem_w2.expand(batch, *self.mem_w2.shape), self.mem_w1.expand(batch, *self.mem_w1.shape)
+        return {"pos": torch.zeros(batch, dtype=torch.long, device=w2.device), "mem.w2": w2, "mem.w1": w1,
+                "mem.w2_start": w2, "mem.w1_start": w1}
+
+    def forward(self, x: Tensor, state: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        check_input(x, self.config.d_model)
+        B, T, _ = x.shape
+        H, K, C = self.n_heads, self.head_dim, self.mc.chunk_size
+        state = self.init_state(B) if state is None else state
+        pos = stream_position(state, B)
+        qkv, conv_cache = self.conv(self.qkv(x), state.get("conv"))
+        q, k, v = F.silu(qkv).view(B, T, 3, H, K).unbind(2)  # [B, T, H, K]
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        a, lr, mom = torch.sigmoid(self.gates(x)).view(B, T, 3, H).unbind(2)  # [B, T, H]
+        eta = self.mc.eta_max / C * lr
+        mem = {name[4:]: t for name, t in state.items() if name.startswith("mem.")}
+        o, mem = ops.deep_memory(q, k, v, eta, a, None, C, mem, pos % C, gamma=mom, objective="l2",
+                                 act=self.mc.activation)  # [B, T, H, K]
+        new = {f"mem.{name}": t for name, t in mem.items()}
+        new.update(pos=state["pos"] + T, conv=conv_cache)
+        return self.output(o.to(x.dtype), x), new

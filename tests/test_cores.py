@@ -1,0 +1,204 @@
+"""The memory cores (`SelfModifyingCore`, `TitansCore`) and the causal conv: streaming, causality, batch
+independence, outer gradients and input checks, in fp64 (DESIGN.md §8).
+
+Legend: B batch, T time, D model width.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hope.config import HopeConfig
+from hope.layers.conv import CausalConv
+from hope.layers.self_modifying import SelfModifyingCore
+from hope.layers.titans import TitansCore
+from hope.memory.config import MemoryConfig
+
+DT = torch.float64
+D, H = 16, 2
+
+VARIANTS = {
+    "hope": ("self_modifying", {}),
+    "hope_deep_momentum": ("self_modifying", {"mem_depth": "deep", "proj_depth": "deep", "momentum": True,
+                                              "adaptive_q": True, "self_target_mem": True, "activation": "gelu"}),
+    "hope_plain_targets": ("self_modifying", {"self_targets": False, "adaptive_q": True, "objective": "dot"}),
+    "hope_gd": ("self_modifying", {"erase": "gd", "eta_max": 0.25, "momentum": True}),
+    "titans": ("titans", {}),
+}
+
+
+def make_core(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    core, knobs = VARIANTS[name]
+    memory = MemoryConfig(chunk_size=8, proj_chunk_size=4, conv_width=3, **{**knobs, **overrides})
+    config = HopeConfig(d_model=D, n_heads=H, n_layers=2, core=core, memory=memory)
+    torch.manual_seed(seed)
+    module = (SelfModifyingCore if core == "self_modifying" else TitansCore)(config).to(DT)
+    with torch.no_grad():  # larger than the LM init so that every path moves the output measurably
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return module
+
+
+def inputs(B=2, T=21, seed=1) -> torch.Tensor:
+    return torch.randn(B, T, D, dtype=DT, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (and OpenMP spin-waits on a busy CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach(), ref.detach()
+    return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
+
+
+def run_pieces(core, x, cuts):
+    state, ys = None, []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        y, state = core(x[:, a:b], state)
+        ys.append(y)
+    return torch.cat(ys, dim=1), state
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_pieces_equal_one_call(name):
+    core, x = make_core(name), inputs()
+    y, state = core(x)
+    for cuts in ([0, 1, 2, 9, 10, 17, 21], [0, 4, 8, 16, 21], [0, 3, 13, 21]):
+        y2, state2 = run_pieces(core, x, cuts)
+        assert rel_rms(y2, y) < 1e-12, cuts
+        assert state2.keys() == state.keys()
+        for key in state:
+            assert state[key].shape[0] == x.shape[0], key  # every state tensor is per sample
+            assert rel_rms(state2[key].to(DT), state[key].to(DT)) < 1e-12, (key, cuts)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_one_token_steps_equal_parallel(name):
+    core, x = make_core(name), inputs(T=13)
+    y, _ = core(x)
+    y2, state = run_pieces(core, x, list(range(14)))
+    assert rel_rms(y2, y) < 1e-12
+    assert state["pos"].tolist() == [13, 13] and state["pos"].dtype == torch.long
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_causal(name):
+    core, x = make_core(name), inputs()
+    y, _ = core(x)
+    x2 = x.clone()
+    x2[:, 11] += 1.0
+    y2, _ = core(x2)
+    assert torch.equal(y2[:, :11], y[:, :11])
+    assert (y2[:, 11:] - y[:, 11:]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_batch_rows_are_independent(name):
+    core, x = make_core(name), inputs(B=3)
+    y, state = core(x)
+    for b in range(3):
+        y1, s1 = core(x[b : b + 1])
+        assert rel_rms(y1, y[b : b + 1]) < 1e-12
+        for key in state:
+            assert rel_rms(s1[key].to(DT), state[key][b : b + 1].to(DT)) < 1e-12, key
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_parameter_gets_an_outer_gradient(name):
+    """Outer gradients flow through the writes, so the meta-learned initial states of the write-only
+    projection memories (M_k, M_v, M_η, M_α) learn too (paper_notes A17)."""
+    core, x = make_core(name), inputs(T=19)
+    y, _ = core(x)
+    y.square().mean().backward()
+    for pname, p in core.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, pname
+
+
+def test_projection_memories_learn_through_the_writes_only():
+    """The scalar read-outs' initial state (columns η, α of proj_init) reaches the loss through η and α, and the
+    k, v columns' through k and v: each block of proj_init gets a gradient of its own."""
+    core, x = make_core("hope"), inputs(T=19)
+    core(x)[0].square().mean().backward()
+    K = D // H
+    for cols in (slice(0, K), slice(K, 2 * K), slice(2 * K, 2 * K + 1), slice(2 * K + 1, 2 * K + 2)):
+        assert core.proj_init.grad[..., cols].abs().max() > 0
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_init_weights_documents_every_parameter(name):
+    core = make_core(name)
+    doc = type(core).init_weights.__doc__
+    for pname, _ in core.named_parameters(recurse=False):
+        assert pname in doc, pname
+    for child in core.children():
+        assert type(child).__name__ in doc or any(n in doc for n, c in core.named_children() if c is child)
+
+
+def test_recurrent_backend_equals_torch():
+    x = inputs()
+    y_ref, _ = make_core("hope", backend="recurrent")(x)
+    y, _ = make_core("hope", backend="torch")(x)
+    assert rel_rms(y, y_ref) < 1e-12
+
+
+def test_long_stream_stays_finite():
+    core = make_core("hope", seed=3)
+    with torch.no_grad():
+        y, state = core(inputs(B=1, T=2048, seed=4))
+    assert torch.isfinite(y).all() and all(torch.isfinite(t.to(DT)).all() for t in state.values())
+
+
+@pytest.mark.parametrize("name", ["hope", "titans"])
+def test_bad_inputs_raise(name):
+    core = make_core(name)
+    with pytest.raises(ValueError, match=r"\[B, T, D=16\], got shape \[2, 5, 8\]"):
+        core(torch.zeros(2, 5, 8, dtype=DT))
+    with pytest.raises(ValueError, match=r"got shape \[5, 16\]"):
+        core(torch.zeros(5, 16, dtype=DT))
+    with pytest.raises(ValueError, match="floating point"):
+        core(torch.zeros(2, 5, 16, dtype=torch.long))
+    with pytest.raises(TypeError, match="got list"):
+        core([[0.0] * 16])
+    _, state = core(inputs(B=2, T=3))
+    state["pos"] = torch.tensor([3, 4])
+    with pytest.raises(ValueError, match=r"same stream position, got \[3, 4\]"):
+        core(inputs(B=2, T=2), state)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"chunk_size": 0}, "chunk_size must be an int >= 1, got 0"),
+        ({"erase": "delta"}, "erase must be one of"),
+        ({"eta_max": 0.9}, r"eta_max=0.9 must be in \(0, 0.5\]"),
+        ({"erase": "gd"}, r"eta_max=0.5 must be in \(0, 0.03125\] with erase='gd'"),
+        ({"self_target_mem": True, "objective": "dot"}, "self_target_mem=True needs objective='l2'"),
+        ({"momentum": 1}, "momentum must be a bool, got 1"),
+        ({"hidden_mult": 0}, "hidden_mult must be > 0, got 0"),
+    ],
+)
+def test_memory_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MemoryConfig(**kwargs)
+
+
+def test_conv_carries_its_inputs():
+    conv = CausalConv(6, 4).to(DT)
+    x = torch.randn(2, 9, 6, dtype=DT)
+    y, cache = conv(x)
+    ref = torch.nn.functional.conv1d(torch.nn.functional.pad(x.mT, (3, 0)), conv.weight, conv.bias, groups=6).mT
+    assert rel_rms(y, ref) < 1e-14 and torch.equal(cache, x[:, -3:])
+    ys, cache = [], None
+    for t in range(9):
+        y_t, cache = conv(x[:, t : t + 1], cache)
+        ys.append(y_t)
+    assert rel_rms(torch.cat(ys, dim=1), y) < 1e-14
+    with pytest.raises(ValueError, match=r"conv cache must be \[B, W−1, D\]"):
+        conv(x, torch.zeros(2, 2, 6, dtype=DT))
