@@ -154,9 +154,9 @@ def unit_lower_inverse(a, BT: tl.constexpr):
     r = tl.arange(0, BT)
     inv = (r[:, None] == r[None, :]).to(tl.float32)
     for level in tl.static_range(6):
-        if (1 << level) < BT:
-            s: tl.constexpr = 1 << level
-            quarter = (r[:, None] // (2 * s) == r[None, :] // (2 * s)) & (r[:, None] // s != r[None, :] // s)
+        if (1 << level) < BT:  # blocks of s = 2^level merge into blocks of 2s
+            same_2s = (r[:, None] >> (level + 1)) == (r[None, :] >> (level + 1))
+            quarter = same_2s & ((r[:, None] >> level) != (r[None, :] >> level))
             # ieee: the inverse feeds every output, so it is kept at full fp32 whatever the input dtype
             inv -= tl.dot(tl.dot(inv, tl.where(quarter, a, 0.0), input_precision="ieee"), inv, input_precision="ieee")
     return inv

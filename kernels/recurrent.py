@@ -85,6 +85,21 @@ def recurrent_memory_update(
                 f"recurrent_memory_update is forward-only but {needing} require grad; use chunk_memory_update "
                 "for training or call it under torch.no_grad()"
             )
+    return recurrent_fwd(q, k, v, eta, alpha, beta, chunk_size, initial_state, output_final_state)
+
+
+def recurrent_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Host side of ``recurrent_memory_update`` (inputs already checked): allocate and launch."""
     batch, seq_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     o = torch.empty(v.shape, device=v.device, dtype=v.dtype)

@@ -7,6 +7,8 @@ is imported; the interpreter cannot do bf16, so bf16 is tested only on GPU). Sha
 interpreter executes every kernel instruction in Python.
 """
 
+import itertools
+import json
 import os
 
 import pytest
@@ -259,6 +261,33 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="need CUDA tensors"):
         chunk_memory_update(**_bad(lambda a: None))
+
+
+def test_bench_tiny_writes_results(tmp_path):
+    from experiments.bench_kernel import bench
+
+    with open(bench.main(["--tiny", "--out", str(tmp_path)])) as f:
+        result = json.load(f)
+    assert result["meta"]["device"] and result["meta"]["date"]
+    timed = {(r["impl"], r["T"], r["erase"], r["mode"]) for r in result["rows"] if r["ms"] is not None}
+    for impl, T, erase, mode in itertools.product(
+        ("oracle", "torch_chunked"), (16, 32), ("dgd", "gd"), ("fwd", "fwdbwd")
+    ):
+        assert (impl, T, erase, mode) in timed
+    if not HAS_CUDA:
+        assert "no CUDA" in result["meta"]["skipped"]["triton_chunk"]
+    assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_bench_refuses_to_time_a_wrong_implementation():
+    from experiments.bench_kernel import bench
+
+    cli = bench.parse_args(["--tiny"])
+    x = bench.make_case(1, 20, 2, 16, "dgd", torch.float32, "cpu")
+    wrong = lambda x, c: bench.memory_update(*[x[n] for n in bench.NAMES], c + 1, backend="torch")  # other chunks
+    row = bench.run_row("wrong", wrong, x, 4, "fwd", cli)
+    assert row["ms"] is None and "correctness check failed" in row["skipped"]
+    assert bench.run_row("torch_chunked", bench.implementations("cpu")[0]["torch_chunked"], x, 4, "fwdbwd", cli)["ms"]
 
 
 @pytest.mark.gpu
