@@ -201,3 +201,24 @@ def test_generate_and_evaluate_entry_points(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(tmp_path / "missing.ckpt")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "missing.ckpt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_optuna_search_config_composes(tmp_path):
+    cfg = make_cfg(tmp_path, ["hparams_search=optuna", "experiment=transformer_small"])
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.optimized_metric == "val/bpb"
+    assert set(cfg.hydra.sweeper.params) == {"model.lr", "model.warmup_steps", "model.weight_decay"}
+
+
+def test_grid_sweep_runs_each_job(tmp_path):
+    env = {**os.environ, "PROJECT_ROOT": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "debug=fast_dev_run", "model.size=tiny", "model.lr=1e-3,2e-3",
+         *TINY, f"hydra.sweep.dir={tmp_path}/multirun"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    overrides = [(tmp_path / "multirun" / j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
+    assert "model.lr=0.001" in overrides[0] and "model.lr=0.002" in overrides[1]
