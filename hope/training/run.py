@@ -7,6 +7,7 @@ data module + LMModule + callbacks + loggers -> `Trainer.fit` -> validate/test, 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,9 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str) -> str | None:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate as `cfg` says; returns the final metrics (floats)."""
     L.seed_everything(cfg.seed, workers=True)
+    # The train sampler resumes by itself (LMDataModule.set_resume_batch, called from LMModule.on_load_checkpoint);
+    # Lightning cannot see that and warns that a mid-epoch resume may be unreliable.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm.vocab_size, dm.token_bytes)
     n_params = sum(p.numel() for p in module.model.parameters())
