@@ -358,3 +358,28 @@ def test_bad_names_shapes_and_keywords_raise() -> None:
         rule.update(rule.init_state(torch.zeros(2, 3)), torch.zeros(3, 2))
     with pytest.raises(ValueError, match=r"\(2, 4\)"):
         DeepMomentumRule(hidden=4, initial_weights=(torch.zeros(2, 4), torch.zeros(4, 3))).init_state(torch.zeros(3))
+
+
+def load_toy():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "optimizers" / "toy_landscape.py"
+    spec = importlib.util.spec_from_file_location("toy_landscape", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_toy_landscape_gradient_and_convergence_bookkeeping() -> None:
+    toy = load_toy()
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    (auto,) = torch.autograd.grad(toy.psi(x, 10.0, 1.0, 2.0).sum(), x)
+    assert rel_rms(toy.grad_psi(x.detach(), 10.0, 1.0, 2.0), auto) < 1e-12
+    lrs = torch.tensor([1e-2, 10.0], dtype=torch.float64)
+    run = toy.run_grid("momentum", {"beta": 0.9}, lrs, (10.0, 1.0, 2.0), steps=40)
+    assert run["loss"][-1, 0] < run["loss"][0, 0] and torch.isinf(run["loss"][-1, 1])  # lr 10 diverges, frozen
+    # "Converged" means ψ stays below tol: a run that dips and bounces back out does not count.
+    loss = torch.tensor([[5.0, 5.0], [0.5, 0.5], [0.01, 0.01], [2.0, 0.01]])
+    s = toy.summarise(loss, torch.tensor([1.0, 2.0]), tol=0.1)
+    assert s["steps_to_tol"] == [None, 2] and s["best_lr"] == 2.0

@@ -68,8 +68,8 @@ class MomentumRule:
 
     def update(self, state: State, grad: torch.Tensor) -> tuple[State, torch.Tensor]:
         check_grad(state, "momentum", grad)
-        m = self.beta * state["momentum"] + grad
-        return {"momentum": m}, (grad + self.beta * m if self.nesterov else m)
+        m = state["momentum"].mul(self.beta).add_(grad)  # in place on a fresh tensor only: the rule stays pure
+        return {"momentum": m}, (grad.add(m, alpha=self.beta) if self.nesterov else m)
 
 
 @dataclass(frozen=True)
@@ -114,15 +114,15 @@ class AdamRule:
         check_grad(state, "exp_avg", grad)
         beta1, beta2 = self.betas
         step = state["step"] + 1
-        m = beta1 * state["exp_avg"] + (1 - beta1) * grad
-        v = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad
+        m = torch.lerp(state["exp_avg"], grad, 1 - beta1)
+        v = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
         if self.bias_correction:
-            t = step.double()  # fp64 corrections: the 1e-6 match with torch.optim.Adam's Python-float arithmetic
-            bc1, bc2_sqrt = 1 - beta1**t, (1 - beta2**t).sqrt()
-            direction = (m / bc1) / (v.sqrt() / bc2_sqrt + self.eps)
+            t = step.item()  # host floats, as torch.optim.Adam: one sync per call on GPU
+            bc1, bc2_sqrt = 1 - beta1**t, (1 - beta2**t) ** 0.5
+            direction = m.div(v.sqrt().div_(bc2_sqrt).add_(self.eps)).div_(bc1)
         else:
-            direction = m / (v.sqrt() + self.eps)
-        return {"step": step, "exp_avg": m, "exp_avg_sq": v}, direction.to(grad.dtype)
+            direction = m.div(v.sqrt().add_(self.eps))
+        return {"step": step, "exp_avg": m, "exp_avg_sq": v}, direction
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class PreconditionedMomentumRule:
     def update(self, state: State, grad: torch.Tensor) -> tuple[State, torch.Tensor]:
         check_grad(state, "momentum", grad)
         value, pre = precondition(self.preconditioner, state, grad, self.beta2, self.eps)
-        m = self.beta * state["momentum"] + value
+        m = state["momentum"].mul(self.beta).add_(value)
         return {"momentum": m, **pre}, m
 
 
@@ -175,5 +175,5 @@ def precondition(kind: str, state: State, grad: torch.Tensor, beta2: float, eps:
     """The value P_t g_t written into a momentum memory, and the preconditioner's new state."""
     if kind == "identity":
         return grad, {}
-    v = beta2 * state["square_avg"] + (1 - beta2) * grad * grad
-    return grad / (v.sqrt() + eps), {"square_avg": v}
+    v = state["square_avg"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return grad.div(v.sqrt().add_(eps)), {"square_avg": v}

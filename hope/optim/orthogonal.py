@@ -121,7 +121,6 @@ class M3Rule:
     NS is scale-free, so M1's and M2's write weights do not matter. O2 built at step kf serves steps kf+1…(k+1)f
     and is zero before the first refresh. As printed, the orthogonal numerator has unit scale while √V carries the
     gradient's scale, so the step grows like 1/|g| as gradients shrink: tune `lr` per model.
-    The refresh test reads `step` on the host (one sync per call).
     """
 
     betas: tuple[float, float, float] = (0.95, 0.999, 0.9)
@@ -156,13 +155,15 @@ class M3Rule:
         check_grad(state, "fast", grad)
         beta1, beta2, beta3 = self.betas
         step = state["step"] + 1
-        fast = beta1 * state["fast"] + grad
-        v = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad
-        bc2_sqrt = (1 - beta2 ** step.double()).sqrt()
-        numerator = newton_schulz(fast, self.ns_steps, self.ns_coefficients) + self.alpha * state["slow_output"]
-        direction = (numerator / (v.sqrt() / bc2_sqrt + self.eps)).to(grad.dtype)
+        t = int(step.item())  # host int: the refresh test and the bias correction (one sync per call on GPU)
+        fast = state["fast"].mul(beta1).add_(grad)
+        v = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        numerator = newton_schulz(fast, self.ns_steps, self.ns_coefficients).add_(
+            state["slow_output"], alpha=self.alpha
+        )
+        direction = numerator.div_(v.sqrt().div_((1 - beta2**t) ** 0.5).add_(self.eps))
         slow, chunk_sum, slow_output = state["slow"], state["chunk_sum"] + grad, state["slow_output"]
-        if int(step.item()) % self.frequency == 0:
+        if t % self.frequency == 0:
             slow = beta3 * slow + chunk_sum
             slow_output = newton_schulz(slow, self.ns_steps, self.ns_coefficients)
             chunk_sum = torch.zeros_like(chunk_sum)
