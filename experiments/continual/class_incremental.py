@@ -1,6 +1,6 @@
 """Class-incremental text classification as next-token prediction of a label token.
 
-    python -m experiments.continual.class_incremental --tiny                # seconds, CPU (what the tests run)
+    python -m experiments.continual.class_incremental --tiny                # BBC topics only; CPU smoke run
     python -m experiments.continual.class_incremental                       # BBC topics, KJV sections, plays
     python -m experiments.continual.class_incremental --sources hf:clinc150,hf:banking77,hf:dbpedia14  # network
     python -m experiments.continual.class_incremental --sources file:my.jsonl    # {"text": ..., "label": ...}
@@ -60,10 +60,12 @@ HF_SOURCES = {
 }
 CLASSES_PER_TASK = {"bbc": 2, "kjv": 2, "shakespeare": 5}
 MODES: dict[str, dict[str, Any]] = {
-    "tiny": {"size": "tiny", "seq_len": 32, "steps": 4, "batch": 4, "max_per_class": 16, "eval_per_class": 4,
-             "lr": 3e-3, "replay_capacity": 64, "replay_batch": 2, "ewc_strength": 100.0, "ewc_batches": 2},
-    "full": {"size": "small", "seq_len": 128, "steps": 200, "batch": 32, "max_per_class": 2000, "eval_per_class": 50,
-             "lr": 1e-3, "replay_capacity": 1024, "replay_batch": 16, "ewc_strength": 1000.0, "ewc_batches": 16},
+    "tiny": {"sources": "bbc", "size": "tiny", "seq_len": 32, "steps": 4, "batch": 4, "max_per_class": 16,
+             "eval_per_class": 4, "lr": 3e-3, "replay_capacity": 64, "replay_batch": 2, "ewc_strength": 100.0,
+             "ewc_batches": 2},
+    "full": {"sources": "bbc,kjv,shakespeare", "size": "small", "seq_len": 128, "steps": 200, "batch": 32,
+             "max_per_class": 2000, "eval_per_class": 50, "lr": 1e-3, "replay_capacity": 1024, "replay_batch": 16,
+             "ewc_strength": 1000.0, "ewc_batches": 16},
 }
 
 
@@ -191,7 +193,7 @@ def run(argv: Sequence[str] | None = None, sources: Mapping[str, Sequence] | Non
 def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> dict[str, Any]:
     mode = dict(MODES["tiny" if args.tiny else "full"])
     size, steps = args.size or mode["size"], args.steps or mode["steps"]
-    names = list(sources) if sources is not None else args.sources.split(",")
+    names = list(sources) if sources is not None else (args.sources or mode["sources"]).split(",")
     built, skipped = build_models(parse_models(args.models), size, args.seed, args.device)
     check_fits(built[0].model, mode["seq_len"])
     results, rows, curves = {}, [], {}
@@ -234,8 +236,8 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
 
 def parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--sources", default="bbc,kjv,shakespeare",
-                   help="comma-separated: bbc, kjv, shakespeare, file:<path.jsonl>, hf:clinc150|banking77|dbpedia14")
+    p.add_argument("--sources", default=None, help="comma-separated: bbc, kjv, shakespeare, file:<path.jsonl>, "
+                   "hf:clinc150|banking77|dbpedia14 (default: bbc with --tiny, else bbc,kjv,shakespeare)")
     p.add_argument("--classes-per-task", type=int, default=None, help="default: 2 (BBC, KJV), 5 (plays), by HF set")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"subset of {STRATEGIES}")
     p.add_argument("--steps", type=int, default=None, help="training steps per task (default: by mode)")
