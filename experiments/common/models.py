@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 MODEL_NAMES = ("transformer", "titans", "hope_attention", "hope")
+BUDGET_TOLERANCE = 0.05  # presets are sized to stay within 5% of Transformer++
 LABELS = {"transformer": "Transformer++", "titans": "Titans", "hope_attention": "Hope-Attention", "hope": "HOPE"}
 
 
@@ -71,6 +72,11 @@ def build_models(
             print(f"[skip] {err}")
     if not built:
         raise ModelUnavailable(f"none of the models {list(names)} is available: {skipped}")
+    ref = built[0]
+    for b in built[1:]:
+        if abs(b.params / ref.params - 1) > BUDGET_TOLERANCE:  # say so rather than compare unequal budgets silently
+            print(f"[budget] {b.name} has {b.params:,} parameters, {b.params / ref.params - 1:+.1%} vs {ref.name} "
+                  f"({ref.params:,}); the presets aim at ±{BUDGET_TOLERANCE:.0%}")
     return built, skipped
 
 
