@@ -36,11 +36,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
     parameter is exactly the rule's state dict, so `state_dict()` / `load_state_dict()` resume bit for bit.
     """
 
-    rule_cls: type = AdamRule
+    rule_cls: type
     rule_keys: tuple[str, ...] = ()
-
-    def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
-        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -52,9 +49,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
     def make_rule(self, group: dict[str, Any]) -> MemoryRule:
         return self.rule_cls(**{k: group[k] for k in self.rule_keys})
 
-    def rule_for(self, group: dict[str, Any], p: torch.Tensor) -> tuple[MemoryRule, float]:
-        """The rule and learning rate that update `p` (matrix optimizers override this for the fallback)."""
-        return self.make_rule(group), group["lr"]
+    def rule_for(self, group: dict[str, Any], p: torch.Tensor, rule: MemoryRule) -> tuple[MemoryRule, float]:
+        """The rule and learning rate that update `p`: the group's `rule` (matrix optimizers may fall back)."""
+        return rule, group["lr"]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -64,15 +61,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            rule = self.make_rule(group)
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(group, p)
+                    self._update(group, p, *self.rule_for(group, p, rule))
         return loss
 
-    def _update(self, group: dict[str, Any], p: torch.Tensor) -> None:
+    def _update(self, group: dict[str, Any], p: torch.Tensor, rule: MemoryRule, lr: float) -> None:
         if p.grad.is_sparse:
             raise ValueError(f"{type(self).__name__} does not support sparse gradients (shape {tuple(p.shape)})")
-        rule, lr = self.rule_for(group, p)
         shape = p.shape if rule.elementwise or p.ndim <= 2 else (p.shape[0], -1)
         state = self.state[p]
         if not state:
@@ -97,9 +94,9 @@ class MatrixMemoryOptimizer(MemoryOptimizer):
     def fallback_rule(self, group: dict[str, Any]) -> AdamRule:
         return AdamRule(betas=group["adam_betas"], eps=group["adam_eps"])
 
-    def rule_for(self, group: dict[str, Any], p: torch.Tensor) -> tuple[MemoryRule, float]:
+    def rule_for(self, group: dict[str, Any], p: torch.Tensor, rule: MemoryRule) -> tuple[MemoryRule, float]:
         if p.ndim >= 2 and group["matrix"]:
-            return self.make_rule(group), group["lr"]
+            return rule, group["lr"]
         return self.fallback_rule(group), group["lr"] * group["fallback_lr_scale"]
 
 
