@@ -190,6 +190,20 @@ def test_beta0_chunk1_is_the_gated_delta_rule():
     assert rel_rms(o.cpu(), torch.stack(ref, 1)) < 1e-5
 
 
+def test_beta0_chunk1_matches_fla_reference():
+    """The same mapping against flash-linear-attention's own PyTorch reference, where fla is installed."""
+    fla_naive = pytest.importorskip("fla.ops.gated_delta_rule.naive", reason="flash-linear-attention not installed")
+    B, T, H, K, V = 2, 40, 2, 16, 32
+    x = make_inputs(B, T, H, K, V, "gd", torch.float32, True)
+    alpha = x["alpha"]
+    ref_o, ref_ht = fla_naive.naive_recurrent_gated_delta_rule(
+        x["q"], x["k"], x["v"] * alpha[..., None], x["eta"] / alpha, alpha.log(), scale=1.0,
+        initial_state=x["initial_state"], output_final_state=True,
+    )  # fmt: skip
+    o, ht = chunk_memory_update(*[x[n] for n in GRAD_NAMES[:6]], 1, x["initial_state"], True)
+    assert rel_rms(o, ref_o) < 1e-5 and rel_rms(ht, ref_ht) < 1e-5
+
+
 def test_backward_saves_inputs_only():
     """Memory linear in T: the autograd graph keeps the inputs, not per-token or per-chunk [K, V] states."""
     x = make_inputs(1, 64, 2, 16, 16, "dgd", torch.float32, True)
