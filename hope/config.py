@@ -143,13 +143,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "transformer": {"core": "attention", "cms": [{"period": None}]},
     "hope_attention": {
         "core": "attention",
-        "cms": [{"period": 16, "hidden_frac": 1 / 3}, {"period": 64, "hidden_frac": 1 / 3},
+        "cms": [{"period": 64, "hidden_frac": 1 / 3}, {"period": 256, "hidden_frac": 1 / 3},
                 {"period": None, "hidden_frac": 1 / 3}],
     },
     "titans": {"core": "titans", "cms": [{"period": None}]},
     "hope": {
         "core": "self_modifying",
-        "cms": [{"period": 16, "hidden_frac": 1 / 3}, {"period": 64, "hidden_frac": 1 / 3},
+        "cms": [{"period": 64, "hidden_frac": 1 / 3}, {"period": 256, "hidden_frac": 1 / 3},
                 {"period": None, "hidden_frac": 1 / 3}],
     },
 }
