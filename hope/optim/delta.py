@@ -171,7 +171,9 @@ class DeepMomentumRule:
             raise ValueError(f"grad shape {tuple(grad.shape)} does not match the memory W1 {tuple(w1.shape)}")
         keys = G / (G.norm(dim=-1, keepdim=True) + self.eps)  # [..., R, K]
         g1, g2, h = deep_memory_grads(w1, w2, keys, G)
-        curv1 = torch.linalg.eigvalsh(h.mT @ h)[..., -1:, None].clamp_min(_tiny(h))  # λ_max  # [..., 1, 1]
+        gram = h.mT @ h  # [..., H, H]; eigvalsh has no half-precision kernels, so those go through fp32
+        curv1 = torch.linalg.eigvalsh(gram.to(torch.promote_types(gram.dtype, torch.float32)))[..., -1:, None]
+        curv1 = curv1.to(h.dtype).clamp_min(_tiny(h))  # λ_max(Σ_r h_r h_rᵀ)  # [..., 1, 1]
         curv2 = w1.square().sum(dim=(-2, -1), keepdim=True) * keys.square().sum(dim=(-2, -1), keepdim=True)
         w1 = self.beta * w1 - (self.inner_lr / curv1) * g1
         w2 = w2 - (self.inner_lr / curv2.clamp_min(_tiny(w1))) * g2
