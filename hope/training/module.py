@@ -171,6 +171,9 @@ class LMModule(L.LightningModule):
                 continue
             (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if hp.optimizer in ("muon", "m3"):
+            # embeddings (and the tied head) are lookup tables, not linear maps: element-wise fallback, no NS
+            groups[1]["matrix"] = False
         kwargs = dict(hp.optimizer_kwargs or {})
         if hp.optimizer in ("adamw", "adam", "adam_memory"):
             kwargs.setdefault("betas", tuple(hp.betas))
