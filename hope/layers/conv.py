@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -46,5 +45,10 @@ class CausalConv(nn.Module):
         elif tuple(cache.shape) != (B, self.width - 1, D):
             raise ValueError(f"conv cache must be [B, W−1, D] = {[B, self.width - 1, D]}, got {list(cache.shape)}")
         padded = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, W−1+T, D]
-        y = F.conv1d(padded.transpose(1, 2), self.weight, self.bias, groups=D).transpose(1, 2)  # [B, T, D]
+        # W shifted multiply-adds: on CPU several times faster than a grouped conv1d (forward and backward),
+        # most of all for the short pieces a stream is fed in
+        w = self.weight[:, 0]  # [D, W]
+        y = self.bias + padded[:, self.width - 1 :] * w[:, -1]
+        for j in range(self.width - 1):
+            y = y + padded[:, j : j + T] * w[:, j]  # [B, T, D]
         return y, padded[:, padded.shape[1] - (self.width - 1) :]

@@ -37,15 +37,18 @@ def stream_position(state: dict[str, Tensor], batch: int) -> int:
 def check_input(x: object, d_model: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"core input must be a torch.Tensor [B, T, D], got {type(x).__name__}")
-    if x.ndim != 3 or x.shape[-1] != d_model:
-        raise ValueError(f"core input must be [B, T, D={d_model}], got shape {list(x.shape)}")
+    if x.ndim != 3 or x.shape[-1] != d_model or x.shape[1] == 0:
+        raise ValueError(f"core input must be [B, T ≥ 1, D={d_model}], got shape {list(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"core input must be floating point, got dtype {x.dtype}")
 
 
-def segments(T: int, offset: int, chunk: int) -> list[tuple[int, int]]:
-    """Cut [0, T) at the chunk boundaries of a stream whose first token here is `offset` tokens into a chunk."""
-    cuts = sorted({0, T, *range((chunk - offset) % chunk, T, chunk)})
+def segments(T: int, pos: int, chunks: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Cut [0, T) of a piece that starts at stream position `pos` at every boundary of each chunk size."""
+    cuts = {0, T}
+    for chunk in chunks:
+        cuts.update(range(-pos % chunk, T, chunk))
+    cuts = sorted(cuts)
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
@@ -179,63 +182,98 @@ class SelfModifyingCore(nn.Module):
     def forward(self, x: Tensor, state: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         check_input(x, self.config.d_model)
         B, T, _ = x.shape
+        H, K, mc = self.n_heads, self.head_dim, self.mc
         state = self.init_state(B) if state is None else state
         pos = stream_position(state, B)
         xc, conv_cache = self.conv(x, state.get("conv"))
         xs = F.silu(xc)  # x̃  # [B, T, D]
-        reads, new = self._projections(xs.view(B, T, self.n_heads, self.head_dim), state, pos)
-        k, v, eta, alpha = reads["k"], reads["v"], reads["eta"], reads["alpha"]  # [B, T, H, ·]
-        q = reads["q"] if self.q_proj is None else F.normalize(self.q_proj(xs).view_as(k), dim=-1)
-        beta = eta if self.mc.erase == "dgd" else None
+        q = None if self.q_proj is None else F.normalize(self.q_proj(xs).view(B, T, H, K), dim=-1)  # [B, T, H, K]
         gamma = None if self.momentum_proj is None else torch.sigmoid(self.momentum_proj(x))  # [B, T, H]
-        o, mem = self._main_memory(q, k, v, eta, alpha, beta, gamma, state, pos)  # [B, T, H, K]
-        new.update(mem)
+        # On the PyTorch path a linear M_mem runs inside the projection sweep and shares its chunk operators
+        # (same k, α, β); the oracle and the Triton kernel take the whole piece afterwards.
+        fused = "S" in self.mem_init and (mc.backend == "torch" or (mc.backend == "auto" and not x.is_cuda))
+        reads, new = self._sweep(xs.view(B, T, H, K), q, gamma, state, pos, fused)
+        if not fused:
+            q = reads["q"] if q is None else q
+            beta = reads["eta"] if mc.erase == "dgd" else None
+            reads["o"], mem = self._main_memory(q, reads["k"], reads["v"], reads["eta"], reads["alpha"], beta,
+                                                gamma, state, pos)  # [B, T, H, K]
+            new.update(mem)
         new.update(pos=state["pos"] + T, conv=conv_cache)
-        return self.output(o.to(x.dtype), x), new
+        return self.output(reads["o"].to(x.dtype), x), new
 
     def _main_memory(self, q, k, v, eta, alpha, beta, gamma, state, pos):
-        """M_mem over this piece: write (k, v̂) with (η, α, β, γ), read q after the write (eqs. 88–93)."""
+        """M_mem over the whole piece: write (k, v̂) with (η, α, β, γ), read q after the write (eqs. 88–93)."""
         C, mc = self.mc.chunk_size, self.mc
+        st = {name[4:]: t for name, t in state.items() if name.startswith("mem.")}
         if "S" in self.mem_init:
-            objective = "self" if mc.self_target_mem else mc.objective
-            st = {name[4:]: t for name, t in state.items() if name.startswith("mem.")}
             o, st = ops.memory_stream(q, k, v, eta, alpha, beta, C, st, pos % C, mc.backend, gamma=gamma,
-                                      objective=objective)
+                                      objective=self.mem_objective)
         else:
-            objective = "self" if mc.self_target_mem else "l2"
-            st = {name[4:]: t for name, t in state.items() if name.startswith("mem.")}
-            o, st = ops.deep_memory(q, k, v, eta, alpha, beta, C, st, pos % C, gamma=gamma, objective=objective,
-                                    act=mc.activation)
+            o, st = ops.deep_memory(q, k, v, eta, alpha, beta, C, st, pos % C, gamma=gamma,
+                                    objective=self.mem_objective, act=mc.activation)
         return o, {f"mem.{name}": t for name, t in st.items()}
+
+    @property
+    def mem_objective(self) -> str:
+        return "self" if self.mc.self_target_mem else ("l2" if self.mc.mem_depth == "deep" else self.mc.objective)
 
     def _gates(self, eta_raw: Tensor, alpha_raw: Tensor) -> tuple[Tensor, Tensor]:
         """η = η_max·σ(M_η x̃ + b_η) (bounded, DESIGN.md §3), α = σ(M_α x̃ + b_α); raw reads `[..., 1]` → `[...]`."""
         eta = self.mc.eta_max * torch.sigmoid(eta_raw[..., 0] + self.eta_bias[:, None])
         return eta, torch.sigmoid(alpha_raw[..., 0] + self.alpha_bias[:, None])
 
-    def _projections(self, xh: Tensor, state: dict[str, Tensor], pos: int) -> tuple[dict[str, Tensor], dict]:
+    def _sweep(self, xh: Tensor, q: Tensor | None, gamma: Tensor | None, state: dict[str, Tensor], pos: int,
+               fused: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Sweep the projection memories over the piece, chunk by chunk (`proj_chunk_size`, aligned to the
-        stream): read k, v, η, α (q) of a chunk from the chunk-start states, then write them (eq. 90)."""
-        C = self.mc.proj_chunk_size
-        st = {name: t for name, t in state.items() if name.startswith("proj")}
-        bounds = segments(xh.shape[1], pos % C, C)
-        pieces = xh.movedim(1, 2).split([b - a for a, b in bounds], dim=2)  # split: its backward is one cat
+        stream): read k, v, η, α (q) of a chunk from the chunk-start states, then write them (eq. 90). With
+        `fused`, M_mem (linear) is written and read in the same sweep, in pieces cut at both chunk sizes.
+        Returns the reads `[B, T, H, ·]` (and "o" when fused) and the new memory states."""
+        Cp, Cm = self.mc.proj_chunk_size, self.mc.chunk_size
+        T = xh.shape[1]
+        st = {name: t for name, t in state.items() if name.startswith("proj") or (fused and name.startswith("mem."))}
+        bounds = segments(T, pos, (Cp, Cm) if fused else (Cp,))
+        sizes = [b - a for a, b in bounds]
+        pieces = lambda t: [None] * len(bounds) if t is None else t.movedim(1, 2).split(sizes, dim=2)
         outs = []
-        for (a, _), x_n in zip(bounds, pieces):
-            if (pos + a) % C == 0:  # a chunk boundary: later reads and inner gradients use the state reached here
-                st.update({f"{n}_start": st[n] for n in list(st) if not n.endswith("_start")})
-            reads, st = self._projection_chunk(x_n, st, aligned=(pos + a) % C == 0)
+        for (a, _), x_n, q_n, g_n in zip(bounds, pieces(xh), pieces(q), pieces(gamma)):
+            if (pos + a) % Cp == 0:  # a chunk boundary: later reads and inner gradients use the state reached here
+                st.update({f"{n}_start": st[n] for n in list(st) if n.startswith("proj") and not n.endswith("_start")})
+            reads, st, ops_n = self._projection_chunk(x_n, st, (pos + a) % Cp == 0, q_n, fused)
+            if fused:
+                reads["o"], st = self._mem_chunk(ops_n, st, reads, g_n, (pos + a) % Cm == 0)
             outs.append(reads)
-        if (pos + xh.shape[1]) % C == 0:
-            st.update({f"{n}_start": st[n] for n in list(st) if not n.endswith("_start")})
-        reads = {n: torch.cat([r[n] for r in outs], dim=2).movedim(2, 1) for n in outs[0]} if outs else {}
+        if (pos + T) % Cp == 0:
+            st.update({f"{n}_start": st[n] for n in list(st) if n.startswith("proj") and not n.endswith("_start")})
+        if fused and (pos + T) % Cm == 0:
+            st["mem.S_start"] = st["mem.S"]
+        reads = {n: torch.cat([r[n] for r in outs], dim=2).movedim(2, 1) for n in outs[0]}
         return reads, st
 
-    def _projection_chunk(
-        self, x: Tensor, st: dict[str, Tensor], aligned: bool
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _mem_chunk(self, ops_n, st: dict[str, Tensor], r: dict[str, Tensor], gamma: Tensor | None,
+                   boundary: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """One piece of the linear M_mem inside the sweep; `boundary`: the piece starts one of M_mem's chunks."""
+        beta = r["eta"] if self.mc.erase == "dgd" else None
+        if gamma is not None:  # the projection memories have no momentum: M_mem needs operators of its own
+            ops_n = ops.chunk_operators(r["k"], r["alpha"], beta, r["q"], gamma)
+        st = dict(st)
+        if boundary:
+            st["mem.S_start"] = st["mem.S"]
+        y, z = ops.write_terms(r["k"], r["v"], r["eta"], self.mem_objective)  # x_t = y_t − S_cᵀ z_t
+        if boundary and gamma is None:
+            o, st["mem.S"] = ops.linear_chunk(ops_n, st["mem.S"], y, z)
+        else:
+            x = ops.chunk_write(y, z, st["mem.S_start"])
+            o, st["mem.S"], Z = ops.chunk_step(ops_n, st["mem.S"], x, st.get("mem.Z"))
+            if Z is not None:
+                st["mem.Z"] = Z
+        return o, st
+
+    def _projection_chunk(self, x: Tensor, st: dict[str, Tensor], aligned: bool, q: Tensor | None,
+                          with_query: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], ops.ChunkOperators]:
         """One (partial) chunk x̃ `[B, H, C, K]`: reads from the chunk-start states, then one chunk of writes.
-        `aligned`: the chunk starts at a boundary, so the current states are the chunk-start states."""
+        `aligned`: the chunk starts at a boundary, so the current states are the chunk-start states. Returns
+        the reads, the new states and the chunk operators (with the query q when `with_query`)."""
         K, nv = self.head_dim, len(self.vectors)
         start = st["proj.S_start"]
         raw = x @ start  # [B, H, C, P]
@@ -248,8 +286,10 @@ class SelfModifyingCore(nn.Module):
             reads.update({name: raw[..., i * K : (i + 1) * K] for i, name in enumerate(self.vectors)})
         k = F.normalize(reads["k"], dim=-1)
         v = reads["v"]
+        q = F.normalize(reads["q"], dim=-1) if "q" in self.vectors else q
         eta, alpha = self._gates(raw[..., -2:-1], raw[..., -1:])  # [B, H, C]
-        ops_k = ops.chunk_operators(k, alpha, eta if self.mc.erase == "dgd" else None)
+        ops_q = ops.chunk_operators(k, alpha, eta if self.mc.erase == "dgd" else None, q if with_query else None)
+        ops_k = ops_q._replace(q_decay=None, attn=None)  # the projection memories are written, never read here
         plain = not self.mc.self_targets and not self.proj_deep
         # self-generated targets M_□,c(v): u = M_c(v) − M_c(k) = (v − k) S_c for a linear memory (eq. 93)
         if aligned and not plain:
@@ -267,6 +307,6 @@ class SelfModifyingCore(nn.Module):
             _, w = ops.deep_write(ops_k, w, w0, k, target, eta, alpha, None, self.mc.activation)
             new.update({f"proj_{name}.{layer}": w[layer] for layer in ("w2", "w1")})
         out = {"k": k, "v": v, "eta": eta, "alpha": alpha}
-        if "q" in self.vectors:
-            out["q"] = F.normalize(reads["q"], dim=-1)
-        return out, new
+        if q is not None:
+            out["q"] = q
+        return out, new, ops_q

@@ -58,20 +58,15 @@ class ChunkOperators(NamedTuple):
     momentum: tuple[torch.Tensor, ...] | None  # see `_momentum_operators`
 
 
-def _segsum(log_a: torch.Tensor) -> torch.Tensor:
-    """`out[..., t, s] = Σ_{s<j≤t} log_a[..., j]` for s ≤ t and −inf above the diagonal  # [..., C, C]."""
-    C = log_a.shape[-1]
-    x = log_a[..., :, None].expand(*log_a.shape, C)  # x[t, s] = log_a[t]
-    strict = torch.ones(C, C, dtype=torch.bool, device=log_a.device).tril(-1)
-    out = x.masked_fill(~strict, 0).cumsum(dim=-2)
-    return out.masked_fill(~strict.logical_or(torch.eye(C, dtype=torch.bool, device=log_a.device)), -torch.inf)
-
-
 def _decays(gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(D, D_prev) for a gate `[..., C]` in (0, 1]: D[t, s] = Π_{s<j≤t} gate_j (s ≤ t), D_prev[t, s] = D[t−1, s]
-    (s < t); both zero elsewhere. The gate is clamped at the smallest normal number so log is finite."""
-    log_g = gate.clamp_min(torch.finfo(gate.dtype).tiny).log()  # [..., C]
-    D = _segsum(log_g).exp()  # [..., C, C]
+    (s < t); both zero elsewhere. Differences of the log-gate cumsum are masked with `where` before `exp`, so
+    no ratio above 1 is ever formed (no overflow, no 0·inf in the backward); the gate is clamped at the
+    smallest normal number so that its log is finite."""
+    C = gate.shape[-1]
+    cum = gate.clamp_min(torch.finfo(gate.dtype).tiny).log().cumsum(-1)  # log ᾱ_t  # [..., C]
+    lower = torch.ones(C, C, dtype=torch.bool, device=gate.device).tril()
+    D = torch.where(lower, cum[..., :, None] - cum[..., None, :], -torch.inf).exp()  # [..., C, C]
     return D, F.pad(D[..., :-1, :], (0, 0, 1, 0))
 
 
@@ -170,8 +165,9 @@ def write_terms(
     raise ValueError(f"objective must be one of ('l2', 'dot', 'self'), got {objective!r}")
 
 
-def _write(y: torch.Tensor | None, z: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
-    """x = y − z P₀ for one chunk, a None term being zero  # [..., C, V]."""
+def chunk_write(y: torch.Tensor | None, z: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+    """Write values x = y − z P₀ of one chunk from `write_terms` (y, z) and its start state, None being zero
+    # [..., C, V]."""
     if z is None:
         return y
     return -(z @ state) if y is None else y - z @ state
@@ -185,10 +181,10 @@ def linear_chunk(
     is zero). Folds the write into R = 𝒯 y − 𝒯(diag(β ᾱ_prev) K + z) P₀: one state matmul fewer than
     `chunk_step`. Returns (o or None, P_C)."""
     if ops.solve is None:
-        r = _write(y, z, state)
+        r = chunk_write(y, z, state)
     else:
         w = ops.solve @ (ops.erase if z is None else ops.erase + z)  # W'  # [..., C, K]
-        r = _write(None if y is None else ops.solve @ y, w, state)  # [..., C, V]
+        r = chunk_write(None if y is None else ops.solve @ y, w, state)  # [..., C, V]
     o = None if ops.q_decay is None else ops.q_decay @ state + ops.attn @ r
     return o, ops.decay_end[..., None, None] * state + ops.k_end.transpose(-1, -2) @ r
 
@@ -207,7 +203,7 @@ def _linear_pass(ops: ChunkOperators, y, z, state: torch.Tensor) -> tuple[torch.
     split = lambda t: [None] * ops.k.shape[2] if t is None else t.unbind(2)
     starts, rs = [], []
     for u_n, w_n, decay_n, k_end_n in zip(split(u), split(w), split(ops.decay_end), split(ops.k_end.mT)):
-        r = _write(u_n, w_n, state)  # R_n = U_n − W'_n P_n  # [B, H, C, V]
+        r = chunk_write(u_n, w_n, state)  # R_n = U_n − W'_n P_n  # [B, H, C, V]
         starts.append(state)
         rs.append(r)
         state = decay_n[..., None, None] * state + k_end_n @ r  # [B, H, K, V]
@@ -272,7 +268,7 @@ def chunked(
         else:
             for n in range(n_full):
                 ops_n = _select(ops, n)
-                x = _write(None if cy is None else cy[:, :, n], None if cz is None else cz[:, :, n], state)
+                x = chunk_write(None if cy is None else cy[:, :, n], None if cz is None else cz[:, :, n], state)
                 o, state, momentum = chunk_step(ops_n, state, x, momentum)
                 outputs.append(o)
     if T > n_full * chunk_size:
@@ -288,7 +284,7 @@ def chunked(
 
 def _partial(q, k, alpha, beta, gamma, y, z, state, chunk_state, momentum):
     """A chunk `[B, H, C', ·]` of any length C' from `state`, write values taken at `chunk_state`."""
-    return chunk_step(chunk_operators(k, alpha, beta, q, gamma), state, _write(y, z, chunk_state), momentum)
+    return chunk_step(chunk_operators(k, alpha, beta, q, gamma), state, chunk_write(y, z, chunk_state), momentum)
 
 
 def partial_chunk(
