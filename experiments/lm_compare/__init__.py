@@ -1,0 +1,1 @@
+"""Language-model comparison and speed benchmarks: Transformer++, Titans, Hope-Attention, HOPE (see README.md)."""

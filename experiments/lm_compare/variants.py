@@ -1,0 +1,88 @@
+"""The compared language models and HOPE ablations, each as the Hydra overrides of one `train.py` run.
+
+Dimensions: none (configuration only).
+
+Every variant trains with the same data, seed, steps and tokens (the overrides that `compare.py` adds to all of
+them); a variant differs only in its model lines. The ablations are those of DESIGN.md §3–§5 and Table 6 of
+arXiv:2512.24695:
+
+| variant             | change from HOPE                                             | paper / design reference   |
+|---------------------|--------------------------------------------------------------|----------------------------|
+| hope_gd             | erase β = 0 (plain GD with retention) instead of β = η (DGD)  | eq. 88; Table 6 "w/o DGD"  |
+| hope_no_cms         | one frozen SwiGLU level (period None), hidden = Σ CMS hiddens | eqs. 70–74; "w/o CMS"      |
+| hope_plain_targets  | M_k, M_v regress onto v_t, not self-generated M_□,c(t)(v_t)    | eqs. 84/87                 |
+| hope_mem_chunk16    | main-memory chunk C = 16 (default 64)                        | eq. 90, DESIGN.md §4       |
+| hope_proj_chunk64   | projection-memory chunk 64 (default 16)                      | eq. 90, DESIGN.md §4       |
+
+Plain GD adds a chunk's steps at the chunk-start state, so `MemoryConfig` only accepts η_max ≤ min(1, 2/C) for
+the largest chunk C (DESIGN.md §3); `hope_gd` therefore also sets η_max to that bound, the largest stable step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BASELINES = ("transformer", "titans", "hope_attention", "hope")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compared model: a name, the experiment config it starts from, extra Hydra overrides, and a note."""
+
+    name: str
+    experiment: str
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+    note: str = ""
+
+    def hydra_overrides(self) -> list[str]:
+        return [f"experiment={self.experiment}", *self.overrides]
+
+
+def frozen_ffn_hidden(size: str | int) -> int:
+    """Hidden width of one frozen SwiGLU holding as many weights as all of HOPE's CMS levels at `size`."""
+    from hope import preset
+
+    cfg = preset("hope", size)
+    return sum(lvl.hidden or cfg.ffn_hidden for lvl in cfg.cms)
+
+
+def gd_eta_max(size: str | int) -> float:
+    """The largest η_max `MemoryConfig` accepts with plain GD for HOPE's chunks: min(1, 2/C_max)."""
+    from hope import preset
+
+    mem = preset("hope", size).memory
+    return min(1.0, 2 / max(mem.chunk_size, mem.proj_chunk_size))
+
+
+def all_variants(size: str | int) -> dict[str, Variant]:
+    """Every variant by name, baselines first; the ablations' overrides depend on the size dial."""
+    hidden, eta_max = frozen_ffn_hidden(size), gd_eta_max(size)
+    mem = "+model.config.memory"
+    variants = [
+        Variant("transformer", "transformer_small", note="Transformer++: RoPE attention + SwiGLU FFN"),
+        Variant("titans", "titans_small", note="Titans LMM core (deep memory, GD + momentum) + SwiGLU FFN"),
+        Variant("hope_attention", "hope_attention_small", note="attention core + 3-level CMS (16, 64, frozen)"),
+        Variant("hope", "hope_small", note="self-modifying core (DGD, C=64, proj C=16) + 3-level CMS"),
+        Variant("hope_gd", "hope_small", (f"{mem}.erase=gd", f"{mem}.eta_max={eta_max:g}"),
+                f"β = 0 (plain GD), η_max = {eta_max:g} (the GD stability bound 2/C)"),
+        Variant("hope_no_cms", "hope_small", (f"+model.config.cms=[{{period:null,hidden:{hidden}}}]",),
+                f"one frozen SwiGLU of hidden {hidden} (= the CMS levels' total) instead of the CMS"),
+        Variant("hope_plain_targets", "hope_small", (f"{mem}.self_targets=false",),
+                "projection memories regress onto v_t (no self-generated targets)"),
+        Variant("hope_mem_chunk16", "hope_small", (f"{mem}.chunk_size=16",), "main-memory chunk 16 (default 64)"),
+        Variant("hope_proj_chunk64", "hope_small", (f"{mem}.proj_chunk_size=64",),
+                "projection-memory chunk 64 (default 16)"),
+    ]
+    return {v.name: v for v in variants}
+
+
+def select(size: str | int, only: str | None) -> list[Variant]:
+    """The variants named in the comma-separated `only` (all when None), in the table's order."""
+    variants = all_variants(size)
+    if only is None:
+        return list(variants.values())
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    bad = [n for n in names if n not in variants]
+    if not names or bad:
+        raise ValueError(f"--only must list variants from {sorted(variants)}, got {only!r}")
+    return [variants[n] for n in variants if n in names]
