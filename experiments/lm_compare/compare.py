@@ -167,8 +167,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results.append(r)
     headers, rows = summary_rows(results)
     table = markdown_table(headers, rows)
+    given = list(argv) if argv is not None else sys.argv[1:]
     doc = {
-        "command": " ".join(["python -m experiments.lm_compare.compare", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m experiments.lm_compare.compare", *given]),
         "mode": "tiny" if args.tiny else "full",
         "config": {k: v for k, v in mode.items() if k != "extra"} | {"seed": args.seed, "shared_overrides": shared},
         "loadavg_start": load_start,
