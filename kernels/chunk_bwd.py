@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.chunk_fwd import forward_states, loop_blocks, state_block_v
-from kernels.common import Tiling, dot_precision, tile_bounds
+from kernels.common import Tiling, dot_precision, launch_options, tile_bounds
 
 
 @triton.jit
@@ -306,7 +306,7 @@ def chunk_bwd(
     bk, bv = loop_blocks(key_dim, value_dim)
     dw = torch.empty(batch, heads, seq_len, value_dim, **f32)
     _local_dw_kernel[(triton.cdiv(value_dim, bv), n_tiles, batch * heads)](
-        q, k, fwd["g"], do, dw, *tiles, BT=block_t, BK=bk, BV=bv, PREC=prec
+        q, k, fwd["g"], do, dw, *tiles, BT=block_t, BK=bk, BV=bv, PREC=prec, **launch_options(False, block_t)
     )
     dh = torch.empty(batch, heads, n_tiles, key_dim, value_dim, **f32)
     dh0 = torch.empty(batch, heads, key_dim, value_dim, **f32) if initial_state is not None else None
@@ -314,7 +314,7 @@ def chunk_bwd(
     _state_bwd_kernel[(triton.cdiv(value_dim, sv), batch * heads)](
         q, k, fwd["g"], fwd["wc"], fwd["wb"], do, dht, dh, dw, dh0, *tiles, n_tiles, BT=block_t, BK=sk, BV=sv,
         MULTI=tiling.multi, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
-        num_warps=8 if sk >= 128 else 4,
+        **launch_options(True, block_t),
     )  # fmt: skip
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     ds = torch.empty(batch, heads, seq_len, block_t, **f32)
@@ -323,11 +323,12 @@ def chunk_bwd(
     _tile_grads_kernel[(n_tiles, batch * heads)](
         q, k, v, eta, alpha, beta, do, fwd["g"], fwd["tm"], fwd["w"], dw, fwd["h"], dh,
         dv, ds, dgk, deta, dalpha, dbeta, *tiles, n_tiles, BT=block_t, BK=bk, BV=bv, MULTI=tiling.multi, PREC=prec,
+        **launch_options(False, block_t),
     )  # fmt: skip
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     _dqk_kernel[(triton.cdiv(key_dim, bk), n_tiles, batch * heads)](
         q, k, eta, alpha, beta, do, fwd["g"], fwd["tm"], fwd["w"], dw, fwd["h"], dh, ds, dgk, dq, dk,
-        *tiles, n_tiles, BT=block_t, BK=bk, BV=bv, MULTI=tiling.multi, PREC=prec,
+        *tiles, n_tiles, BT=block_t, BK=bk, BV=bv, MULTI=tiling.multi, PREC=prec, **launch_options(False, block_t),
     )  # fmt: skip
     return dq, dk, dv, deta, dalpha, dbeta, dh0

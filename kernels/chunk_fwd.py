@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import Tiling, dot_precision, tile_bounds, unit_lower_inverse
+from kernels.common import Tiling, dot_precision, launch_options, tile_bounds, unit_lower_inverse
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _prepare_kernel(
         kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # [BT, BT]
     strict = (r[:, None] > r[None, :]) & row_ok[:, None]
     decay = tl.exp(tl.where(strict, g_prev[:, None] - g[None, :], 0.0))  # [BT, BT], ≤ 1 where used
-    tm = unit_lower_inverse(tl.where(strict, b_beta[:, None] * decay * kk, 0.0), BT)  # [BT, BT]
+    tm = unit_lower_inverse(tl.where(strict, b_beta[:, None] * decay * kk, 0.0), BT, PREC)  # [BT, BT]
 
     head = i_bh.to(tl.int64) * T
     tl.store(g_buf + head + rows, g, mask=row_ok)
@@ -197,8 +197,9 @@ def forward_states(
     tiles = (seq_len, heads, key_dim, value_dim, tiling.chunk_size, tiling.tile_len, tiling.n_sub)
     bk, bv = loop_blocks(key_dim, value_dim)
     _prepare_kernel[(n_tiles, batch * heads)](
-        k, v, eta, alpha, beta, g, tm, u, wc, wb, *tiles, BT=block_t, BK=bk, BV=bv, MULTI=tiling.multi, PREC=prec
-    )
+        k, v, eta, alpha, beta, g, tm, u, wc, wb, *tiles, BT=block_t, BK=bk, BV=bv, MULTI=tiling.multi, PREC=prec,
+        **launch_options(False, block_t),
+    )  # fmt: skip
     h = torch.empty(batch, heads, n_tiles, key_dim, value_dim, **f32)
     w = torch.empty(batch, heads, seq_len, value_dim, **f32)
     final = torch.empty(batch, heads, key_dim, value_dim, **f32) if output_final_state else None
@@ -206,7 +207,7 @@ def forward_states(
     _state_fwd_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
         k, g, u, wc, wb, initial_state, h, w, final, *tiles, n_tiles, BT=block_t, BK=bk, BV=bv,
         MULTI=tiling.multi, HAS_H0=initial_state is not None, STORE_HT=output_final_state, PREC=prec,
-        num_warps=8 if bk >= 128 else 4,
+        **launch_options(True, block_t),
     )  # fmt: skip
     return dict(g=g, tm=tm, wc=wc, wb=wb, h=h, w=w, final=final)
 
@@ -231,5 +232,6 @@ def chunk_fwd(
     _output_kernel[(triton.cdiv(value_dim, bv), tiling.n_tiles, batch * heads)](
         q, k, fwd["g"], fwd["h"], fwd["w"], o, seq_len, heads, key_dim, value_dim, tiling.chunk_size,
         tiling.tile_len, tiling.n_sub, tiling.n_tiles, BT=tiling.block_t, BK=bk, BV=bv, PREC=dot_precision(q.dtype),
+        **launch_options(False, tiling.block_t),
     )  # fmt: skip
     return o, fwd["final"]

@@ -50,6 +50,18 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def launch_options(sequential: bool, block_t: int) -> dict[str, int]:
+    """num_warps / num_stages of a launch; reasoned from compiling for sm_90 without a GPU, not tuned by timing.
+
+    ``experiments/bench_kernel/compile_check.py`` showed that, at K = V = 256, Triton's default 3 pipeline stages
+    put the sequential state kernels at ~280 KB of shared memory (an H100 block may use 227 KB), so they run
+    unpipelined; and that [64, 64] fp32 tiles spill registers at 4 warps, hence 8 warps for 64-token tiles.
+    """
+    if sequential:
+        return dict(num_warps=8, num_stages=1)
+    return dict(num_warps=8 if block_t >= 64 else 4)
+
+
 def interpreter_on() -> bool:
     """Whether Triton runs kernels through its CPU interpreter (read when ``triton`` is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -144,12 +156,13 @@ def tile_bounds(i_t, T, C, L, NSUB):
 
 
 @triton.jit
-def unit_lower_inverse(a, BT: tl.constexpr):
+def unit_lower_inverse(a, BT: tl.constexpr, PREC: tl.constexpr):
     """(I + A)⁻¹ for a strictly lower-triangular A [BT, BT] (BT ≤ 64), by doubling the inverted diagonal blocks.
 
     With X the inverse of the block-diagonal part of I + A in blocks of s, the inverse in blocks of 2s is
     X − X A_s X, where A_s keeps the entries of A in the lower-left s×s quarter of each 2s block:
-    [[X₁, 0], [−X₂ A₂₁ X₁, X₂]]. Six levels of two small matmuls replace 64 sequential row updates.
+    [[X₁, 0], [−X₂ A₂₁ X₁, X₂]]. Six levels of two small matmuls replace 64 sequential row updates. PREC is the
+    kernel's dot precision: exact fp32 ("ieee") for fp32 inputs, TF32 (the precision of the inputs) for 16-bit ones.
     """
     r = tl.arange(0, BT)
     inv = (r[:, None] == r[None, :]).to(tl.float32)
@@ -157,6 +170,5 @@ def unit_lower_inverse(a, BT: tl.constexpr):
         if (1 << level) < BT:  # blocks of s = 2^level merge into blocks of 2s
             same_2s = (r[:, None] >> (level + 1)) == (r[None, :] >> (level + 1))
             quarter = same_2s & ((r[:, None] >> level) != (r[None, :] >> level))
-            # ieee: the inverse feeds every output, so it is kept at full fp32 whatever the input dtype
-            inv -= tl.dot(tl.dot(inv, tl.where(quarter, a, 0.0), input_precision="ieee"), inv, input_precision="ieee")
+            inv -= tl.dot(tl.dot(inv, tl.where(quarter, a, 0.0), input_precision=PREC), inv, input_precision=PREC)
     return inv

@@ -101,11 +101,16 @@ def host_calls(B: int, T: int, H: int, K: int, V: int, chunk_size: int, dtype: t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="all widths, dtypes, chunk sizes and sm_80 too")
+    parser.add_argument("--widths", type=int, nargs="+", help="K = V values (default: 64 128 256)")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], help="default: bfloat16")
+    parser.add_argument("--chunks", type=int, nargs="+", help="chunk sizes (default: 64 200)")
     cli = parser.parse_args()
     archs = [("cuda", 90, "sm_90"), ("cuda", 80, "sm_80")] if cli.full else [("cuda", 90, "sm_90")]
-    widths = [(64, 64), (128, 128), (256, 256), (100, 36)] if cli.full else [(64, 64), (128, 128), (256, 256)]
-    dtypes = [torch.float32, torch.bfloat16, torch.float16] if cli.full else [torch.bfloat16]
-    chunks = [16, 64, 200] if cli.full else [64, 200]
+    widths = [(w, w) for w in cli.widths] if cli.widths else [(64, 64), (128, 128), (256, 256)]
+    widths += [(100, 36)] if cli.full else []
+    dtypes = [getattr(torch, d) for d in cli.dtypes] if cli.dtypes else [torch.bfloat16]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] if cli.full else dtypes
+    chunks = cli.chunks or ([16, 64, 200] if cli.full else [64, 200])
     seen, failures = set(), 0
     print(f"{'kernel':22s} {'arch':7s} {'dtype':9s} {'K':>4s} {'V':>4s} {'C':>4s} warps  regs stack local shared")
     for (backend, cc, arch), (K, V), dtype, chunk_size in itertools.product(archs, widths, dtypes, chunks):
