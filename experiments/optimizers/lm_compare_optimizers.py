@@ -1,0 +1,379 @@
+"""AdamW, Muon, M3 and DeepMomentum training the same language models: loss against steps and against wall time.
+
+    python -m experiments.optimizers.lm_compare_optimizers --tiny       # smoke run of the whole pipeline (seconds)
+    python -m experiments.optimizers.lm_compare_optimizers              # hope_small + transformer_small, 600 steps
+    python -m experiments.optimizers.lm_compare_optimizers --models transformer --optimizers m3 --sweep 0.3,1,3
+
+Dimensions: none (curves are lists of [step, seconds, loss]; each run is one in-process `python train.py`).
+
+Every (model, optimizer) pair trains the `<model>_small` experiment through `hope.training.run.run` (the job behind
+`python train.py`) with the same seed, data order, context, batch, warm-up + cosine schedule, gradient clipping and
+number of steps; only the optimizer lines differ (`optimizer_overrides`). A `LossClock` callback records each
+step's training loss with the training wall time (validation excluded) and the validation bits per byte. Runs are
+in one process, one after another: importing Lightning and Hydra takes 10–20 s on a busy 2-core machine, more than a
+whole tiny run; the clock starts at `on_train_start`, so imports and model construction are not timed.
+
+Learning rates (`LEARNING_RATES`, each line says why). Two rules keep everything but the matrix rule equal:
+- decoupled weight decay shrinks weights by lr·wd per step, so each optimizer gets wd = `DECAY_PER_STEP` / lr and
+  its weights decay exactly as AdamW's do (3e-3 × 0.1 = 3e-4 per step at the peak of the schedule);
+- Muon and M3 route embeddings, the tied head and 1-D gains to an AdamW fallback at lr·`fallback_lr_scale`; we set
+  the scale so that fallback runs at AdamW's own lr, whatever the matrix rule's lr.
+`--sweep 0.3,1,3` trains every pair at each multiple of its lr and writes `lm_optimizers_sweep.json`; `--lrs
+m3=1e-4` overrides one. The committed rates come from the sweep recorded in README.md.
+
+Writes `<out>/lm_optimizers.json` (date, machine, torch version, command, load average, and per run: lr, Hydra
+overrides, loss curve with wall-clock times, validation bpb, training wall time, median step time) and
+`<out>/lm_optimizers.png` (`plot_lm.py`: loss against step and against wall time), and prints a Markdown table.
+A model whose core does not build in this checkout (e.g. HOPE while `hope/layers/self_modifying.py` is missing) is
+skipped with the reason, and its rows say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from experiments.common.results import markdown_table, write_result
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "lm_optimizers"
+
+MODELS = ("transformer", "hope", "titans", "hope_attention")  # each has configs/experiment/<name>_small.yaml
+OPTIMIZERS = ("adamw", "muon", "m3", "deep_momentum")
+ADAMW_LR, ADAMW_WEIGHT_DECAY = 3e-3, 0.1  # configs/model/*.yaml
+DECAY_PER_STEP = ADAMW_LR * ADAMW_WEIGHT_DECAY  # lr·wd, the per-step shrink every optimizer gets
+MATRIX_OPTIMIZERS = ("muon", "m3")  # those with an AdamW fallback for embeddings and 1-D gains
+
+# name -> (peak lr, why). Read with the sweep in README.md ("Learning rates").
+LEARNING_RATES: dict[str, tuple[float, str]] = {
+    "adamw": (ADAMW_LR, "the configs' default for every *_small experiment"),
+    "muon": (3e-3, "scale='rms' gives an update of AdamW's RMS, so AdamW's lr applies (MuonRule docstring)"),
+    "m3": (1e-4, "NS(M1)/sqrt(V) is ~1/|g| per entry, far above AdamW's ~1: lr from the sweep in README.md"),
+    "deep_momentum": (0.1, "read-out ~0.83·g (SGD-like, unnormalised) on clipped gradients: lr from the sweep"),
+}
+
+MODES: dict[str, dict[str, Any]] = {
+    # tiny: the pipeline end to end in seconds (depth 2, 32-token windows); its numbers mean nothing
+    "tiny": {"size": "tiny", "seq_len": 32, "batch_size": 2, "steps": 4, "threads": 1,
+             "extra": ["data.max_val_tokens=256", "trainer.limit_val_batches=2"]},
+    # full: the *_small experiments as committed (depth 4, context 512, batch 8, 600 steps = 2.46M tokens)
+    "full": {"size": "small", "seq_len": 512, "batch_size": 8, "steps": 600, "threads": None, "extra": []},
+}
+
+
+class LossClock(Callback):
+    """Training loss and validation bpb of every step with the training wall time, written as JSON to `path`.
+
+    Time t of step s is the wall time from `on_train_start` to the end of step s (forward, backward, clipping,
+    optimizer step, data loading and logging) minus the time spent validating, so loss-against-time compares the
+    optimizers' training cost only. Written at the end of training and on an exception (a diverged run keeps the
+    curve up to its last finite step).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.curve: list[list[float]] = []  # [step, t (s), train loss]
+        self.val: list[list[float]] = []  # [step, t (s), val bpb]
+        self.step_s: list[float] = []
+        self._t0 = self._val_start = self._batch_start = 0.0
+        self._val_s = 0.0
+
+    def _now(self) -> float:
+        return time.perf_counter() - self._t0 - self._val_s
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0, self._val_s = time.perf_counter(), 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_s.append(time.perf_counter() - self._batch_start)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.curve.append([trainer.global_step, self._now(), float(loss.detach())])
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._val_s += time.perf_counter() - self._val_start
+        bpb = trainer.callback_metrics.get("val/bpb")
+        if trainer.state.fn == "fit" and bpb is not None:
+            self.val.append([trainer.global_step, self._now(), float(bpb)])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.write()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.write()
+
+    def write(self) -> None:
+        Path(self.path).write_text(json.dumps({"curve": self.curve, "val": self.val, "step_s": self.step_s}))
+
+
+def optimizer_overrides(name: str, lr: float) -> list[str]:
+    """Hydra overrides selecting optimizer `name` at peak lr `lr`, with AdamW's per-step weight decay (lr·wd) and,
+    for Muon/M3, the fallback (embeddings, head, 1-D gains) at AdamW's lr."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"learning rate of {name!r} must be a positive finite number, got {lr!r}")
+    out = [f"model.optimizer={name}", f"model.lr={lr!r}", f"model.weight_decay={DECAY_PER_STEP / lr!r}"]
+    if name in MATRIX_OPTIMIZERS:
+        out.append(f"+model.optimizer_kwargs.fallback_lr_scale={ADAMW_LR / lr!r}")  # "+": the node is an empty dict
+    return out
+
+
+def shared_overrides(model: str, mode: dict[str, Any], seed: int) -> list[str]:
+    """The overrides every optimizer shares for `model`: its *_small experiment at the mode's size, data and steps;
+    one validation at the last step; CSV logs every step; no checkpoints, progress bar or test pass."""
+    steps = mode["steps"]
+    return [
+        f"experiment={model}_small", f"seed={seed}", f"model.size={mode['size']}", f"data.seq_len={mode['seq_len']}",
+        f"data.batch_size={mode['batch_size']}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+        "trainer.log_every_n_steps=1", "logger=csv", "test=false", "~callbacks.model_checkpoint",
+        "~callbacks.progress_bar", "+trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", *mode["extra"],
+    ]
+
+
+def compose(overrides: Sequence[str], run_dir: Path, clock_path: Path):
+    """The config of `python train.py <overrides>` with outputs in `run_dir` and a `LossClock` callback."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(run_dir)
+        cfg.paths.output_dir = str(run_dir)
+        cfg.paths.data_cache = str(ROOT / ".cache" / "data")  # one token cache for every run (and the tests)
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+        cfg.callbacks.loss_clock = {"_target_": f"{__name__}.LossClock", "path": str(clock_path)}
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def train_one(model: str, optimizer: str, lr: float, shared: list[str], run_dir: Path) -> dict[str, Any]:
+    """Train one (model, optimizer) pair; its curves and numbers, or a status saying why there are none."""
+    from hope.training.module import NonFiniteLossError
+    from hope.training.run import run
+
+    overrides = [*shared, *optimizer_overrides(optimizer, lr)]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clock = run_dir / "clock.json"
+    clock.unlink(missing_ok=True)
+    base = {"model": model, "optimizer": optimizer, "lr": lr, "weight_decay": DECAY_PER_STEP / lr,
+            "overrides": overrides, "loadavg_start": list(os.getloadavg())}
+    t0 = time.perf_counter()
+    try:
+        metrics = run(compose(overrides, run_dir, clock))
+        status, reason = "ok", None
+    except NonFiniteLossError as err:
+        metrics, status, reason = {}, "diverged", str(err)
+    except Exception as err:  # noqa: BLE001 -- one broken pair must not lose the others' results
+        metrics, status, reason = {}, "failed", "".join(traceback.format_exception_only(err)).strip()
+        traceback.print_exc()
+    wall = time.perf_counter() - t0
+    rec = json.loads(clock.read_text()) if clock.is_file() else {"curve": [], "val": [], "step_s": []}
+    step_s = rec["step_s"][1:] or rec["step_s"]  # the first step pays one-off costs (allocator, lazy imports)
+    bpb = metrics.get("val/bpb")
+    return {
+        **base, "status": status, "reason": reason,
+        "params": int(metrics["n_params"]) if "n_params" in metrics else None,
+        "val_bpb": bpb if bpb is not None and math.isfinite(bpb) else None,
+        "final_loss": final_loss(rec["curve"]),
+        "train_wall_s": rec["curve"][-1][1] if rec["curve"] else None,
+        "median_step_s": statistics.median(step_s) if step_s else None,
+        "total_wall_s": wall, "curve": rec["curve"], "val_curve": rec["val"], "loadavg_end": list(os.getloadavg()),
+    }
+
+
+def final_loss(curve: Sequence[Sequence[float]], frac: float = 0.1) -> float | None:
+    """Mean training loss over the last `frac` of the steps (at least one): the per-step loss of one batch is noisy.
+    None for an empty curve or one that ends non-finite."""
+    if not curve:
+        return None
+    tail = [c[2] for c in curve[-max(1, round(len(curve) * frac)) :]]
+    value = sum(tail) / len(tail)
+    return value if math.isfinite(value) else None
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """One row per run: lr, final training loss, validation bpb, training wall time, median step time."""
+    headers = ["model", "optimizer", "lr", "status", "train loss (last 10%)", "val bpb", "train wall (s)",
+               "ms / step"]
+    rows = []
+    for r in results:
+        ms = None if r.get("median_step_s") is None else f"{1e3 * r['median_step_s']:.1f}"
+        wall = None if r.get("train_wall_s") is None else f"{r['train_wall_s']:.1f}"
+        rows.append([r["model"], r["optimizer"], f"{r['lr']:.3g}", r["status"], r.get("final_loss"),
+                     r.get("val_bpb"), wall, ms])
+    return markdown_table(headers, rows, digits=4)
+
+
+def best_by_pair(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For a sweep: each (model, optimizer)'s lr with the lowest final training loss (diverged runs never win)."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in results:
+        key = f"{r['model']}/{r['optimizer']}"
+        if r.get("final_loss") is not None and (key not in best or r["final_loss"] < best[key]["final_loss"]):
+            best[key] = {"lr": r["lr"], "final_loss": r["final_loss"]}
+    return best
+
+
+def parse_names(text: str, allowed: Sequence[str], flag: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in allowed]
+    if not names or bad or len(set(names)) != len(names):
+        raise ValueError(f"{flag} must list distinct names from {tuple(allowed)}, got {text!r}")
+    return names
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{flag} must be comma-separated positive numbers, got {text!r}")
+    return values
+
+
+def parse_lrs(text: str | None) -> dict[str, float]:
+    """`adamw=3e-3,m3=1e-4` -> {"adamw": 0.003, "m3": 0.0001}, names checked against OPTIMIZERS."""
+    out: dict[str, float] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in OPTIMIZERS:
+            raise ValueError(f"--lrs items must be <optimizer>=<lr> with optimizer in {OPTIMIZERS}, got {item!r}")
+        out[name.strip()] = parse_floats(value, f"--lrs {name.strip()}")[0]
+    return out
+
+
+def available(models: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The models whose core builds in this checkout (HOPE needs `hope/layers/self_modifying.py`), and the reasons
+    for the others."""
+    from experiments.common.models import ModelUnavailable, build_model
+
+    ok, skipped = [], {}
+    for m in models:
+        try:
+            build_model(m, "tiny")
+            ok.append(m)
+        except ModelUnavailable as err:
+            skipped[m] = str(err)
+            print(f"[skip] {m}: every {m} row is skipped: {err}", flush=True)
+    return ok, skipped
+
+
+def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[str, float]]]:
+    """The mode (with --steps, --size, --seq-len, --batch-size applied) and the (optimizer, lr) runs per model."""
+    mode = dict(MODES["tiny" if args.tiny else "full"])
+    for key in ("steps", "size", "seq_len", "batch_size"):
+        if getattr(args, key) is not None:
+            mode[key] = getattr(args, key)
+    if not isinstance(mode["steps"], int) or mode["steps"] < 1:
+        raise ValueError(f"--steps must be a positive int, got {mode['steps']!r}")
+    lrs = {name: lr for name, (lr, _) in LEARNING_RATES.items()} | parse_lrs(args.lrs)
+    factors = parse_floats(args.sweep, "--sweep") if args.sweep else [1.0]
+    runs = [(o, lrs[o] * f) for o in parse_names(args.optimizers, OPTIMIZERS, "--optimizers") for f in factors]
+    return mode, runs
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    mode, runs = plan(args)
+    models, skipped = available(parse_names(args.models, MODELS, "--models"))
+    name = f"{NAME}_sweep" if args.sweep else NAME
+    out = Path(args.out) if args.out else RESULTS / ("tiny" if args.tiny else "")
+    threads = args.threads or mode["threads"]
+    if threads:
+        torch.set_num_threads(threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # per-run GPU/TPU banners, 8+ times over
+    warnings.filterwarnings("ignore", module="lightning")
+    load_start, results = list(os.getloadavg()), []
+    for model in models:
+        shared = shared_overrides(model, mode, args.seed)
+        for optimizer, lr in runs:
+            print(f"[{model} / {optimizer} lr={lr:.3g}] training {mode['steps']} steps ...", flush=True)
+            r = train_one(model, optimizer, lr, shared, out / "runs" / f"{model}-{optimizer}-lr{lr:.3g}")
+            print(f"[{model} / {optimizer} lr={lr:.3g}] {r['status']} in {r['total_wall_s']:.0f} s, final loss "
+                  f"{r['final_loss']}, val bpb {r['val_bpb']}" + (f": {r['reason']}" if r["reason"] else ""),
+                  flush=True)
+            results.append(r)
+    for model, reason in skipped.items():
+        results += [{"model": model, "optimizer": o, "lr": lr, "status": "skipped", "reason": reason, "curve": []}
+                    for o, lr in runs]
+    doc = {
+        "mode": "tiny" if args.tiny else "full",
+        "command": " ".join(["python -m experiments.optimizers.lm_compare_optimizers", *(argv or sys.argv[1:])]),
+        "config": {k: v for k, v in mode.items() if k != "extra"} | {"seed": args.seed, "threads": threads,
+                                                                    "sweep": args.sweep, "extra": mode["extra"]},
+        "learning_rates": {o: {"lr": lr, "why": why} for o, (lr, why) in LEARNING_RATES.items()},
+        "decay_per_step": DECAY_PER_STEP,
+        "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
+        "note": "runs one after another in one process on a machine that may be shared: see the load averages; "
+        "times exclude validation; train loss is per step on one batch (the table averages the last 10%)",
+        "results": results,
+        "best_lr": best_by_pair(results) if args.sweep else None,
+    }
+    doc["table"] = summary_table(results)
+    path = write_result(name, doc, out)
+    from experiments.optimizers.plot_lm import plot_results
+
+    title = (f"{doc['mode']}: {mode['size']} preset, context {mode['seq_len']}, batch {mode['batch_size']}, "
+             f"{mode['steps']} steps, seed {args.seed}")
+    png = plot_results(out / f"{name}.png", results, title)
+    print(doc["table"])
+    if args.sweep:
+        print("best lr per pair:", json.dumps(doc["best_lr"]))
+    print(f"wrote {path} and {png}")
+    return json.loads(path.read_text())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (depth 2, 32-token windows, 4 steps)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: by mode, 4 or 600)")
+    p.add_argument("--models", default="transformer,hope", help=f"comma-separated, from {MODELS}")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma-separated, from {OPTIMIZERS}")
+    p.add_argument("--lrs", default=None, help="peak lr overrides, e.g. m3=1e-4,deep_momentum=0.3")
+    p.add_argument("--sweep", default=None, help="lr multiples to sweep, e.g. 0.3,1,3 (writes *_sweep.json)")
+    p.add_argument("--size", default=None, help="preset size (tiny/small/base or a depth; default: by mode)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="context (default: by mode)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="batch (default: by mode)")
+    p.add_argument("--seed", type=int, default=1337, help="one seed for every run (init and data order)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with --tiny, else torch's)")
+    p.add_argument("--out", default=None, help="output directory (default: results/, results/tiny/ with --tiny)")
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
