@@ -1,0 +1,197 @@
+"""Generation speed against context length: tokens/s of one-token steps after 1K, 4K and 16K tokens of context.
+
+    python -m experiments.lm_compare.decode --tiny        # seconds (what the tests run)
+    python -m experiments.lm_compare.decode               # small preset, contexts 1K/4K/16K, batch 1, 2 threads
+
+Dimensions: B batch (1), T time, L context length, N timed new tokens, V vocabulary.
+
+A Transformer++ step attends over a KV cache that grows with the context, so its cost per token grows with L; a
+recurrent core (Titans, HOPE) carries a fixed-size state, so its cost should stay flat. For each model one stream
+of random byte ids is prefilled up to each context length in turn — in pieces of `--prefill-chunk` tokens with
+the state carried, which bounds memory — and then N tokens are generated greedily, one `model(ids, state)` call
+each, timed. HOPE's CMS levels write their weights every 16 and 64 tokens (an inner backward pass), so N and every
+context are multiples of 64: the reported rate (N / total time) includes exactly one write of each level per 64
+tokens, the amortized cost; the median latency of one step is reported beside it. Also reported: the prefill rate
+and the size of the carried state (KV cache or fast memories) in MiB. Random weights: speed does not depend on
+what was learned. Writes `<out>/decode.json` and `<out>/decode.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiments.common.models import LABELS, build_models
+from experiments.common.results import markdown_table, plot_lines, write_result
+
+NAME = "decode"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+ALIGN = 64  # lcm of HOPE's CMS periods (16, 64): contexts and N are multiples, so CMS writes amortize exactly
+MODES: dict[str, dict[str, Any]] = {
+    "tiny": {"size": "tiny", "contexts": [64, 256], "new_tokens": 64, "prefill_chunk": 64, "threads": 1},
+    "full": {"size": "small", "contexts": [1024, 4096, 16384], "new_tokens": 64, "prefill_chunk": 512,
+             "threads": 2},
+}
+
+
+def state_mib(state: Any) -> float:
+    """Bytes of the distinct tensors in a (nested) model state, in MiB."""
+    seen: dict[int, int] = {}
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            seen[x.data_ptr()] = max(seen.get(x.data_ptr(), 0), x.numel() * x.element_size())
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+
+    visit(state)
+    return sum(seen.values()) / 2**20
+
+
+def check_logits(name: str, logits: torch.Tensor, pos: int) -> None:
+    """Refuse to time a model whose outputs are not finite."""
+    if not torch.isfinite(logits).all():
+        raise RuntimeError(f"model {name!r} produced non-finite logits at stream position {pos}: not timing it")
+
+
+@torch.no_grad()
+def sweep_contexts(name: str, model: torch.nn.Module, contexts: list[int], n_new: int, chunk: int,
+                   seed: int) -> list[dict[str, Any]]:
+    """One stream: prefill up to each context in turn (pieces of `chunk`), then time `n_new` one-token steps."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    warm = None
+    for _ in range(ALIGN):  # untimed throw-away stream: one-off allocations and lazy setup are not timed below
+        warm = model(torch.randint(0, vocab, (1, 1), generator=g), warm).state
+    state, logits, pos, rows = None, None, 0, []
+    for L in contexts:
+        t0, first = time.perf_counter(), pos
+        while pos < L:
+            piece = torch.randint(0, vocab, (1, min(chunk, L - pos)), generator=g)  # [1, T]
+            out = model(piece, state)
+            logits, state, pos = out.logits[:, -1], out.state, pos + piece.shape[1]  # [1, V]
+        prefill_s = time.perf_counter() - t0
+        check_logits(name, logits, pos)
+        times = []
+        for _ in range(n_new):
+            t0 = time.perf_counter()
+            out = model(logits.argmax(dim=-1, keepdim=True), state)  # greedy next token [1, 1]
+            logits, state = out.logits[:, -1], out.state  # [1, V]
+            times.append(time.perf_counter() - t0)
+        pos += n_new
+        check_logits(name, logits, pos)
+        rows.append({
+            "context": L, "tokens_per_s": n_new / sum(times), "median_step_ms": 1e3 * statistics.median(times),
+            "max_step_ms": 1e3 * max(times), "prefill_tokens_per_s": (L - first) / prefill_s if L > first else None,
+            "state_mib": state_mib(state),
+        })
+        print(f"  {name} @ {L}: {rows[-1]['tokens_per_s']:.1f} tokens/s, state {rows[-1]['state_mib']:.2f} MiB",
+              flush=True)
+    return rows
+
+
+def check_mode(mode: dict[str, Any]) -> None:
+    bad = [c for c in mode["contexts"] if c <= 0 or c % ALIGN]
+    if bad or mode["new_tokens"] <= 0 or mode["new_tokens"] % ALIGN:
+        raise ValueError(f"contexts and --new-tokens must be positive multiples of {ALIGN} (HOPE's CMS write cycle), "
+                         f"got contexts {mode['contexts']} and new tokens {mode['new_tokens']}")
+    if mode["prefill_chunk"] <= 0:
+        raise ValueError(f"--prefill-chunk must be positive, got {mode['prefill_chunk']}")
+    if sorted(set(mode["contexts"])) != list(mode["contexts"]):
+        raise ValueError(f"contexts must be distinct and ascending, got {mode['contexts']}")
+    for lo, hi in zip(mode["contexts"], mode["contexts"][1:]):
+        if hi - lo < mode["new_tokens"]:
+            raise ValueError(f"contexts {lo} and {hi} are closer than --new-tokens={mode['new_tokens']}: the stream "
+                             "that reaches one context already holds the previous context's generated tokens")
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    mode = dict(MODES["tiny" if args.tiny else "full"])
+    if args.contexts is not None:
+        mode["contexts"] = [int(c) for c in args.contexts.split(",")]
+    for key in ("size", "new_tokens", "prefill_chunk", "threads"):
+        if getattr(args, key) is not None:
+            mode[key] = getattr(args, key)
+    if isinstance(mode["size"], str) and mode["size"].isdigit():
+        mode["size"] = int(mode["size"])  # a depth
+    check_mode(mode)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    before = torch.get_num_threads()
+    torch.set_num_threads(mode["threads"])
+    try:
+        built, skipped = build_models(names, mode["size"], args.seed)
+        load_start = list(os.getloadavg())
+        results = {}
+        for b in built:
+            print(f"[{b.name}]", flush=True)
+            rows = sweep_contexts(b.name, b.model.eval(), mode["contexts"], mode["new_tokens"],
+                                  mode["prefill_chunk"], args.seed)
+            results[b.name] = {"params": b.params, "by_context": rows}
+        load_end = list(os.getloadavg())
+    finally:
+        torch.set_num_threads(before)
+    return write(args, mode, results, skipped, [load_start, load_end], argv)
+
+
+def write(args: argparse.Namespace, mode: dict[str, Any], results: dict[str, Any], skipped: dict[str, str],
+          loads: list[list[float]], argv: Sequence[str] | None) -> dict[str, Any]:
+    """The JSON, the PNG (tokens/s against context) and the printed table."""
+    contexts = mode["contexts"]
+    rows = []
+    for name, r in results.items():
+        by_l = {row["context"]: row for row in r["by_context"]}
+        first, last = by_l[contexts[0]]["tokens_per_s"], by_l[contexts[-1]]["tokens_per_s"]
+        r["slowdown_last_vs_first"] = first / last  # 1.0 = flat cost per token
+        rows.append([LABELS[name], *[round(by_l[c]["tokens_per_s"], 1) for c in contexts], r["slowdown_last_vs_first"],
+                     by_l[contexts[-1]]["state_mib"]])
+    headers = ["model", *[f"tok/s @ {c}" for c in contexts], f"slowdown {contexts[-1]} vs {contexts[0]}",
+               f"state MiB @ {contexts[-1]}"]
+    table = markdown_table(headers, rows, digits=2)
+    doc = {
+        "command": " ".join(["python -m experiments.lm_compare.decode", *(list(argv) if argv is not None
+                                                                           else sys.argv[1:])]),
+        "mode": "tiny" if args.tiny else "full", "config": mode, "dtype": "float32", "batch": 1,
+        "note": "random weights and random ids (speed only); greedy one-token steps after a chunked prefill; "
+        "tokens/s = new tokens / total time; shared machine: see loadavg_start/end",
+        "loadavg_start": loads[0], "loadavg_end": loads[1], "results": results, "skipped": skipped, "table": table,
+    }
+    out = Path(args.out) if args.out else DEFAULT_OUT / ("tiny" if args.tiny else "")
+    path = write_result(NAME, doc, out)
+    series = {LABELS[n]: (contexts, [row["tokens_per_s"] for row in r["by_context"]]) for n, r in results.items()}
+    plot_lines(out / f"{NAME}.png", series, f"generation, batch 1, {mode['size']} preset, random weights",
+               "context (tokens)", "tokens / s", logx=True)
+    print(table)
+    print(f"wrote {path} and {out / f'{NAME}.png'}")
+    return doc
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
+    p.add_argument("--models", default="transformer,titans,hope", help="comma-separated presets")
+    p.add_argument("--size", default=None, help="preset size (default: small; tiny with --tiny)")
+    p.add_argument("--contexts", default=None, help="comma-separated context lengths (default 1024,4096,16384)")
+    p.add_argument("--new-tokens", dest="new_tokens", type=int, default=None, help="timed tokens per context (64)")
+    p.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=None, help="prefill piece (512)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; 1 with --tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default: results/, results/tiny/ with --tiny)")
+    return p
+
+
+if __name__ == "__main__":
+    run()
