@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.chunk_fwd import forward_states, loop_blocks, state_block_v
-from kernels.common import Tiling, dot_precision, launch_options, tile_bounds
+from kernels.common import Tiling, dot_precision, gram, launch_options, tile_bounds
 
 
 @triton.jit
@@ -42,13 +42,7 @@ def _local_dw_kernel(
     cv = i_v * BV + tl.arange(0, BV)
     m_tv = row_ok[:, None] & (cv < V)[None, :]
     p_qk = i_b.to(tl.int64) * T * H * K + i_h * K + rows[:, None] * (H * K)  # [BT, 1]
-    qk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        ck = i_k * BK + tl.arange(0, BK)
-        m_tk = row_ok[:, None] & (ck < K)[None, :]
-        b_q = tl.load(q + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
-        b_k = tl.load(k + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
-        qk += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BT, BT]
+    qk = gram(q + p_qk, k + p_qk, row_ok, K, BT, BK, PREC)  # Q Kᵀ, [BT, BT]
     head = i_bh.to(tl.int64) * T
     g = tl.load(g_buf + head + rows, mask=row_ok, other=0.0)  # [BT]
     causal = (r[:, None] >= r[None, :]) & row_ok[:, None]
@@ -110,6 +104,23 @@ def _state_bwd_kernel(
             dm -= tl.dot(tl.trans(b_wc), b_dw, input_precision=PREC)  # [BK, BV]
     if STORE_DH0:
         tl.store(dh0 + i_bh.to(tl.int64) * K * V + p_kv, dm, mask=m_kv)
+
+
+@triton.jit
+def _log_alpha_grad(s_o, s_a, g, g_prev, g_last, b_beta, terms, n, BT: tl.constexpr):
+    """d(log α_t) inside one tile, collecting every place the decays appear (kernels/README.md, "Backward").
+
+    dg_t is the gradient of g_t = Σ_{j≤t} a_j and dg⁻_t that of g⁻_t = Σ_{j<t} a_j, so d a_j = Σ_{t≥j} dg_t +
+    Σ_{t>j} dg⁻_t. s_o = dS ⊙ QKᵀ (the decays D of P), s_a = dG ⊙ KKᵀ (the decays inside A); ``terms`` holds
+    the row sums Σ_v dO ⊙ QM, Σ_v dR ⊙ KM, Σ_v (K dM') ⊙ W and the scalar ⟨dM', M⟩.
+    """
+    do_qm, dr_km, kdm_w, frob = terms
+    r = tl.arange(0, BT)
+    w_end = tl.where(r < n, tl.exp(g_last - g) * kdm_w, 0.0)  # from e^{g_n − g_i} in M'
+    dg = tl.sum(s_o, 1) - tl.sum(s_o, 0) - tl.sum(s_a, 0) + tl.exp(g) * do_qm - w_end
+    dg += tl.where(r == n - 1, tl.exp(g_last) * frob + tl.sum(w_end, 0), 0.0)  # from e^{g_n} in M'
+    dgp = tl.sum(s_a, 1) - b_beta * tl.exp(g_prev) * dr_km  # from A and from e^{g⁻} in R
+    return tl.cumsum(dg, 0, reverse=True) + tl.cumsum(dgp, 0, reverse=True) - dgp
 
 
 @triton.jit
@@ -185,15 +196,8 @@ def _tile_grads_kernel(
         do_qm += tl.sum(b_do * qm, 1)
         kdm_w += tl.sum(kdm * b_w, 1)
 
-    qk = tl.zeros([BT, BT], dtype=tl.float32)
-    kk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        ck = i_k * BK + tl.arange(0, BK)
-        m_tk = row_ok[:, None] & (ck < K)[None, :]
-        b_q = tl.load(q + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
-        b_k = tl.load(k + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
-        qk += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-        kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    qk = gram(q + p_qk, k + p_qk, row_ok, K, BT, BK, PREC)  # Q Kᵀ, [BT, BT]
+    kk = gram(k + p_qk, k + p_qk, row_ok, K, BT, BK, PREC)  # K Kᵀ, [BT, BT]
     causal = (r[:, None] >= r[None, :]) & row_ok[:, None]
     strict = (r[:, None] > r[None, :]) & row_ok[:, None]
     ds = tl.where(causal, dow * tl.exp(tl.where(causal, g[:, None] - g[None, :], 0.0)), 0.0)  # dS, [BT, BT]
@@ -204,14 +208,8 @@ def _tile_grads_kernel(
     tl.store(dgk_buf + (head + rows)[:, None] * BT + r[None, :], dgk, mask=row_ok[:, None])
     d_beta = tl.sum(da * kk, 1) - tl.exp(g_prev) * dr_km  # [BT]
 
-    # decay gradients: dg for g_t (inclusive sums), dgp for g⁻_t (exclusive sums); see README
-    s_o = ds * qk  # from D in P
-    s_a = dgk * kk  # from the decays inside A
-    w_end = tl.where(row_ok, tl.exp(g_last - g) * kdm_w, 0.0)  # from e^{g_n − g_i} in M'
-    dg = tl.sum(s_o, 1) - tl.sum(s_o, 0) - tl.sum(s_a, 0) + tl.exp(g) * do_qm - w_end
-    dg += tl.where(r == n - 1, tl.exp(g_last) * tl.sum(frob, 0) + tl.sum(w_end, 0), 0.0)
-    dgp = tl.sum(s_a, 1) - b_beta * tl.exp(g_prev) * dr_km
-    d_log_alpha = tl.cumsum(dg, 0, reverse=True) + tl.cumsum(dgp, 0, reverse=True) - dgp  # [BT]
+    terms = (do_qm, dr_km, kdm_w, tl.sum(frob, 0))
+    d_log_alpha = _log_alpha_grad(ds * qk, dgk * kk, g, g_prev, g_last, b_beta, terms, n, BT)  # [BT]
     tl.store(deta + p_gate, d_eta.to(deta.dtype.element_ty), mask=row_ok)
     tl.store(dbeta + p_gate, d_beta.to(dbeta.dtype.element_ty), mask=row_ok)
     tl.store(dalpha + p_gate, (d_log_alpha / b_alpha).to(dalpha.dtype.element_ty), mask=row_ok)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import Tiling, dot_precision, launch_options, tile_bounds, unit_lower_inverse
+from kernels.common import Tiling, dot_precision, gram, launch_options, tile_bounds, unit_lower_inverse
 
 
 @triton.jit
@@ -44,11 +44,7 @@ def _prepare_kernel(
     b_beta = tl.load(beta + p_gate, mask=row_ok, other=0.0).to(tl.float32)  # [BT]
 
     p_k = k + i_b.to(tl.int64) * T * H * K + i_h * K + rows[:, None] * (H * K)  # [BT, 1]
-    kk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        ck = i_k * BK + tl.arange(0, BK)
-        b_k = tl.load(p_k + ck[None, :], mask=row_ok[:, None] & (ck < K)[None, :], other=0.0).to(tl.float32)
-        kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # [BT, BT]
+    kk = gram(p_k, p_k, row_ok, K, BT, BK, PREC)  # K Kᵀ, [BT, BT]
     strict = (r[:, None] > r[None, :]) & row_ok[:, None]
     decay = tl.exp(tl.where(strict, g_prev[:, None] - g[None, :], 0.0))  # [BT, BT], ≤ 1 where used
     tm = unit_lower_inverse(tl.where(strict, b_beta[:, None] * decay * kk, 0.0), BT, PREC)  # [BT, BT]

@@ -156,6 +156,20 @@ def tile_bounds(i_t, T, C, L, NSUB):
 
 
 @triton.jit
+def gram(a_rows, b_rows, row_ok, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """A Bᵀ [BT, BT] (fp32) of two [BT, K] row blocks whose row r starts at ``a_rows[r]`` / ``b_rows[r]``
+    (pointer columns [BT, 1]); rows where ``row_ok`` is false count as zero."""
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        ck = i_k * BK + tl.arange(0, BK)
+        mask = row_ok[:, None] & (ck < K)[None, :]
+        b_a = tl.load(a_rows + ck[None, :], mask=mask, other=0.0).to(tl.float32)  # [BT, BK]
+        b_b = tl.load(b_rows + ck[None, :], mask=mask, other=0.0).to(tl.float32)  # [BT, BK]
+        acc += tl.dot(b_a, tl.trans(b_b), input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def unit_lower_inverse(a, BT: tl.constexpr, PREC: tl.constexpr):
     """(I + A)⁻¹ for a strictly lower-triangular A [BT, BT] (BT ≤ 64), by doubling the inverted diagonal blocks.
 
