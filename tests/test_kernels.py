@@ -315,4 +315,5 @@ def test_gpu_bf16(chunk_size, erase):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("K,V,chunk_size", [(128, 128, 64), (256, 256, 64), (256, 64, 100), (64, 256, 32)])
 def test_gpu_large_shapes(K, V, chunk_size):
-    run_grad_case(2, 2048, 4, K, V, chunk_size, "dgd", True, torch.float32)
+    # the fp64 oracle's autograd graph holds ~4 [B, H, K, V] tensors per token: B·H = 2 keeps it near 4 GiB
+    run_grad_case(1, 1024, 2, K, V, chunk_size, "dgd", True, torch.float32)
