@@ -33,22 +33,28 @@ def _recurrent_kernel(
     if HAS_H0:
         m += tl.load(h0 + i_bh.to(tl.int64) * K * V + p_kv, mask=m_k[:, None] & m_v[None, :], other=0.0)
     m_c = m
-    p_qk = i_b.to(tl.int64) * T * H * K + i_h * K
-    p_v = i_b.to(tl.int64) * T * H * V + i_h * V
+    # per-token pointers, advanced by one token each step (64-bit pointer arithmetic: no int32 overflow in T·H·K)
+    p_q = q + i_b.to(tl.int64) * T * H * K + i_h * K + ck  # [BK]
+    p_k = k + i_b.to(tl.int64) * T * H * K + i_h * K + ck  # [BK]
+    p_v = v + i_b.to(tl.int64) * T * H * V + i_h * V + cv  # [BV]
+    p_o = o + i_b.to(tl.int64) * T * H * V + i_h * V + cv  # [BV]
     p_gate = i_b.to(tl.int64) * T * H + i_h
+    p_eta, p_alpha, p_beta = eta + p_gate, alpha + p_gate, beta + p_gate
     for t in range(T):
         m_c = tl.where(t % C == 0, m, m_c)  # first token of a chunk: gradients are taken at this state
-        b_q = tl.load(q + p_qk + t * H * K + ck, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-        b_k = tl.load(k + p_qk + t * H * K + ck, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-        b_v = tl.load(v + p_v + t * H * V + cv, mask=m_v, other=0.0).to(tl.float32)  # [BV]
-        b_eta = tl.load(eta + p_gate + t * H).to(tl.float32)
-        b_alpha = tl.load(alpha + p_gate + t * H).to(tl.float32)
-        b_beta = tl.load(beta + p_gate + t * H).to(tl.float32)
+        b_q = tl.load(p_q, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+        b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)  # [BV]
+        b_eta = tl.load(p_eta).to(tl.float32)
+        b_alpha = tl.load(p_alpha).to(tl.float32)
+        b_beta = tl.load(p_beta).to(tl.float32)
         b_u = b_v - tl.sum(m_c * b_k[:, None], 0)  # v − M_cᵀ k, [BV]
         b_w = b_eta * b_u - b_beta * tl.sum(m * b_k[:, None], 0)  # [BV]
         m = b_alpha * m + b_k[:, None] * b_w[None, :]  # [BK, BV]
         b_o = tl.sum(m * b_q[:, None], 0)  # [BV]
-        tl.store(o + p_v + t * H * V + cv, b_o.to(o.dtype.element_ty), mask=m_v)
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+        p_q, p_k, p_v, p_o = p_q + H * K, p_k + H * K, p_v + H * V, p_o + H * V
+        p_eta, p_alpha, p_beta = p_eta + H, p_alpha + H, p_beta + H
     if STORE_HT:
         tl.store(ht + i_bh.to(tl.int64) * K * V + p_kv, m, mask=m_k[:, None] & m_v[None, :])
 

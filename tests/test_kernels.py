@@ -172,6 +172,20 @@ def test_beta_none_is_plain_gd():
     assert torch.equal(o_none, o_zero) and torch.equal(ht_none, ht_zero)
 
 
+def test_gradients_without_final_state():
+    """output_final_state=False: the backward gets no state gradient and must equal the dht = 0 case."""
+    B, T, H, K, V = 1, 20, 2, 16, 16
+    x = make_inputs(B, T, H, K, V, "dgd", torch.float32, True)
+    do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    o, final = chunk_memory_update(*[leaves[n] for n in GRAD_NAMES[:6]], 8, leaves["initial_state"])
+    assert final is None
+    (o * do).sum().backward()
+    got = {n: t.grad for n, t in leaves.items()}
+    ref = kernel_with_grads(x, 8, do, torch.zeros(B, H, K, V, device=DEVICE))
+    assert all(torch.equal(got[n], ref[n]) for n in GRAD_NAMES)
+
+
 def test_beta0_chunk1_is_the_gated_delta_rule():
     """β = 0, C = 1 ⇒ S_t = α_t S_{t−1}(I − (η_t/α_t) k kᵀ) + (η_t/α_t) (α_t v_t) kᵀ: fla's gated delta rule with
     g = log α, b = η/α and values α v (the mapping the benchmark uses), written here as its own loop."""
