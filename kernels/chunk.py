@@ -34,6 +34,8 @@ class ChunkMemoryUpdateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: torch.Tensor, dht: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         q, k, v, eta, alpha, beta, initial_state = ctx.saved_tensors
+        # autograd may hand over broadcast (stride-0) gradients, e.g. from o.sum(): the kernels need dense ones
+        dht = None if dht is None else dht.contiguous()
         grads = chunk_bwd(q, k, v, eta, alpha, beta, ctx.tiling, initial_state, do.contiguous(), dht)
         dq, dk, dv, deta, dalpha, dbeta, dh0 = grads
         return dq, dk, dv, deta, dalpha, dbeta, None, dh0, None

@@ -186,6 +186,18 @@ def test_gradients_without_final_state():
     assert all(torch.equal(got[n], ref[n]) for n in GRAD_NAMES)
 
 
+def test_broadcast_output_gradients():
+    """o.sum() and final.sum() send stride-0 gradients into backward; they must be read as dense ones."""
+    B, T, H, K, V = 1, 20, 2, 16, 16
+    x = make_inputs(B, T, H, K, V, "dgd", torch.float32, True)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    o, final = chunk_memory_update(*[leaves[n] for n in GRAD_NAMES[:6]], 8, leaves["initial_state"], True)
+    (o.sum() + final.sum()).backward()
+    ones_o, ones_s = torch.ones(B, T, H, V, device=DEVICE), torch.ones(B, H, K, V, device=DEVICE)
+    ref = oracle_fp64(x, 8, ones_o, ones_s)
+    assert_all_close({n: t.grad for n, t in leaves.items()}, {n: ref[n] for n in GRAD_NAMES}, TOL[torch.float32])
+
+
 def test_beta0_chunk1_is_the_gated_delta_rule():
     """β = 0, C = 1 ⇒ S_t = α_t S_{t−1}(I − (η_t/α_t) k kᵀ) + (η_t/α_t) (α_t v_t) kᵀ: fla's gated delta rule with
     g = log α, b = η/α and values α v (the mapping the benchmark uses), written here as its own loop."""

@@ -6,17 +6,21 @@
 The host functions (``chunk_fwd``, ``chunk_bwd``, ``recurrent_fwd``) are run on CPU tensors with every kernel
 launch intercepted, so each kernel is compiled with exactly the arguments, block sizes and ``num_warps`` that a
 real run would use. Each launch goes through Triton's full pipeline (TTIR → TTGIR → LLVM → PTX) and the PTX
-through ptxas to a cubin, whose resource usage (registers, stack, local-memory spill bytes, shared memory) is
-read back with the cuobjdump shipped with Triton. This catches compile errors the interpreter cannot see (it
-runs the kernels as NumPy) and register spills; it measures no speed.
+through ptxas to a cubin, whose registers and stack (spill) bytes per thread are read back with the cuobjdump
+shipped with Triton; shared memory comes from Triton's metadata and is checked against the per-block limit.
+This catches compile errors the interpreter cannot see (it runs the kernels as NumPy), register spills and
+shared-memory overflows; it measures no speed.
 Dimensions: B batch, T time, H heads, K key width, V value width, C chunk.
 """
 
 import argparse
+import datetime
 import itertools
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -32,6 +36,7 @@ from kernels.chunk_fwd import chunk_fwd  # noqa: E402
 from kernels.common import plan_tiles  # noqa: E402
 from kernels.recurrent import recurrent_fwd  # noqa: E402
 
+SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory one block may use (A100, H100)
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -104,6 +109,7 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", help="K = V values (default: 64 128 256)")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], help="default: bfloat16")
     parser.add_argument("--chunks", type=int, nargs="+", help="chunk sizes (default: 64 200)")
+    parser.add_argument("--out", help="also write the table as JSON to this file")
     cli = parser.parse_args()
     archs = [("cuda", 90, "sm_90"), ("cuda", 80, "sm_80")] if cli.full else [("cuda", 90, "sm_90")]
     widths = [(w, w) for w in cli.widths] if cli.widths else [(64, 64), (128, 128), (256, 256)]
@@ -111,8 +117,8 @@ def main() -> None:
     dtypes = [getattr(torch, d) for d in cli.dtypes] if cli.dtypes else [torch.bfloat16]
     dtypes = [torch.float32, torch.bfloat16, torch.float16] if cli.full else dtypes
     chunks = cli.chunks or ([16, 64, 200] if cli.full else [64, 200])
-    seen, failures = set(), 0
-    print(f"{'kernel':22s} {'arch':7s} {'dtype':9s} {'K':>4s} {'V':>4s} {'C':>4s} warps  regs stack local shared")
+    seen, rows, failures = set(), [], 0
+    print(f"{'kernel':22s} {'arch':6s} {'dtype':9s} {'K':>4s} {'V':>4s} {'C':>4s} warps stages regs stack  smem")
     for (backend, cc, arch), (K, V), dtype, chunk_size in itertools.product(archs, widths, dtypes, chunks):
         for kernel, named, options in host_calls(1, 512, 2, K, V, chunk_size, dtype):
             types, constants = signature(kernel, named)
@@ -120,19 +126,35 @@ def main() -> None:
             if key in seen:
                 continue
             seen.add(key)
-            row = f"{kernel.__name__:22s} {arch:7s} {str(dtype)[6:]:9s} {K:4d} {V:4d} {chunk_size:4d}"
+            row = dict(kernel=kernel.__name__, arch=arch, dtype=str(dtype)[6:], K=K, V=V, C=chunk_size,
+                       num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3))  # fmt: skip
+            text = " ".join(f"{row[c]:{w}}" for c, w in (("kernel", 22), ("arch", 6), ("dtype", 9), ("K", 4), ("V", 4),
+                                                         ("C", 4), ("num_warps", 5), ("num_stages", 6)))  # fmt: skip
             try:
                 compiled = triton.compile(ASTSource(kernel, types, constants), target=GPUTarget(backend, cc, 32),
                                           options=dict(options))  # fmt: skip
                 usage = resource_usage(compiled.asm["cubin"])
             except Exception as error:  # report every failing kernel, not just the first
                 failures += 1
-                print(f"{row} FAILED: {str(error).splitlines()[-1][:200]}")
+                print(f"{text} FAILED: {str(error).splitlines()[-1][:200]}")
                 continue
-            print(f"{row} {options.get('num_warps', 4):5d} {usage['REG']:5d} {usage['STACK']:5d} {usage['LOCAL']:5d} "
-                  f"{usage['SHARED']:6d}", flush=True)  # fmt: skip
+            row.update(regs=usage["REG"], stack=usage["STACK"], shared=compiled.metadata.shared)
+            over = row["shared"] > SHARED_LIMIT[cc]
+            failures += over
+            print(f"{text} {row['regs']:4d} {row['stack']:5d} {row['shared']:6d}" + (" OVER LIMIT" if over else ""),
+                  flush=True)  # fmt: skip
+            rows.append(row)
+    if cli.out:
+        with open(cli.out, "w") as f:
+            meta = dict(
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                triton=triton.__version__,
+                machine="no GPU: compiled only",
+                command=" ".join(sys.argv),
+            )
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)  # fmt: skip
     if failures:
-        raise SystemExit(f"{failures} kernel compilations failed")
+        raise SystemExit(f"{failures} kernel compilations failed or exceed shared memory")
 
 
 if __name__ == "__main__":
