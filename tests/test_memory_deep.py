@@ -122,6 +122,19 @@ def test_pieces_equal_one_call():
         assert rel_rms(st[name], s_ref[name]) < 1e-10
 
 
+def test_long_sequence_with_large_chunks_stays_bounded():
+    """C = 64, T = 2048, no retention (α = 1): W₁'s normalised step η̃ = η/(1 + Cη‖h‖²) keeps the chunk's summed
+    GD steps below 1 (with η itself the weights overflow to NaN)."""
+    B, T, H, K, Fh = 1, 2048, 2, 16, 16
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)
+    eta = 0.5 * torch.sigmoid(r(B, T, H))
+    state = {"w2": r(B, H, K, Fh) * K**-0.5, "w1": r(B, H, Fh, K) * 0.02}
+    o, s, _ = deep_chunked(r(B, T, H, K), F.normalize(r(B, T, H, K), dim=-1), r(B, T, H, K), eta,
+                           torch.ones(B, T, H), eta, 64, state)
+    assert torch.isfinite(o).all() and s["w1"].abs().max() < 100 and s["w2"].abs().max() < 100
+
+
 def test_missing_state_and_bad_objective_raise():
     x, state = make_case(4, "l2", "dgd", False)
     with pytest.raises(ValueError, match="'w2' and 'w1'"):

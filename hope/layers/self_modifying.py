@@ -100,6 +100,10 @@ class SelfModifyingCore(nn.Module):
     x ─► W_g ─► SiLU ─────────────────────── (⊙) ◄─ per-head RMSNorm ◄─ o [B,T,H,K]
                                               └─► W_o ─► y [B,T,D]
     ```
+    Two choices beyond the paper keep the self-referential writes bounded (DESIGN.md §3; see `MemoryConfig`):
+    self-generated targets read the normalised value, M_□,c(v̄_t) with v̄ = v/‖v‖, and M_mem's momentum writes
+    (1 − γ_t)η_t. `tests/test_cores.py::test_long_stream_stays_finite` fails without either.
+
     The four (five with `adaptive_q`) linear projection memories share keys and gates, so they are one
     linear memory whose read has P = 2K + 2 columns [k | v | (q) | η | α]. The scalar read-outs M_η, M_α are
     always linear (d_h → 1); with `proj_depth="deep"` M_k, M_v (M_q) are residual MLPs. State keys: "pos",
@@ -196,8 +200,10 @@ class SelfModifyingCore(nn.Module):
         if not fused:
             q = reads["q"] if q is None else q
             beta = reads["eta"] if mc.erase == "dgd" else None
-            reads["o"], mem = self._main_memory(q, reads["k"], reads["v"], reads["eta"], reads["alpha"], beta,
-                                                gamma, state, pos)  # [B, T, H, K]
+            eta = reads["eta"] if gamma is None else reads["eta"] * (1 - gamma)  # see `_mem_chunk`
+            v = reads["v_in"] if self.mem_objective == "self" else reads["v"]
+            reads["o"], mem = self._main_memory(q, reads["k"], v, eta, reads["alpha"], beta, gamma, state,
+                                                pos)  # [B, T, H, K]
             new.update(mem)
         new.update(pos=state["pos"] + T, conv=conv_cache)
         return self.output(reads["o"].to(x.dtype), x), new
@@ -253,13 +259,17 @@ class SelfModifyingCore(nn.Module):
     def _mem_chunk(self, ops_n, st: dict[str, Tensor], r: dict[str, Tensor], gamma: Tensor | None,
                    boundary: bool) -> tuple[Tensor, dict[str, Tensor]]:
         """One piece of the linear M_mem inside the sweep; `boundary`: the piece starts one of M_mem's chunks."""
-        beta = r["eta"] if self.mc.erase == "dgd" else None
+        beta, eta = (r["eta"] if self.mc.erase == "dgd" else None), r["eta"]
         if gamma is not None:  # the projection memories have no momentum: M_mem needs operators of its own
             ops_n = ops.chunk_operators(r["k"], r["alpha"], beta, r["q"], gamma)
+            # momentum writes (1 − γ)η: Z is then an average of the updates, whose step stays η, so the DGD bound
+            # holds (with η itself the step grows to η/(1 − γ) and the memory blows up)
+            eta = eta * (1 - gamma)
         st = dict(st)
         if boundary:
             st["mem.S_start"] = st["mem.S"]
-        y, z = ops.write_terms(r["k"], r["v"], r["eta"], self.mem_objective)  # x_t = y_t − S_cᵀ z_t
+        v = r["v_in"] if self.mem_objective == "self" else r["v"]
+        y, z = ops.write_terms(r["k"], v, eta, self.mem_objective)  # x_t = y_t − S_cᵀ z_t
         if boundary and gamma is None:
             o, st["mem.S"] = ops.linear_chunk(ops_n, st["mem.S"], y, z)
         else:
@@ -286,6 +296,10 @@ class SelfModifyingCore(nn.Module):
             reads.update({name: raw[..., i * K : (i + 1) * K] for i, name in enumerate(self.vectors)})
         k = F.normalize(reads["k"], dim=-1)
         v = reads["v"]
+        # A self-generated target reads the normalised value M_c(v̄), v̄ = v/‖v‖: along k a write then multiplies
+        # the memory by α − β − η + η kᵀv̄, which stays in [−1, 1] under the bound of DESIGN.md §3; with the raw v
+        # the factor grows with kᵀv and the self-referential memories blow up.
+        v_in = F.normalize(v, dim=-1)
         q = F.normalize(reads["q"], dim=-1) if "q" in self.vectors else q
         eta, alpha = self._gates(raw[..., -2:-1], raw[..., -1:])  # [B, H, C]
         ops_q = ops.chunk_operators(k, alpha, eta if self.mc.erase == "dgd" else None, q if with_query else None)
@@ -293,9 +307,9 @@ class SelfModifyingCore(nn.Module):
         plain = not self.mc.self_targets and not self.proj_deep
         # self-generated targets M_□,c(v): u = M_c(v) − M_c(k) = (v − k) S_c for a linear memory (eq. 93)
         if aligned and not plain:
-            _, new_S = ops.linear_chunk(ops_k, st["proj.S"], None, eta[..., None] * (k - v))
+            _, new_S = ops.linear_chunk(ops_k, st["proj.S"], None, eta[..., None] * (k - v_in))
         else:
-            write = -(k - v) @ start  # [B, H, C, P]
+            write = -(k - v_in) @ start  # [B, H, C, P]
             if plain:  # u = v − S_c k for M_k, M_v, M_q; the scalar read-outs keep their self-generated targets
                 write = torch.cat([v.repeat(1, 1, 1, nv) - k @ start[..., : nv * K], write[..., nv * K :]], dim=-1)
             _, new_S, _ = ops.chunk_step(ops_k, st["proj.S"], eta[..., None] * write)
@@ -303,10 +317,11 @@ class SelfModifyingCore(nn.Module):
         for name in self.vectors if self.proj_deep else ():
             w = {layer: st[f"proj_{name}.{layer}"] for layer in ("w2", "w1")}
             w0 = {layer: st[f"proj_{name}.{layer}_start"] for layer in ("w2", "w1")}
-            target = ops.mlp(v, w0["w2"], w0["w1"], self.mc.activation) if self.mc.self_targets else v
-            _, w = ops.deep_write(ops_k, w, w0, k, target, eta, alpha, None, self.mc.activation)
+            target = ops.mlp(v_in, w0["w2"], w0["w1"], self.mc.activation) if self.mc.self_targets else v
+            _, w = ops.deep_write(ops_k, w, w0, k, target, eta, alpha, None, self.mc.activation,
+                                  self.mc.proj_chunk_size)
             new.update({f"proj_{name}.{layer}": w[layer] for layer in ("w2", "w1")})
-        out = {"k": k, "v": v, "eta": eta, "alpha": alpha}
+        out = {"k": k, "v": v, "v_in": v_in, "eta": eta, "alpha": alpha}
         if q is not None:
             out["q"] = q
         return out, new, ops_q

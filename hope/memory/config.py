@@ -32,8 +32,10 @@ class MemoryConfig:
             a chunk are read from these memories' chunk-start states.
         erase: "dgd" (β = η, Delta Gradient Descent, eq. 88) or "gd" (β = 0, plain GD with retention). The
             Titans core always uses "gd".
-        momentum: add the momentum memory Z_t = γ_t Z_{t−1} + η_t u_t k_tᵀ to M_mem (Table 6 "w/o momentum");
-            γ_t is a sigmoid read-out of the input. The Titans core always uses momentum.
+        momentum: add the momentum memory Z_t = γ_t Z_{t−1} + η'_t u_t k_tᵀ to M_mem (Table 6 "w/o momentum");
+            γ_t = sigmoid of a linear read-out of the input, η'_t = (1 − γ_t) η_t so that Z averages the updates
+            and the step stays η_t (with η_t itself it grows to η_t/(1 − γ_t) and M_mem blows up). The Titans
+            core always uses momentum, in Titans' own undamped form.
         objective: inner objective of M_mem: "l2" (½‖Sk − v‖², eq. 93) or "dot" (−⟨Sk, v⟩, eq. 92).
         mem_depth: M_mem is a "linear" matrix memory or a "deep" residual MLP `z + W₁σ(W₂z)` (eq. 91).
         proj_depth: same choice for the projection memories M_k, M_v (and M_q); the scalar read-outs M_η, M_α
@@ -45,9 +47,10 @@ class MemoryConfig:
             add up (S_c is multiplied by I − Σ_t η_t k_t k_tᵀ), so eta_max ≤ min(1, 2/C) for the largest chunk C;
             `tests/test_memory_chunked.py` shows GD blowing up where DGD stays bounded.
         adaptive_q: q_t = M_{q,c(t)}(x_t), a projection memory, instead of a fixed linear W_q (Table 6).
-        self_targets: projection memories regress k_t onto their self-generated targets M_{□,c(t)}(v_t)
-            (eqs. 84/87); False uses the plain target v_t for M_k, M_v, M_q.
-        self_target_mem: M_mem also regresses onto its self-generated target M_{mem,c(t)}(v_t) (the literal
+        self_targets: projection memories regress k_t onto their self-generated targets M_{□,c(t)}(v̄_t)
+            (eqs. 84/87), v̄ = v/‖v‖ (normalised like k, so that the self-referential write stays within the
+            bound of DESIGN.md §3); False uses the plain target v_t for M_k, M_v, M_q.
+        self_target_mem: M_mem also regresses onto its self-generated target M_{mem,c(t)}(v̄_t) (the literal
             reading of eq. 85) instead of v_t.
         conv_width: width of the causal depthwise convolution on the core's input (eq. 97 text: 4).
         backend: kernel choice of `hope.ops.memory_update` for M_mem: "auto", "torch", "recurrent", "triton".

@@ -10,14 +10,19 @@ Rule (DESIGN.md §3, paper_notes A5; ℓ2 objective ℓ_t(W) = ½‖M_W(k_t) −
 weights W_c, read after write):
 
     W₂ ← W₂ (α_t I − β_t k_t k_tᵀ) − η_t ∇_{W₂} ℓ_t(W_c)          (DGD erase on the layer that reads k, eq. 88)
-    W₁ ← α_t W₁ − η_t ∇_{W₁} ℓ_t(W_c)                            (plain retention: W₁ reads σ(W₂ k), not k)
+    W₁ ← α_t W₁ − η̃_t ∇_{W₁} ℓ_t(W_c),  η̃_t = η_t / (1 + C η_t ‖h_t‖²)   (plain retention: W₁ reads h_t)
     o_t = M_{W_t}(q_t)
 
-With momentum the update terms go through Z₂ ← γ_t Z₂ − η_t ∇_{W₂}ℓ_t, Z₁ ← γ_t Z₁ − η_t ∇_{W₁}ℓ_t, and
+W₁'s input h_t = σ(W₂,c k_t) is not unit-norm (paper_notes §6, "DGD normalization"), and inside a chunk of C
+tokens its GD steps add up: W₁,c is multiplied by I − Σ_t η̃_t h_t h_tᵀ. The normalised step keeps
+Σ_t η̃_t ‖h_t‖² < 1, so that factor stays in [0, 1] whatever the activations (with η_t alone a chunk of 64
+correlated SiLU activations blows the memory up within a few hundred tokens).
+
+With momentum the update terms go through Z₂ ← γ_t Z₂ − η_t ∇_{W₂}ℓ_t, Z₁ ← γ_t Z₁ − η̃_t ∇_{W₁}ℓ_t, and
 W₂ ← W₂(α_t I − β_t k_t k_tᵀ) + Z₂, W₁ ← α_t W₁ + Z₁ (the linear memory's momentum form, per layer).
 
 Inside a chunk each layer is therefore a linear memory with an externally computed write value: W₂ with key
-k_t and value −η_t δ_t, W₁ with key h_t = σ(W₂,c k_t) and value −η_t e_t; `chunked.chunk_step` runs both.
+k_t and value −η_t δ_t, W₁ with key h_t = σ(W₂,c k_t) and value −η̃_t e_t; `chunked.chunk_step` runs both.
 """
 
 from __future__ import annotations
@@ -74,6 +79,11 @@ def inner_grad(
     return delta, err, h
 
 
+def hidden_step(eta: torch.Tensor, h: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """η̃ = η / (1 + C η ‖h‖²): W₁'s step for inputs h `[..., F]` (see the module docstring)  # [...]."""
+    return eta / (1 + chunk_size * eta * h.pow(2).sum(-1))
+
+
 def _target(v: torch.Tensor, start: DeepState, objective: str, act: str) -> torch.Tensor:
     """v̂ = v ("l2") or the self-generated M_{W_c}(v) ("self", eqs. 84/87), held fixed by the inner gradient."""
     if objective == "l2":
@@ -106,16 +116,18 @@ def deep_step(
     gamma: torch.Tensor | None = None,
     objective: str = "l2",
     act: str = "silu",
+    chunk_size: int = 1,
 ) -> tuple[torch.Tensor, DeepState]:
     """One token (the oracle's step): q, k, v `[B, H, K]`, gates `[B, H]`, `start` = chunk-start weights W_c.
 
-    Symbols as in the module docstring and `inner_grad`; β = None is β = 0. Returns (o `[B, H, K]`, state).
+    Symbols as in the module docstring and `inner_grad`; β = None is β = 0; `chunk_size` is the C of η̃.
+    Returns (o `[B, H, K]`, state).
     """
     col = lambda t: t[..., None, None]
     delta, err, h = inner_grad(k[..., None, :], _target(v[..., None, :], start, objective, act), start["w2"],
                                start["w1"], act)  # [B, H, 1, F], [B, H, 1, K], [B, H, 1, F]
     write2 = -col(eta) * k[..., :, None] * delta  # (−η δ kᵀ)ᵀ  # [B, H, K, F]
-    write1 = -col(eta) * h.transpose(-1, -2) * err  # (−η e hᵀ)ᵀ  # [B, H, F, K]
+    write1 = -col(hidden_step(eta, h[..., 0, :], chunk_size)) * h.transpose(-1, -2) * err  # (−η̃ e hᵀ)ᵀ  # [B, H, F, K]
     new = {}
     if gamma is not None:
         new["m2"] = col(gamma) * state["m2"] + write2
@@ -159,7 +171,7 @@ def deep_recurrent(
         if t % chunk_size == 0:
             start = state
         o, state = deep_step(state, start, q[:, t], k[:, t], v[:, t], eta[:, t], alpha[:, t], pick(beta, t),
-                             gamma=pick(gamma, t), objective=objective, act=act)
+                             gamma=pick(gamma, t), objective=objective, act=act, chunk_size=chunk_size)
         outputs.append(o)
     o = torch.stack(outputs, dim=1) if outputs else torch.zeros_like(q)  # [B, T, H, K]
     return o.to(in_dtype), state
@@ -175,16 +187,18 @@ def deep_write(
     alpha: torch.Tensor,
     gamma: torch.Tensor | None,
     act: str,
+    chunk_size: int,
 ) -> tuple[torch.Tensor | None, DeepState]:
-    """One (possibly partial) chunk `[B, H, C, ·]` of writes from `state`, inner gradients of ½‖M(k) − v̂‖² at the
-    chunk-start weights `start`. `ops2` = `chunk_operators(k, α, β, q, γ)` of the W₂ layer; with a query in
-    `ops2` the reads after the writes M_{W_t}(q_t) are returned too (else None)."""
+    """One (possibly partial) chunk `[B, H, C', ·]` of writes from `state`, inner gradients of ½‖M(k) − v̂‖² at
+    the chunk-start weights `start`; `chunk_size` is the memory's C (of η̃), not the length C' of this piece.
+    `ops2` = `chunk_operators(k, α, β, q, γ)` of the W₂ layer; with a query in `ops2` the reads after the
+    writes M_{W_t}(q_t) are returned too (else None)."""
     delta, err, h = inner_grad(k, target, start["w2"], start["w1"], act)  # [B, H, C, F|K]
-    eta = eta[..., None]  # [B, H, C, 1]
-    o2, w2, m2 = chunk_step(ops2, state["w2"], -eta * delta, state.get("m2"))  # o2_t = W₂,t q_t  # [B, H, C, F]
+    o2, w2, m2 = chunk_step(ops2, state["w2"], -eta[..., None] * delta, state.get("m2"))  # W₂,t q_t  # [B, H, C, F]
     query = None if o2 is None else activation(o2, act)[0]  # σ(W₂,t q_t)
     ops1 = chunk_operators(h, alpha, None, query, gamma)  # W₁ reads h_t = σ(W₂,c k_t): no erase, plain retention
-    o1, w1, m1 = chunk_step(ops1, state["w1"], -eta * err, state.get("m1"))  # [B, H, C, K]
+    step1 = hidden_step(eta, h, chunk_size)[..., None]  # η̃  # [B, H, C, 1]
+    o1, w1, m1 = chunk_step(ops1, state["w1"], -step1 * err, state.get("m1"))  # [B, H, C, K]
     new = {"w2": w2, "w1": w1} if m2 is None else {"w2": w2, "w1": w1, "m2": m2, "m1": m1}
     return o1, new
 
@@ -241,7 +255,7 @@ def deep_chunked(
             start = weights(state)  # a chunk boundary: gradients are taken at the weights reached here
         q_n, k_n, v_n, eta_n, alpha_n, _, gamma_n = seg
         o, state = deep_write(ops2, state, start, k_n, _target(v_n, start, objective, act), eta_n, alpha_n, gamma_n,
-                              act)
+                              act, chunk_size)
         outputs.append(q_n + o)  # M(q) = q + W₁σ(W₂q)
     if (offset + T) % C == 0:
         start = weights(state)
