@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hope.config import HopeConfig
-from hope.layers.conv import CausalConv
+from hope.layers.conv import CausalConv, _ShiftedConv
 from hope.layers.self_modifying import SelfModifyingCore
 from hope.layers.titans import TitansCore
 from hope.memory.config import MemoryConfig
@@ -209,7 +209,8 @@ def test_conv_carries_its_inputs():
     conv = CausalConv(6, 4).to(DT)
     x = torch.randn(2, 9, 6, dtype=DT)
     y, cache = conv(x)
-    ref = torch.nn.functional.conv1d(torch.nn.functional.pad(x.mT, (3, 0)), conv.weight, conv.bias, groups=6).mT
+    padded = torch.nn.functional.pad(x.mT, (3, 0))
+    ref = torch.nn.functional.conv1d(padded, conv.weight[:, None], conv.bias, groups=6).mT
     assert rel_rms(y, ref) < 1e-14 and torch.equal(cache, x[:, -3:])
     ys, cache = [], None
     for t in range(9):
@@ -218,3 +219,11 @@ def test_conv_carries_its_inputs():
     assert rel_rms(torch.cat(ys, dim=1), y) < 1e-14
     with pytest.raises(ValueError, match=r"conv cache must be \[B, W−1, D\]"):
         conv(x, torch.zeros(2, 2, 6, dtype=DT))
+
+
+def test_conv_backward_is_exact():
+    """The hand-written backward of the shifted multiply-adds, against finite differences."""
+    padded = torch.randn(2, 10, 5, dtype=DT, requires_grad=True)
+    weight = torch.randn(5, 4, dtype=DT, requires_grad=True)
+    bias = torch.randn(5, dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(_ShiftedConv.apply, (padded, weight, bias))

@@ -198,25 +198,26 @@ class SelfModifyingCore(nn.Module):
         fused = "S" in self.mem_init and (mc.backend == "torch" or (mc.backend == "auto" and not x.is_cuda))
         reads, new = self._sweep(xs.view(B, T, H, K), q, gamma, state, pos, fused)
         if not fused:
-            q = reads["q"] if q is None else q
-            beta = reads["eta"] if mc.erase == "dgd" else None
-            eta = reads["eta"] if gamma is None else reads["eta"] * (1 - gamma)  # see `_mem_chunk`
-            v = reads["v_in"] if self.mem_objective == "self" else reads["v"]
-            reads["o"], mem = self._main_memory(q, reads["k"], v, eta, reads["alpha"], beta, gamma, state,
-                                                pos)  # [B, T, H, K]
+            reads["o"], mem = self._main_memory(reads, q, gamma, state, pos)  # [B, T, H, K]
             new.update(mem)
         new.update(pos=state["pos"] + T, conv=conv_cache)
         return self.output(reads["o"].to(x.dtype), x), new
 
-    def _main_memory(self, q, k, v, eta, alpha, beta, gamma, state, pos):
-        """M_mem over the whole piece: write (k, v̂) with (η, α, β, γ), read q after the write (eqs. 88–93)."""
+    def _main_memory(self, r: dict[str, Tensor], q: Tensor | None, gamma: Tensor | None, state: dict[str, Tensor],
+                     pos: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """M_mem over the whole piece (oracle, Triton or a deep M_mem): write (k, v̂) with (η, α, β, γ), then read
+        q after the write (eqs. 88–93). `r` holds the sweep's reads `[B, T, H, ·]`."""
         C, mc = self.mc.chunk_size, self.mc
+        q = r["q"] if q is None else q
+        beta = r["eta"] if mc.erase == "dgd" else None
+        eta = r["eta"] if gamma is None else r["eta"] * (1 - gamma)  # see `_mem_chunk`
+        v = r["v_in"] if self.mem_objective == "self" else r["v"]
         st = {name[4:]: t for name, t in state.items() if name.startswith("mem.")}
         if "S" in self.mem_init:
-            o, st = ops.memory_stream(q, k, v, eta, alpha, beta, C, st, pos % C, mc.backend, gamma=gamma,
+            o, st = ops.memory_stream(q, r["k"], v, eta, r["alpha"], beta, C, st, pos % C, mc.backend, gamma=gamma,
                                       objective=self.mem_objective)
         else:
-            o, st = ops.deep_memory(q, k, v, eta, alpha, beta, C, st, pos % C, gamma=gamma,
+            o, st = ops.deep_memory(q, r["k"], v, eta, r["alpha"], beta, C, st, pos % C, gamma=gamma,
                                     objective=self.mem_objective, act=mc.activation)
         return o, {f"mem.{name}": t for name, t in st.items()}
 
@@ -286,14 +287,15 @@ class SelfModifyingCore(nn.Module):
         the reads, the new states and the chunk operators (with the query q when `with_query`)."""
         K, nv = self.head_dim, len(self.vectors)
         start = st["proj.S_start"]
-        raw = x @ start  # [B, H, C, P]
+        widths = [K] * ((start.shape[-1] - 2) // K) + [1, 1]  # [k | v | (q) | η | α]
+        *vector_reads, eta_raw, alpha_raw = (x @ start).split(widths, dim=-1)  # reads at the chunk start
         reads = {}
         if self.proj_deep:
             for name in self.vectors:
                 w = {layer: st[f"proj_{name}.{layer}_start"] for layer in ("w2", "w1")}
                 reads[name] = ops.mlp(x, w["w2"], w["w1"], self.mc.activation)  # [B, H, C, K]
         else:
-            reads.update({name: raw[..., i * K : (i + 1) * K] for i, name in enumerate(self.vectors)})
+            reads.update(zip(self.vectors, vector_reads))  # [B, H, C, K] each
         k = F.normalize(reads["k"], dim=-1)
         v = reads["v"]
         # A self-generated target reads the normalised value M_c(v̄), v̄ = v/‖v‖: along k a write then multiplies
@@ -301,7 +303,7 @@ class SelfModifyingCore(nn.Module):
         # the factor grows with kᵀv and the self-referential memories blow up.
         v_in = F.normalize(v, dim=-1)
         q = F.normalize(reads["q"], dim=-1) if "q" in self.vectors else q
-        eta, alpha = self._gates(raw[..., -2:-1], raw[..., -1:])  # [B, H, C]
+        eta, alpha = self._gates(eta_raw, alpha_raw)  # [B, H, C]
         ops_q = ops.chunk_operators(k, alpha, eta if self.mc.erase == "dgd" else None, q if with_query else None)
         ops_k = ops_q._replace(q_decay=None, attn=None)  # the projection memories are written, never read here
         plain = not self.mc.self_targets and not self.proj_deep
