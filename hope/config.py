@@ -146,7 +146,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "cms": [{"period": 64, "hidden_frac": 1 / 3}, {"period": 256, "hidden_frac": 1 / 3},
                 {"period": None, "hidden_frac": 1 / 3}],
     },
-    "titans": {"core": "titans", "cms": [{"period": None}]},
+    # Titans: a narrower FFN, because the LMM core has more parameters than attention
+    "titans": {"core": "titans", "cms": [{"period": None, "hidden_frac": 0.807}]},
     "hope": {
         "core": "self_modifying",
         "cms": [{"period": 64, "hidden_frac": 1 / 3}, {"period": 256, "hidden_frac": 1 / 3},

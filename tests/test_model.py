@@ -80,12 +80,25 @@ def test_cms_weights_change_only_at_period_multiples():
     previous = None
     for t in range(13):
         state = model(ids[:, t : t + 1], state).state
-        delta = state["layers"][0]["cms"][0]["delta"]["w_up"].clone()
+        # the weights token t was processed with (a write due after token count t is applied before token t)
+        weights = state["layers"][0]["cms"][0]["fast"]["w_up"].detach().clone()
         if previous is not None:
-            changed = not torch.equal(delta, previous)
-            assert changed == ((t + 1) % 4 == 0), f"write after token count {t + 1}"
-        previous = delta
+            changed = not torch.equal(weights, previous)
+            assert changed == (t % 4 == 0), f"weights for token {t}"
+        previous = weights
+    assert state["due"] == [] and state["acc"][4] is not None  # 13 tokens: inside the 4th chunk
     assert state["layers"][0]["cms"][1] is None  # frozen level keeps no fast state
+
+
+def test_write_at_end_of_call_is_deferred_not_lost():
+    model = tiny("attention", [CMSLevel(period=4, hidden=16, lr=0.5), CMSLevel(hidden=16)])
+    ids = torch.randint(0, 23, (1, 8))
+    out = model(ids)
+    assert out.state["due"] == [4]  # the chunk ending at token count 8 is written when the weights are needed
+    exported = model.export_state(out.state)  # exporting applies it
+    direct = model(ids[:, :4]).state
+    assert not torch.equal(exported["layers"][0]["cms"][0]["delta"]["w_up"],
+                           model.export_state(direct)["layers"][0]["cms"][0]["delta"]["w_up"])
 
 
 def test_cms_write_is_per_sample_and_learns():

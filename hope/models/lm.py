@@ -137,7 +137,12 @@ class HopeLM(nn.Module):
         return list(zip(cuts[:-1], cuts[1:]))
 
     def _learn_segment(self, ids: torch.Tensor, start: int, state: dict[str, Any], keep_graph: bool) -> torch.Tensor:
-        """Forward one segment, add its next-token losses to each period's chunk loss, write finished chunks."""
+        """Forward one segment and add its next-token losses to each period's chunk loss.
+
+        A chunk that ends with this segment is written lazily, when the next segment (or `detach_state`) needs
+        the new weights: the write at the end of a training sequence, whose result nobody reads, costs nothing.
+        """
+        self._write_due(state)
         logits = self._forward_segment(ids, state)
         ce, positions = cms.prediction_losses(logits, ids, start, state.get("pending"))
         for C in self.periods:
@@ -145,14 +150,18 @@ class HopeLM(nn.Module):
             state["acc"][C] = loss if state["acc"].get(C) is None else state["acc"][C] + loss
         state["pending"] = logits[:, -1]
         end = start + ids.shape[1]
-        for C in self.periods:
-            if end % C == 0:
-                cms.write_levels(self._levels_with_period(C, state), state["acc"][C])
-                state["acc"][C] = None
+        state["due"] = [C for C in self.periods if end % C == 0]
         if not keep_graph and end % math.lcm(*self.periods) == 0:
-            # every chunk loss has just been spent: cut the graph so inference memory stays bounded
+            # every chunk loss is spent here: write now and cut the graph so inference memory stays bounded
+            self._write_due(state)
             self._detach_(state)
         return logits
+
+    def _write_due(self, state: dict[str, Any]) -> None:
+        for C in state.get("due", []):
+            cms.write_levels(self._levels_with_period(C, state), state["acc"][C])
+            state["acc"][C] = None
+        state["due"] = []
 
     def _levels_with_period(self, C: int, state: dict[str, Any]):
         return [
@@ -177,6 +186,7 @@ class HopeLM(nn.Module):
             "layers": layers,
             "acc": {},
             "pending": None,
+            "due": [],
         }
 
     def _detach_(self, state: dict[str, Any]) -> None:
@@ -195,6 +205,8 @@ class HopeLM(nn.Module):
         Chunk losses not yet written (the stream stopped inside a CMS chunk) are dropped, with a warning: export
         at a multiple of every CMS period for a continuation identical to one uninterrupted stream.
         """
+        with torch.enable_grad():
+            self._write_due(state)  # finished chunks are written (what the next call would do first)
         if any(v is not None for v in state.get("acc", {}).values()):
             warnings.warn(
                 f"state detached at position {int(state['pos'][0])}, inside a CMS chunk of periods {self.periods}: "
@@ -202,7 +214,7 @@ class HopeLM(nn.Module):
                 stacklevel=2,
             )
         out = {"pos": state["pos"].clone(), "layers": [dict(ls) for ls in state["layers"]], "acc": {},
-               "pending": state.get("pending")}
+               "pending": state.get("pending"), "due": []}
         self._detach_(out)
         return out
 
@@ -218,7 +230,7 @@ class HopeLM(nn.Module):
         """Inverse of `export_state`: a state to pass as `model(ids, state=...)`."""
         if len(saved.get("layers", [])) != len(self.blocks):
             raise ValueError(f"saved state has {len(saved.get('layers', []))} layers, model has {len(self.blocks)}")
-        state = {"pos": saved["pos"], "acc": {}, "pending": saved.get("pending"), "layers": []}
+        state = {"pos": saved["pos"], "acc": {}, "pending": saved.get("pending"), "due": [], "layers": []}
         for block, ls in zip(self.blocks, saved["layers"]):
             fast = [None if st is None else {**st, "fast": cms.materialize(mlp, st["delta"])}
                     for st, mlp in zip(ls["cms"], block.cms)]
