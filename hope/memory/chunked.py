@@ -36,6 +36,7 @@ log α in the log domain, so no ratio ever exceeds 1 and no cumulative product i
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -58,16 +59,21 @@ class ChunkOperators(NamedTuple):
     momentum: tuple[torch.Tensor, ...] | None  # see `_momentum_operators`
 
 
-def _decays(gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(D, D_prev) for a gate `[..., C]` in (0, 1]: D[t, s] = Π_{s<j≤t} gate_j (s ≤ t), D_prev[t, s] = D[t−1, s]
-    (s < t); both zero elsewhere. Differences of the log-gate cumsum are masked with `where` before `exp`, so
-    no ratio above 1 is ever formed (no overflow, no 0·inf in the backward); the gate is clamped at the
-    smallest normal number so that its log is finite."""
-    C = gate.shape[-1]
+@functools.lru_cache(maxsize=64)
+def _constants(C: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lower-triangular mask incl. the diagonal, identity) of size C: built once per size, dtype and device."""
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril(), torch.eye(C, dtype=dtype, device=device)
+
+
+def _decays(gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(D, D_prev, log ᾱ) for a gate `[..., C]` in (0, 1]: D[t, s] = Π_{s<j≤t} gate_j (s ≤ t), D_prev[t, s] =
+    D[t−1, s] (s < t), both zero elsewhere, and log ᾱ_t = Σ_{j≤t} log gate_j. Differences of the log-gate
+    cumsum are masked with `where` before `exp`, so no ratio above 1 is ever formed (no overflow, no 0·inf in
+    the backward); the gate is clamped at the smallest normal number so that its log is finite."""
+    lower, _ = _constants(gate.shape[-1], gate.dtype, gate.device)
     cum = gate.clamp_min(torch.finfo(gate.dtype).tiny).log().cumsum(-1)  # log ᾱ_t  # [..., C]
-    lower = torch.ones(C, C, dtype=torch.bool, device=gate.device).tril()
     D = torch.where(lower, cum[..., :, None] - cum[..., None, :], -torch.inf).exp()  # [..., C, C]
-    return D, F.pad(D[..., :-1, :], (0, 0, 1, 0))
+    return D, F.pad(D[..., :-1, :], (0, 0, 1, 0)), cum
 
 
 def chunk_operators(
@@ -80,16 +86,16 @@ def chunk_operators(
     """Operators of the chunk transition for keys k `[..., C, K]` and gates alpha, beta, gamma `[..., C]`
     (see the module docstring for the equations; any leading dims, any C ≥ 1). `beta=None` means β = 0
     (plain GD): then 𝒯 = I and no Gram matrix or triangular solve is formed (`solve`, `erase` are None)."""
-    C = k.shape[-2]
-    D, D_prev = _decays(alpha)  # [..., C, C]
-    decay = D[..., :, :1] * alpha[..., :1, None]  # ᾱ_t = D[t, 0] α_0  # [..., C, 1]
-    decay_prev = F.pad(decay[..., :-1, :], (0, 0, 1, 0), value=1.0)  # ᾱ_{t−1}, ᾱ_{−1} = 1  # [..., C, 1]
+    D, D_prev, cum = _decays(alpha)  # [..., C, C], [..., C, C], [..., C]
+    decay = cum.exp()[..., None]  # ᾱ_t  # [..., C, 1]
     gram = solve = erase = None
     if beta is not None:
         gram = k @ k.transpose(-1, -2)  # K Kᵀ  # [..., C, C]
-        eye = torch.eye(C, dtype=k.dtype, device=k.device)
-        lower = beta[..., :, None] * D_prev * gram  # L (strictly lower through D_prev)  # [..., C, C]
-        solve = torch.linalg.solve_triangular(eye + lower, eye.expand_as(lower), upper=False, unitriangular=True)
+        lower = beta[..., :, None] * D_prev * gram  # L, strictly lower through D_prev  # [..., C, C]
+        _, eye = _constants(k.shape[-2], k.dtype, k.device)
+        # unitriangular: the solve reads only the strict lower part of its matrix and takes ones on the diagonal
+        solve = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True)
+        decay_prev = F.pad(decay[..., :-1, :], (0, 0, 1, 0), value=1.0)  # ᾱ_{t−1}, ᾱ_{−1} = 1  # [..., C, 1]
         erase = beta[..., :, None] * decay_prev * k  # [..., C, K]
     k_end = D[..., -1, :, None] * k  # [..., C, K]
     decay_end = decay[..., -1, 0]  # [...]
@@ -103,7 +109,7 @@ def chunk_operators(
 
 def _momentum_operators(k, q, beta, gamma, D, gram) -> tuple[torch.Tensor, ...]:
     """(erase_z, erase_x, k_end_x, phi_end, k_end_z, mom_end, q_mom, attn_x) of the momentum form."""
-    G, _ = _decays(gamma)  # [..., C, C]
+    G, _, _ = _decays(gamma)  # [..., C, C]
     mom = G[..., :, :1] * gamma[..., :1, None]  # Γ_t  # [..., C, 1]
     M = D @ G  # M[t, s] = Σ_{s≤j≤t} D[t, j] G[j, s]  # [..., C, C]
     phi = D @ mom  # φ_t = Σ_{j≤t} D[t, j] Γ_j  # [..., C, 1]
