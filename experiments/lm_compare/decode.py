@@ -9,16 +9,18 @@ A Transformer++ step attends over a KV cache that grows with the context, so its
 recurrent core (Titans, HOPE) carries a fixed-size state, so its cost should stay flat. For each model one stream
 of random byte ids is prefilled up to each context length in turn — in pieces of `--prefill-chunk` tokens with
 the state carried, which bounds memory — and then N tokens are generated greedily, one `model(ids, state)` call
-each, timed. HOPE's CMS levels write their weights every 16 and 64 tokens (an inner backward pass), so N and every
-context are multiples of 64: the reported rate (N / total time) includes exactly one write of each level per 64
-tokens, the amortized cost; the median latency of one step is reported beside it. Also reported: the prefill rate
-and the size of the carried state (KV cache or fast memories) in MiB. Random weights: speed does not depend on
-what was learned. Writes `<out>/decode.json` and `<out>/decode.png`.
+each, timed. A CMS level of period C writes its weights every C tokens (an inner backward pass), so every context
+and N are multiples of the write cycle A = lcm of the compared models' CMS periods: the reported rate (N / total
+time) includes each level's writes in their true proportion, the amortized cost; the median and the longest
+single step are reported beside it. Also reported: the prefill rate and the size of the carried state (KV cache
+or fast memories) in MiB. Random weights: speed does not depend on what was learned. Writes `<out>/decode.json`
+and `<out>/decode.png`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -29,17 +31,25 @@ from typing import Any
 
 import torch
 
-from experiments.common.models import LABELS, build_models
+from experiments.common.models import LABELS, MODEL_NAMES, build_models
 from experiments.common.results import markdown_table, plot_lines, write_result
 
 NAME = "decode"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-ALIGN = 64  # lcm of HOPE's CMS periods (16, 64): contexts and N are multiples, so CMS writes amortize exactly
+WARMUP_TOKENS = 8  # untimed one-token steps on a throw-away stream before each model's sweep
 MODES: dict[str, dict[str, Any]] = {
-    "tiny": {"size": "tiny", "contexts": [64, 256], "new_tokens": 64, "prefill_chunk": 64, "threads": 1},
-    "full": {"size": "small", "contexts": [1024, 4096, 16384], "new_tokens": 64, "prefill_chunk": 512,
+    # new_tokens None: one write cycle A (the lcm of the CMS periods), at least 64
+    "tiny": {"size": "tiny", "contexts": [256, 768], "new_tokens": None, "prefill_chunk": 256, "threads": 1},
+    "full": {"size": "small", "contexts": [1024, 4096, 16384], "new_tokens": None, "prefill_chunk": 512,
              "threads": 2},
 }
+
+
+def write_cycle(names: Sequence[str], size: str | int) -> int:
+    """A = lcm of every finite CMS period of the named presets (1 when none has one)."""
+    from hope import preset
+
+    return math.lcm(1, *[p for name in names for p in preset(name, size).fast_periods])
 
 
 def state_mib(state: Any) -> float:
@@ -73,7 +83,7 @@ def sweep_contexts(name: str, model: torch.nn.Module, contexts: list[int], n_new
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     warm = None
-    for _ in range(ALIGN):  # untimed throw-away stream: one-off allocations and lazy setup are not timed below
+    for _ in range(WARMUP_TOKENS):  # a throw-away stream: one-off allocations and lazy setup are not timed below
         warm = model(torch.randint(0, vocab, (1, 1), generator=g), warm).state
     state, logits, pos, rows = None, None, 0, []
     for L in contexts:
@@ -102,11 +112,12 @@ def sweep_contexts(name: str, model: torch.nn.Module, contexts: list[int], n_new
     return rows
 
 
-def check_mode(mode: dict[str, Any]) -> None:
-    bad = [c for c in mode["contexts"] if c <= 0 or c % ALIGN]
-    if bad or mode["new_tokens"] <= 0 or mode["new_tokens"] % ALIGN:
-        raise ValueError(f"contexts and --new-tokens must be positive multiples of {ALIGN} (HOPE's CMS write cycle), "
-                         f"got contexts {mode['contexts']} and new tokens {mode['new_tokens']}")
+def check_mode(mode: dict[str, Any], cycle: int) -> None:
+    """Contexts and N: positive multiples of the write cycle, ascending, and far enough apart for one stream."""
+    bad = [c for c in mode["contexts"] if c <= 0 or c % cycle]
+    if bad or mode["new_tokens"] <= 0 or mode["new_tokens"] % cycle:
+        raise ValueError(f"contexts and --new-tokens must be positive multiples of {cycle} (the CMS write cycle, lcm "
+                         f"of the periods), got contexts {mode['contexts']} and new tokens {mode['new_tokens']}")
     if mode["prefill_chunk"] <= 0:
         raise ValueError(f"--prefill-chunk must be positive, got {mode['prefill_chunk']}")
     if sorted(set(mode["contexts"])) != list(mode["contexts"]):
@@ -127,8 +138,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             mode[key] = getattr(args, key)
     if isinstance(mode["size"], str) and mode["size"].isdigit():
         mode["size"] = int(mode["size"])  # a depth
-    check_mode(mode)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
+    bad = [n for n in names if n not in MODEL_NAMES]
+    if not names or bad:
+        raise ValueError(f"--models={args.models!r}: unknown models {bad}; choose from {list(MODEL_NAMES)}")
+    cycle = write_cycle(names, mode["size"])
+    mode["write_cycle"] = cycle
+    if mode["new_tokens"] is None:
+        mode["new_tokens"] = cycle * -(-64 // cycle)
+    check_mode(mode, cycle)
     before = torch.get_num_threads()
     torch.set_num_threads(mode["threads"])
     try:
@@ -185,7 +203,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="transformer,titans,hope", help="comma-separated presets")
     p.add_argument("--size", default=None, help="preset size (default: small; tiny with --tiny)")
     p.add_argument("--contexts", default=None, help="comma-separated context lengths (default 1024,4096,16384)")
-    p.add_argument("--new-tokens", dest="new_tokens", type=int, default=None, help="timed tokens per context (64)")
+    p.add_argument("--new-tokens", dest="new_tokens", type=int, default=None,
+                   help="timed tokens per context (default: the CMS write cycle, at least 64)")
     p.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=None, help="prefill piece (512)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; 1 with --tiny)")
     p.add_argument("--seed", type=int, default=0)

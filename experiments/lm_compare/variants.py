@@ -11,8 +11,8 @@ arXiv:2512.24695:
 | hope_gd             | erase β = 0 (plain GD with retention) instead of β = η (DGD)  | eq. 88; Table 6 "w/o DGD"  |
 | hope_no_cms         | one frozen SwiGLU level (period None), hidden = Σ CMS hiddens | eqs. 70–74; "w/o CMS"      |
 | hope_plain_targets  | M_k, M_v regress onto v_t, not self-generated M_□,c(t)(v_t)    | eqs. 84/87                 |
-| hope_mem_chunk16    | main-memory chunk C = 16 (default 64)                        | eq. 90, DESIGN.md §4       |
-| hope_proj_chunk64   | projection-memory chunk 64 (default 16)                      | eq. 90, DESIGN.md §4       |
+| hope_mem_chunk16    | main-memory chunk C = 16 (MemoryConfig default: 64)          | eq. 90, DESIGN.md §4       |
+| hope_proj_chunk64   | projection-memory chunk 64 (MemoryConfig default: 16)        | eq. 90, DESIGN.md §4       |
 
 Plain GD adds a chunk's steps at the chunk-start state, so `MemoryConfig` only accepts η_max ≤ min(1, 2/C) for
 the largest chunk C (DESIGN.md §3); `hope_gd` therefore also sets η_max to that bound, the largest stable step.
@@ -56,22 +56,27 @@ def gd_eta_max(size: str | int) -> float:
 
 def all_variants(size: str | int) -> dict[str, Variant]:
     """Every variant by name, baselines first; the ablations' overrides depend on the size dial."""
-    hidden, eta_max = frozen_ffn_hidden(size), gd_eta_max(size)
+    from hope import preset
+
+    hidden, eta_max, defaults = frozen_ffn_hidden(size), gd_eta_max(size), preset("hope", size)
     mem = "+model.config.memory"
+    periods = ", ".join(str(p) for p in defaults.fast_periods)
     variants = [
         Variant("transformer", "transformer_small", note="Transformer++: RoPE attention + SwiGLU FFN"),
         Variant("titans", "titans_small", note="Titans LMM core (deep memory, GD + momentum) + SwiGLU FFN"),
-        Variant("hope_attention", "hope_attention_small", note="attention core + 3-level CMS (16, 64, frozen)"),
-        Variant("hope", "hope_small", note="self-modifying core (DGD, C=64, proj C=16) + 3-level CMS"),
+        Variant("hope_attention", "hope_attention_small", note=f"attention core + CMS (periods {periods}, frozen)"),
+        Variant("hope", "hope_small", note=f"self-modifying core (DGD, chunks {defaults.memory.chunk_size}/"
+                f"{defaults.memory.proj_chunk_size}) + CMS (periods {periods}, frozen)"),
         Variant("hope_gd", "hope_small", (f"{mem}.erase=gd", f"{mem}.eta_max={eta_max:g}"),
                 f"β = 0 (plain GD), η_max = {eta_max:g} (the GD stability bound 2/C)"),
         Variant("hope_no_cms", "hope_small", (f"+model.config.cms=[{{period:null,hidden:{hidden}}}]",),
                 f"one frozen SwiGLU of hidden {hidden} (= the CMS levels' total) instead of the CMS"),
         Variant("hope_plain_targets", "hope_small", (f"{mem}.self_targets=false",),
                 "projection memories regress onto v_t (no self-generated targets)"),
-        Variant("hope_mem_chunk16", "hope_small", (f"{mem}.chunk_size=16",), "main-memory chunk 16 (default 64)"),
+        Variant("hope_mem_chunk16", "hope_small", (f"{mem}.chunk_size=16",),
+                f"main-memory chunk 16 (HOPE: {defaults.memory.chunk_size})"),
         Variant("hope_proj_chunk64", "hope_small", (f"{mem}.proj_chunk_size=64",),
-                "projection-memory chunk 64 (default 16)"),
+                f"projection-memory chunk 64 (HOPE: {defaults.memory.proj_chunk_size})"),
     ]
     return {v.name: v for v in variants}
 
@@ -84,5 +89,5 @@ def select(size: str | int, only: str | None) -> list[Variant]:
     names = [n.strip() for n in only.split(",") if n.strip()]
     bad = [n for n in names if n not in variants]
     if not names or bad:
-        raise ValueError(f"--only must list variants from {sorted(variants)}, got {only!r}")
+        raise ValueError(f"--only={only!r}: unknown variants {bad}; choose from {list(variants)}")
     return [variants[n] for n in variants if n in names]
