@@ -53,13 +53,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 def launch_options(sequential: bool, block_t: int) -> dict[str, int]:
     """num_warps / num_stages of a launch; reasoned from compiling for sm_90 without a GPU, not tuned by timing.
 
-    ``experiments/bench_kernel/compile_check.py`` showed that, at K = V = 256, Triton's default 3 pipeline stages
-    put the sequential state kernels at ~280 KB of shared memory (an H100 block may use 227 KB), so they run
-    unpipelined; and that [64, 64] fp32 tiles spill registers at 4 warps, hence 8 warps for 64-token tiles.
+    ``experiments/bench_kernel/compile_check.py`` showed that Triton's default 3 pipeline stages overflow the
+    227 KB of shared memory an H100 block may use (state kernels at K = V = 256: ~280 KB; the dq/dk kernel at
+    K = V = 128: 240 KB), so every kernel runs unpipelined; and that [64, 64] fp32 tiles spill registers at
+    4 warps, hence 8 warps for 64-token tiles and for the sequential kernels.
     """
-    if sequential:
-        return dict(num_warps=8, num_stages=1)
-    return dict(num_warps=8 if block_t >= 64 else 4)
+    return dict(num_warps=8 if sequential or block_t >= 64 else 4, num_stages=1)
 
 
 def interpreter_on() -> bool:
