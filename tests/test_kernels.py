@@ -90,7 +90,7 @@ def run_grad_case(B, T, H, K, V, chunk_size, erase, with_state, dtype, seed=0):
     assert_all_close(kernel_with_grads(x, chunk_size, do, dht), oracle_fp64(x, chunk_size, do, dht), TOL[dtype])
 
 
-# (B, T, H, K, V, C, erase, initial state, dtype): T in {1, 7, 64, 100, 150}; C = 1 (a tile per token),
+# (B, T, H, K, V, C, erase, initial state, dtype): T in {1, 7, 40, 64, 100, 150}; C = 1 (a tile per token),
 # C < 16 (padded tiles), C not a power of two, C = T, C > T, C > 64 (a chunk cut into 2 or 3 tiles).
 GRAD_CASES = [
     (2, 1, 2, 16, 16, 16, "dgd", True, torch.float32),
@@ -104,6 +104,7 @@ GRAD_CASES = [
     (1, 100, 2, 16, 16, 16, "gd", True, torch.float16),
     (1, 64, 2, 16, 32, 24, "dgd", False, torch.float16),
     (1, 7, 1, 16, 16, 100, "dgd", True, torch.float16),
+    (1, 40, 1, 100, 72, 16, "dgd", True, torch.float32),  # K, V > 64: several key/value blocks per loop
 ]
 
 
@@ -120,6 +121,7 @@ def test_chunk_kernel_matches_oracle(B, T, H, K, V, chunk_size, erase, with_stat
         (1, 7, 2, 16, 32, 3, "gd", False, torch.float32),
         (1, 64, 2, 20, 12, 16, "dgd", True, torch.float16),
         (1, 100, 1, 16, 16, 70, "dgd", True, torch.float32),
+        (1, 20, 1, 100, 72, 8, "gd", True, torch.float32),
     ],
 )
 def test_recurrent_kernel_matches_oracle_and_chunk_kernel(B, T, H, K, V, chunk_size, erase, with_state, dtype):
