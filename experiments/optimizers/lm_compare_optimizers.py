@@ -31,6 +31,7 @@ skipped with the reason, and its rows say so.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -69,10 +70,13 @@ LEARNING_RATES: dict[str, tuple[float, str]] = {
 
 MODES: dict[str, dict[str, Any]] = {
     # tiny: the pipeline end to end in seconds (depth 2, 32-token windows); its numbers mean nothing
-    "tiny": {"size": "tiny", "seq_len": 32, "batch_size": 2, "steps": 4, "threads": 1,
-             "extra": ["data.max_val_tokens=256", "trainer.limit_val_batches=2"]},
+    # (no CSV logger: writing its copy of the config costs ~0.5 s a run; LossClock records what the result needs)
+    "tiny": {"size": "tiny", "seq_len": 32, "batch_size": 2, "steps": 4, "val_tokens": 256, "threads": 1,
+             "logger": "none", "extra": ["trainer.limit_val_batches=2"]},
     # full: the *_small experiments as committed (depth 4, context 512, batch 8, 600 steps = 2.46M tokens)
-    "full": {"size": "small", "seq_len": 512, "batch_size": 8, "steps": 600, "threads": None, "extra": []},
+    # (validation: the config's 262,144 held-out tokens = 64 batches, once, at the last step; CSV logs every step)
+    "full": {"size": "small", "seq_len": 512, "batch_size": 8, "steps": 600, "val_tokens": None, "threads": None,
+             "logger": "csv", "extra": []},
 }
 
 
@@ -126,44 +130,64 @@ class LossClock(Callback):
         Path(self.path).write_text(json.dumps({"curve": self.curve, "val": self.val, "step_s": self.step_s}))
 
 
-def optimizer_overrides(name: str, lr: float) -> list[str]:
-    """Hydra overrides selecting optimizer `name` at peak lr `lr`, with AdamW's per-step weight decay (lr·wd) and,
-    for Muon/M3, the fallback (embeddings, head, 1-D gains) at AdamW's lr."""
+def optimizer_settings(name: str, lr: float) -> dict[str, Any]:
+    """The `model.*` fields selecting optimizer `name` at peak lr `lr`, with AdamW's per-step weight decay (lr·wd)
+    and, for Muon/M3, the fallback (embeddings, head, 1-D gains) at AdamW's lr."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"learning rate of {name!r} must be a positive finite number, got {lr!r}")
-    out = [f"model.optimizer={name}", f"model.lr={lr!r}", f"model.weight_decay={DECAY_PER_STEP / lr!r}"]
+    out: dict[str, Any] = {"optimizer": name, "lr": lr, "weight_decay": DECAY_PER_STEP / lr}
     if name in MATRIX_OPTIMIZERS:
-        out.append(f"+model.optimizer_kwargs.fallback_lr_scale={ADAMW_LR / lr!r}")  # "+": the node is an empty dict
+        out["optimizer_kwargs"] = {"fallback_lr_scale": ADAMW_LR / lr}
+    return out
+
+
+def optimizer_overrides(name: str, lr: float) -> list[str]:
+    """`optimizer_settings` as `python train.py` overrides: each run records them so it can be rerun alone."""
+    s = optimizer_settings(name, lr)
+    out = [f"model.optimizer={name}", f"model.lr={s['lr']!r}", f"model.weight_decay={s['weight_decay']!r}"]
+    out += [f"+model.optimizer_kwargs.{k}={v!r}" for k, v in s.get("optimizer_kwargs", {}).items()]  # "+": {} node
     return out
 
 
 def shared_overrides(model: str, mode: dict[str, Any], seed: int) -> list[str]:
     """The overrides every optimizer shares for `model`: its *_small experiment at the mode's size, data and steps;
-    one validation at the last step; CSV logs every step; no checkpoints, progress bar or test pass."""
+    one validation at the last step; no checkpoints, progress bar or test pass."""
     steps = mode["steps"]
     return [
         f"experiment={model}_small", f"seed={seed}", f"model.size={mode['size']}", f"data.seq_len={mode['seq_len']}",
         f"data.batch_size={mode['batch_size']}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-        "trainer.log_every_n_steps=1", "logger=csv", "test=false", "~callbacks.model_checkpoint",
+        "trainer.log_every_n_steps=1", f"logger={mode['logger']}", "test=false", "~callbacks.model_checkpoint",
         "~callbacks.progress_bar", "+trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", *mode["extra"],
-    ]
+    ] + ([] if mode["val_tokens"] is None else [f"data.max_val_tokens={mode['val_tokens']}"])
 
 
-def compose(overrides: Sequence[str], run_dir: Path, clock_path: Path):
-    """The config of `python train.py <overrides>` with outputs in `run_dir` and a `LossClock` callback."""
+def compose(overrides: Sequence[str]):
+    """The config of `python train.py <overrides>` (Hydra's own node included, as `hope.training.run` needs)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+def run_config(base, settings: dict[str, Any], run_dir: Path, clock_path: Path):
+    """A copy of the composed `base` with the optimizer `settings` applied, outputs in `run_dir` and a `LossClock`.
+
+    Composing once per model and copying saves Hydra's ~1 s per run (a tiny run takes about as long);
+    `test_overrides_reproduce_the_settings` checks that this equals composing with `optimizer_overrides`.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    cfg = copy.deepcopy(base)
     with open_dict(cfg):
+        for key, value in settings.items():
+            cfg.model[key] = value
         cfg.paths.root_dir = str(run_dir)
         cfg.paths.output_dir = str(run_dir)
         cfg.paths.data_cache = str(ROOT / ".cache" / "data")  # one token cache for every run (and the tests)
@@ -174,20 +198,21 @@ def compose(overrides: Sequence[str], run_dir: Path, clock_path: Path):
     return cfg
 
 
-def train_one(model: str, optimizer: str, lr: float, shared: list[str], run_dir: Path) -> dict[str, Any]:
-    """Train one (model, optimizer) pair; its curves and numbers, or a status saying why there are none."""
+def train_one(base, model: str, optimizer: str, lr: float, shared: list[str], run_dir: Path) -> dict[str, Any]:
+    """Train one (model, optimizer) pair from the model's composed config `base` (`shared` are its overrides); its
+    curves and numbers, or a status saying why there are none."""
     from hope.training.module import NonFiniteLossError
     from hope.training.run import run
 
-    overrides = [*shared, *optimizer_overrides(optimizer, lr)]
     run_dir.mkdir(parents=True, exist_ok=True)
     clock = run_dir / "clock.json"
     clock.unlink(missing_ok=True)
-    base = {"model": model, "optimizer": optimizer, "lr": lr, "weight_decay": DECAY_PER_STEP / lr,
-            "overrides": overrides, "loadavg_start": list(os.getloadavg())}
+    settings = optimizer_settings(optimizer, lr)
+    head = {"model": model, "optimizer": optimizer, "lr": lr, "weight_decay": settings["weight_decay"],
+            "overrides": [*shared, *optimizer_overrides(optimizer, lr)], "loadavg_start": list(os.getloadavg())}
     t0 = time.perf_counter()
     try:
-        metrics = run(compose(overrides, run_dir, clock))
+        metrics = run(run_config(base, settings, run_dir, clock))
         status, reason = "ok", None
     except NonFiniteLossError as err:
         metrics, status, reason = {}, "diverged", str(err)
@@ -199,7 +224,7 @@ def train_one(model: str, optimizer: str, lr: float, shared: list[str], run_dir:
     step_s = rec["step_s"][1:] or rec["step_s"]  # the first step pays one-off costs (allocator, lazy imports)
     bpb = metrics.get("val/bpb")
     return {
-        **base, "status": status, "reason": reason,
+        **head, "status": status, "reason": reason,
         "params": int(metrics["n_params"]) if "n_params" in metrics else None,
         "val_bpb": bpb if bpb is not None and math.isfinite(bpb) else None,
         "final_loss": final_loss(rec["curve"]),
@@ -292,7 +317,7 @@ def available(models: list[str]) -> tuple[list[str], dict[str, str]]:
 def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[str, float]]]:
     """The mode (with --steps, --size, --seq-len, --batch-size applied) and the (optimizer, lr) runs per model."""
     mode = dict(MODES["tiny" if args.tiny else "full"])
-    for key in ("steps", "size", "seq_len", "batch_size"):
+    for key in ("steps", "size", "seq_len", "batch_size", "val_tokens"):
         if getattr(args, key) is not None:
             mode[key] = getattr(args, key)
     if not isinstance(mode["steps"], int) or mode["steps"] < 1:
@@ -317,9 +342,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_start, results = list(os.getloadavg()), []
     for model in models:
         shared = shared_overrides(model, mode, args.seed)
+        base = compose(shared)
         for optimizer, lr in runs:
             print(f"[{model} / {optimizer} lr={lr:.3g}] training {mode['steps']} steps ...", flush=True)
-            r = train_one(model, optimizer, lr, shared, out / "runs" / f"{model}-{optimizer}-lr{lr:.3g}")
+            r = train_one(base, model, optimizer, lr, shared, out / "runs" / f"{model}-{optimizer}-lr{lr:.3g}")
             print(f"[{model} / {optimizer} lr={lr:.3g}] {r['status']} in {r['total_wall_s']:.0f} s, final loss "
                   f"{r['final_loss']}, val bpb {r['val_bpb']}" + (f": {r['reason']}" if r["reason"] else ""),
                   flush=True)
@@ -366,6 +392,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="preset size (tiny/small/base or a depth; default: by mode)")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="context (default: by mode)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="batch (default: by mode)")
+    p.add_argument("--val-tokens", dest="val_tokens", type=int, default=None,
+                   help="held-out tokens for the final validation (default: by mode; the config's 262,144 in full)")
     p.add_argument("--seed", type=int, default=1337, help="one seed for every run (init and data order)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with --tiny, else torch's)")
     p.add_argument("--out", default=None, help="output directory (default: results/, results/tiny/ with --tiny)")
