@@ -6,6 +6,20 @@ P read width of the linear projection memory (K per vector memory, 1 per scalar 
 Every memory is trained in context by the rule of `hope.memory` (DGD by default, eq. 88) and starts each
 stream from a meta-learned initial state (a parameter), so the outer optimizer learns how each memory
 should start; gradients flow through every write.
+
+Speed (`python -m hope.memory.bench core --threads 1 [--segment 16]`; 2-core AVX2 CPU shared with other jobs,
+load 6–9, so ratios moved by ±0.1 between runs; fwd+bwd, B=8 T=512 D=256 H=4 fp32, attention = q/k/v/o
+projections + causal SDPA; ratio = attention time / core time, from medians and minima, 2026-11-23):
+
+    MemoryConfig                          whole sequence     16-token pieces (HopeLM, CMS period 16)
+    proj_chunk_size=16, chunk_size=64     0.41–0.49          0.37–0.51
+    proj_chunk_size=32, chunk_size=32     0.42–0.56          0.35–0.46
+    proj_chunk_size=16, chunk_size=16     0.44–0.49          0.39–0.53
+    mem_depth="deep" / both deep          0.34–0.39 / 0.20–0.22
+    Titans core (deep, C=64)              0.31–0.37
+
+Defaults: linear memories (deep ones cost 1.3–2.3×), projection chunks of 16 (HopeLM calls the core on
+16-token pieces, where 16 is fastest; 32 wins on whole sequences) and M_mem chunks of 64.
 """
 
 from __future__ import annotations

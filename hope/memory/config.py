@@ -1,8 +1,8 @@
 """`MemoryConfig`: the knobs of the inner-loop memories of the "self_modifying" and "titans" cores.
 
 Every field is validated in `__post_init__`; errors print the offending value. The defaults are HOPE's
-(DESIGN.md §3–4) and were chosen by the speed/accuracy measurements recorded in the module docstring of
-`hope.layers.self_modifying`.
+(DESIGN.md §3–4); the chunk sizes and depths were chosen by the speed measurements recorded in the module
+docstring of `hope.layers.self_modifying`.
 """
 
 from __future__ import annotations
