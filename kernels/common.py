@@ -9,12 +9,12 @@ tile is one chunk (BT = next power of two ≥ max(C, 16)); when C > 64 a chunk i
 processed one after the other, each knowing both its own start state and its chunk's start state.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 MAX_WIDTH = 256  # largest K or V: the state kernels hold a [K, BV] block of Sᵀ in registers
 MAX_TILE = 64  # longest tile along time; longer chunks are cut into several tiles
@@ -62,8 +62,8 @@ def launch_options(sequential: bool, block_t: int) -> dict[str, int]:
 
 
 def interpreter_on() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (read when ``triton`` is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether these kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when first imported)."""
+    return isinstance(tile_bounds, InterpretedFunction)
 
 
 def _check_tensor(name: str, x: object, device: torch.device, ndim: int) -> torch.Tensor:
@@ -102,8 +102,8 @@ def check_inputs(
     _check_tensor("q", q, device, 4)
     if device.type != "cuda" and not interpreter_on():
         raise ValueError(
-            f"q is on {device}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton "
-            "is imported to run them on CPU"
+            f"q is on {device}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before the kernels "
+            "package is first imported to run them on CPU"
         )
     batch, seq_len, heads, key_dim = q.shape
     if min(q.shape) == 0:

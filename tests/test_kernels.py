@@ -3,8 +3,8 @@
 Dimensions: B batch, T time, H heads, K key width, V value width, C chunk.
 
 Without CUDA the kernels run on CPU under the Triton interpreter (TRITON_INTERPRET=1, set here before triton
-is imported; the interpreter cannot do bf16, so bf16 is tested only on GPU). Shapes stay small because the
-interpreter executes every kernel instruction in Python.
+and the kernels are imported; the interpreter cannot do bf16, so bf16 is tested only on GPU). Shapes stay small
+because the interpreter executes every kernel instruction in Python.
 """
 
 import itertools
@@ -15,17 +15,31 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# Set before triton is imported: Triton picks the interpreter when a kernel is decorated, i.e. when `kernels` is
+# first imported. Restored afterwards (and set again around each test below) so other test modules are unaffected.
+_interpret_before = os.environ.get("TRITON_INTERPRET")
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[triton]')")
-
 from hope.memory.rule import recurrent as oracle  # noqa: E402
 from kernels import chunk_memory_update, recurrent_memory_update  # noqa: E402
-from kernels.chunk_fwd import _output_kernel  # noqa: E402
+from kernels.common import interpreter_on  # noqa: E402
 
+if _interpret_before is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _interpret_before
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-if not HAS_CUDA and not isinstance(_output_kernel, triton.runtime.interpreter.InterpretedFunction):
-    pytest.skip("kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+if not HAS_CUDA and not interpreter_on():
+    pytest.skip("kernels was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    """Triton also reads TRITON_INTERPRET while a kernel runs, so keep it set for the tests of this module only."""
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 GRAD_NAMES = ("q", "k", "v", "eta", "alpha", "beta", "initial_state")
@@ -300,7 +314,7 @@ def test_wrong_types_raise_type_error(change):
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     if HAS_CUDA:
         pytest.skip("the CPU refusal is only reachable without CUDA")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr("kernels.common.interpreter_on", lambda: False)
     with pytest.raises(ValueError, match="need CUDA tensors"):
         chunk_memory_update(**_bad(lambda a: None))
 
