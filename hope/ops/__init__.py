@@ -123,7 +123,7 @@ def _triton_kernel():
 
 
 def _triton_supports(q, beta, gamma, objective) -> bool:
-    return q.is_cuda and gamma is None and objective == "l2" and q.dtype != torch.float64 and beta is not None
+    return q.is_cuda and gamma is None and objective == "l2" and q.dtype != torch.float64
 
 
 def memory_update(
@@ -168,12 +168,16 @@ def memory_update(
         kernel = _triton_kernel() if supported or backend == "triton" else None  # no import for CPU inputs
         if backend == "triton" and (kernel is None or not supported):
             why = "the kernels package (or Triton) is not importable" if kernel is None else (
-                f"it needs CUDA inputs, fp16/bf16/fp32, objective 'l2', beta given and no momentum; got device "
-                f"{q.device}, dtype {q.dtype}, objective {objective!r}, beta {'None' if beta is None else 'given'},"
-                f" gamma {'given' if gamma is not None else 'None'}")
+                f"it needs CUDA inputs, fp16/bf16/fp32, objective 'l2' and no momentum; got device "
+                f"{q.device}, dtype {q.dtype}, objective {objective!r}, "
+                f"gamma {'given' if gamma is not None else 'None'}")
             raise ValueError(f"backend='triton' is unavailable: {why}")
         if kernel is not None and supported:
-            return kernel(*args)
+            # the kernels take contiguous inputs and an fp32 state (views of projections are not contiguous)
+            q_, k_, v_, eta_, alpha_, beta_, C, s0, out_final = args
+            cont = [None if t is None else t.contiguous() for t in (q_, k_, v_, eta_, alpha_, beta_)]
+            s0 = None if s0 is None else s0.float().contiguous()
+            return kernel(*cont, C, s0, out_final)
     if backend == "recurrent":
         return recurrent(*args, gamma=gamma, objective=objective)
     return chunked(*args, gamma=gamma, objective=objective)
