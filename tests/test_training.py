@@ -51,6 +51,8 @@ def test_experiment_composes_and_instantiates(tmp_path, experiment):
     assert cfg.model._target_ == "hope.training.LMModule"
     module = instantiate(cfg.model, vocab_size=256)
     assert module.model_config.n_layers == 1
+    if not torch.cuda.is_available() and cfg.trainer.get("accelerator") == "gpu":  # e.g. hope_base: check on CPU
+        cfg.trainer.accelerator, cfg.trainer.precision = "cpu", "32-true"
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.max_steps == cfg.trainer.max_steps
 
