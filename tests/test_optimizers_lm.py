@@ -173,3 +173,15 @@ def test_optimizer_overrides_reject_bad_input():
     for bad in (0.0, -1e-3, float("nan"), "1e-3"):
         with pytest.raises(ValueError, match="learning rate"):
             lmo.optimizer_overrides("adamw", bad)
+
+
+def test_plot_lm_pools_several_results_and_rejects_other_json(tiny, tmp_path):
+    from experiments.optimizers import plot_lm
+
+    _, out = tiny
+    png = plot_lm.main([str(out / "lm_optimizers.json"), str(out / "lm_optimizers.json"), "--png",
+                        str(tmp_path / "two.png")])
+    assert png.stat().st_size > 10_000
+    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "toy"}))
+    with pytest.raises(ValueError, match="other.json"):
+        plot_lm.main([str(tmp_path / "other.json")])

@@ -1,10 +1,12 @@
 """Plot the optimizer comparison on language models: training loss against step and against training wall time.
 
     python -m experiments.optimizers.plot_lm experiments/optimizers/results/lm_optimizers.json   # re-plot a result
+    python -m experiments.optimizers.plot_lm results/lm_sweep/*.json --png sweep.png           # several in one plot
 
 Dimensions: none (each run's curve is a list of [step, seconds, loss]).
 
-One colour per optimizer, one line style per model. The per-step loss is that of one batch, so lines are a trailing
+One colour per optimizer, one line style per model; in a sweep, a pair's learning rates go from faint (smallest) to
+solid (largest). The per-step loss is that of one batch, so lines are a trailing
 mean over `window` steps (1/50 of the run, at least 1: raw for short runs); the window is printed in the title.
 """
 
@@ -43,13 +45,15 @@ def plot_results(path: str | Path, results: list[dict[str, Any]], title: str) ->
     longest = max((len(r["curve"]) for r in results if r.get("curve")), default=1)
     window = max(1, longest // 50)
     fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in results:
-        if not r.get("curve"):
-            continue
+    drawn = [r for r in results if r.get("curve")]
+    for r in drawn:
         steps, seconds, loss = zip(*r["curve"])
         smooth = trailing_mean(list(loss), window)
         label = f"{r['model']} / {r['optimizer']} (lr {r['lr']:.3g})" + ("" if r["status"] == "ok" else " ✗")
-        style = dict(color=COLOURS.get(r["optimizer"]), linestyle=STYLES.get(r["model"], "-"), linewidth=1.2)
+        lrs = sorted({q["lr"] for q in drawn if (q["model"], q["optimizer"]) == (r["model"], r["optimizer"])})
+        alpha = 0.25 + 0.75 * (lrs.index(r["lr"]) + 1) / len(lrs)
+        style = dict(color=COLOURS.get(r["optimizer"]), linestyle=STYLES.get(r["model"], "-"), linewidth=1.2,
+                     alpha=alpha)
         ax_step.plot(steps, smooth, label=label, **style)
         ax_time.plot(seconds, smooth, **style)
     ax_step.set(xlabel="step", ylabel="training loss (nats / token)", title="loss vs step")
@@ -67,16 +71,20 @@ def plot_results(path: str | Path, results: list[dict[str, Any]], title: str) ->
 
 def main(argv: Sequence[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("result", help="a JSON written by lm_compare_optimizers.py")
-    p.add_argument("--png", default=None, help="output PNG (default: beside the JSON, same stem)")
+    p.add_argument("results", nargs="+", help="JSON files written by lm_compare_optimizers.py (runs are pooled)")
+    p.add_argument("--png", default=None, help="output PNG (default: beside the first JSON, same stem)")
     args = p.parse_args(argv)
-    src = Path(args.result)
-    doc = json.loads(src.read_text())
-    if "results" not in doc:
-        raise ValueError(f"{str(src)!r} has no 'results' list; is it a lm_compare_optimizers.py result?")
-    cfg = doc.get("config", {})
-    title = f"{doc.get('mode')}: {cfg.get('size')} preset, context {cfg.get('seq_len')}, {cfg.get('steps')} steps"
-    png = plot_results(Path(args.png) if args.png else src.with_suffix(".png"), doc["results"], title)
+    runs, titles = [], []
+    for src in map(Path, args.results):
+        doc = json.loads(src.read_text())
+        if "results" not in doc:
+            raise ValueError(f"{str(src)!r} has no 'results' list; is it a lm_compare_optimizers.py result?")
+        runs += doc["results"]
+        cfg = doc.get("config", {})
+        titles.append(f"{cfg.get('size')} preset, context {cfg.get('seq_len')}, batch {cfg.get('batch_size')}, "
+                      f"{cfg.get('steps')} steps")
+    png = Path(args.png) if args.png else Path(args.results[0]).with_suffix(".png")
+    plot_results(png, runs, " | ".join(sorted(set(titles))))
     print(f"wrote {png}")
     return png
 
