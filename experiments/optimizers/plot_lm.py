@@ -44,7 +44,7 @@ def plot_results(path: str | Path, results: list[dict[str, Any]], title: str) ->
 
     longest = max((len(r["curve"]) for r in results if r.get("curve")), default=1)
     window = max(1, longest // 50)
-    fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     drawn = [r for r in results if r.get("curve")]
     for r in drawn:
         steps, seconds, loss = zip(*r["curve"])
@@ -54,17 +54,17 @@ def plot_results(path: str | Path, results: list[dict[str, Any]], title: str) ->
         alpha = 0.25 + 0.75 * (lrs.index(r["lr"]) + 1) / len(lrs)
         style = dict(color=COLOURS.get(r["optimizer"]), linestyle=STYLES.get(r["model"], "-"), linewidth=1.2,
                      alpha=alpha)
-        ax_step.plot(steps, smooth, label=label, **style)
-        ax_time.plot(seconds, smooth, **style)
+        ax_step.plot(steps, smooth, **style)
+        ax_time.plot(seconds, smooth, label=label, **style)
     ax_step.set(xlabel="step", ylabel="training loss (nats / token)", title="loss vs step")
     ax_time.set(xlabel="training wall time (s, validation excluded)", title="loss vs wall time")
     for ax in (ax_step, ax_time):
         ax.grid(alpha=0.3)
-    ax_step.legend(fontsize=7)
+    ax_time.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: a sweep has many lines
     fig.suptitle(f"{title}; trailing mean over {window} step(s)", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
