@@ -75,8 +75,10 @@ MODES: dict[str, dict[str, Any]] = {
     "tiny": {"size": "tiny", "seq_len": 32, "batch_size": 2, "steps": 4, "val_tokens": 256, "threads": 1,
              "logger": "none", "extra": ["trainer.limit_val_batches=2"]},
     # full: the *_small experiments as committed (depth 4, context 512, batch 8, 600 steps = 2.46M tokens)
-    # (validation: the config's 262,144 held-out tokens = 64 batches, once, at the last step; CSV logs every step)
-    "full": {"size": "small", "seq_len": 512, "batch_size": 8, "steps": 600, "val_tokens": None, "threads": None,
+    # (validation: the config's 262,144 held-out tokens = 64 batches, once, at the last step; CSV logs every step.
+    # One thread: on the shared 2-core machine two threads made a HOPE step 33-94 s instead of 6 s; --threads 2 on
+    # an idle one.)
+    "full": {"size": "small", "seq_len": 512, "batch_size": 8, "steps": 600, "val_tokens": None, "threads": 1,
              "logger": "csv", "extra": []},
 }
 
@@ -398,7 +400,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-tokens", dest="val_tokens", type=int, default=None,
                    help="held-out tokens for the final validation (default: by mode; the config's 262,144 in full)")
     p.add_argument("--seed", type=int, default=1337, help="one seed for every run (init and data order)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with --tiny, else torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1, see MODES)")
     p.add_argument("--out", default=None, help="output directory (default: results/, results/tiny/ with --tiny)")
     return p
 
