@@ -159,7 +159,9 @@ def test_final_loss_and_trailing_mean():
         (["--lrs", "sophia=1e-3"], "sophia"),
         (["--lrs", "m3=-1"], "-1"),
         (["--sweep", "1,zero"], "1,zero"),
-        (["--steps", "0"], "0"),
+        (["--steps", "0"], "--steps must be a positive int, got 0"),
+        (["--seq-len", "-8"], "-8"),
+        (["--threads", "0"], "--threads"),
     ],
 )
 def test_bad_flags_name_the_value(argv, match, tmp_path):

@@ -319,18 +319,38 @@ def available(models: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[str, float]]]:
-    """The mode (with --steps, --size, --seq-len, --batch-size applied) and the (optimizer, lr) runs per model."""
+    """The mode (with --steps, --size, --seq-len, --batch-size, --val-tokens applied) and the (optimizer, lr) runs
+    per model; flags that cannot work raise `ValueError` before anything trains."""
     mode = dict(MODES["tiny" if args.tiny else "full"])
     for key in ("steps", "size", "seq_len", "batch_size", "val_tokens"):
         if getattr(args, key) is not None:
             mode[key] = getattr(args, key)
-    if not isinstance(mode["steps"], int) or mode["steps"] < 1:
-        raise ValueError(f"--steps must be a positive int, got {mode['steps']!r}")
+    for key in ("steps", "seq_len", "batch_size", "val_tokens", "threads"):
+        value = args.threads if key == "threads" else mode[key]
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive int, got {value!r}")
     lrs = {name: lr for name, (lr, _) in LEARNING_RATES.items()} | parse_lrs(args.lrs)
     factors = parse_floats(args.sweep, "--sweep") if args.sweep else [1.0]
     names = parse_names(args.optimizers, OPTIMIZERS, "--optimizers")
     runs = [(o, float(f"{lrs[o] * f:.4g}")) for o in names for f in factors]  # 9e-3, not 0.009000000000000001
     return mode, runs
+
+
+def train_all(models: list[str], runs: list[tuple[str, float]], mode: dict[str, Any], seed: int,
+              out: Path) -> list[dict[str, Any]]:
+    """Every (optimizer, lr) of `runs` on every model, one after another; run files under `<out>/runs/`."""
+    results = []
+    for model in models:
+        shared = shared_overrides(model, mode, seed)
+        base = compose(shared)
+        for optimizer, lr in runs:
+            tag = f"{model} / {optimizer} lr={lr:.3g}"
+            print(f"[{tag}] training {mode['steps']} steps ...", flush=True)
+            r = train_one(base, model, optimizer, lr, shared, out / "runs" / f"{model}-{optimizer}-lr{lr:.3g}")
+            print(f"[{tag}] {r['status']} in {r['total_wall_s']:.0f} s, final loss {r['final_loss']}, val bpb "
+                  f"{r['val_bpb']}" + (f": {r['reason']}" if r["reason"] else ""), flush=True)
+            results.append(r)
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -340,21 +360,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     name = f"{NAME}_sweep" if args.sweep else NAME
     out = Path(args.out) if args.out else RESULTS / ("tiny" if args.tiny else "")
     threads = args.threads or mode["threads"]
-    if threads:
-        torch.set_num_threads(threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # per-run GPU/TPU banners, 8+ times over
     warnings.filterwarnings("ignore", module="lightning")
-    load_start, results = list(os.getloadavg()), []
-    for model in models:
-        shared = shared_overrides(model, mode, args.seed)
-        base = compose(shared)
-        for optimizer, lr in runs:
-            print(f"[{model} / {optimizer} lr={lr:.3g}] training {mode['steps']} steps ...", flush=True)
-            r = train_one(base, model, optimizer, lr, shared, out / "runs" / f"{model}-{optimizer}-lr{lr:.3g}")
-            print(f"[{model} / {optimizer} lr={lr:.3g}] {r['status']} in {r['total_wall_s']:.0f} s, final loss "
-                  f"{r['final_loss']}, val bpb {r['val_bpb']}" + (f": {r['reason']}" if r["reason"] else ""),
-                  flush=True)
-            results.append(r)
+    load_start, before = list(os.getloadavg()), torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        results = train_all(models, runs, mode, args.seed, out)
+    finally:
+        torch.set_num_threads(before)  # the tests call main() in the pytest process
     for model, reason in skipped.items():
         results += [{"model": model, "optimizer": o, "lr": lr, "status": "skipped", "reason": reason, "curve": []}
                     for o, lr in runs]
