@@ -9,11 +9,12 @@ A Transformer++ step attends over a KV cache that grows with the context, so its
 recurrent core (Titans, HOPE) carries a fixed-size state, so its cost should stay flat. For each model one stream
 of random byte ids is prefilled up to each context length in turn — in pieces of `--prefill-chunk` tokens with
 the state carried, which bounds memory — and then N tokens are generated greedily, one `model(ids, state)` call
-each, timed. A CMS level of period C writes its weights every C tokens (an inner backward pass), so every context
-and N are multiples of the write cycle A = lcm of the compared models' CMS periods: the reported rate (N / total
-time) includes each level's writes in their true proportion, the amortized cost; the median and the longest
-single step are reported beside it. Also reported: the prefill rate and the size of the carried state (KV cache
-or fast memories) in MiB. Random weights: speed does not depend on what was learned. Writes `<out>/decode.json`
+each, timed; the models take these steps round-robin, one token each in turn, so that the load of a shared machine
+hits them alike. A CMS level of period C writes its weights every C tokens (an inner backward pass), so every
+context and N are multiples of the write cycle A = lcm of the compared models' CMS periods: the reported rate (N /
+total time) includes each level's writes in their true proportion, the amortized cost; the median and the longest
+single step are reported beside it. Also reported: the prefill rate and the size of the carried state (KV cache or
+fast memories) in MiB. Random weights: speed does not depend on what was learned. Writes `<out>/decode.json`
 and `<out>/decode.png`.
 """
 
@@ -76,39 +77,67 @@ def check_logits(name: str, logits: torch.Tensor, pos: int) -> None:
         raise RuntimeError(f"model {name!r} produced non-finite logits at stream position {pos}: not timing it")
 
 
-@torch.no_grad()
-def sweep_contexts(name: str, model: torch.nn.Module, contexts: list[int], n_new: int, chunk: int,
-                   seed: int) -> list[dict[str, Any]]:
-    """One stream: prefill up to each context in turn (pieces of `chunk`), then time `n_new` one-token steps."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    warm = None
-    for _ in range(WARMUP_TOKENS):  # a throw-away stream: one-off allocations and lazy setup are not timed below
-        warm = model(torch.randint(0, vocab, (1, 1), generator=g), warm).state
-    state, logits, pos, rows = None, None, 0, []
+class Stream:
+    """One model's generation stream: its state, last logits `[1, V]`, position, and random-id source."""
+
+    def __init__(self, name: str, model: torch.nn.Module, seed: int) -> None:
+        self.name, self.model = name, model
+        self.gen = torch.Generator().manual_seed(seed)
+        self.vocab = model.config.vocab_size
+        self.state, self.logits, self.pos = None, None, 0
+        self.times: list[float] = []
+
+    def ids(self, n: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (1, n), generator=self.gen)  # [1, n]
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """A throw-away stream: one-off allocations and lazy set-up are not timed."""
+        warm = None
+        for _ in range(WARMUP_TOKENS):
+            warm = self.model(self.ids(1), warm).state
+
+    @torch.no_grad()
+    def prefill(self, length: int, chunk: int) -> float | None:
+        """Feed random ids up to position `length` in pieces of `chunk`; returns tokens/s (None if none fed)."""
+        t0, first = time.perf_counter(), self.pos
+        while self.pos < length:
+            out = self.model(self.ids(min(chunk, length - self.pos)), self.state)
+            self.logits, self.state, self.pos = out.logits[:, -1], out.state, self.pos + out.logits.shape[1]
+        check_logits(self.name, self.logits, self.pos)
+        return (length - first) / (time.perf_counter() - t0) if length > first else None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One timed greedy token."""
+        t0 = time.perf_counter()
+        out = self.model(self.logits.argmax(dim=-1, keepdim=True), self.state)  # [1, 1] in
+        self.logits, self.state, self.pos = out.logits[:, -1], out.state, self.pos + 1  # [1, V]
+        self.times.append(time.perf_counter() - t0)
+
+
+def sweep_contexts(streams: list[Stream], contexts: list[int], n_new: int, chunk: int) -> dict[str, list[dict]]:
+    """For each context: prefill every stream to it, then `n_new` timed tokens round-robin (one token of each
+    model in turn, so a change in the machine's load hits every model alike)."""
+    rows: dict[str, list[dict]] = {s.name: [] for s in streams}
+    for st in streams:
+        st.warm_up()
     for L in contexts:
-        t0, first = time.perf_counter(), pos
-        while pos < L:
-            piece = torch.randint(0, vocab, (1, min(chunk, L - pos)), generator=g)  # [1, T]
-            out = model(piece, state)
-            logits, state, pos = out.logits[:, -1], out.state, pos + piece.shape[1]  # [1, V]
-        prefill_s = time.perf_counter() - t0
-        check_logits(name, logits, pos)
-        times = []
+        prefill = {st.name: st.prefill(L, chunk) for st in streams}
+        for st in streams:
+            st.times = []
         for _ in range(n_new):
-            t0 = time.perf_counter()
-            out = model(logits.argmax(dim=-1, keepdim=True), state)  # greedy next token [1, 1]
-            logits, state = out.logits[:, -1], out.state  # [1, V]
-            times.append(time.perf_counter() - t0)
-        pos += n_new
-        check_logits(name, logits, pos)
-        rows.append({
-            "context": L, "tokens_per_s": n_new / sum(times), "median_step_ms": 1e3 * statistics.median(times),
-            "max_step_ms": 1e3 * max(times), "prefill_tokens_per_s": (L - first) / prefill_s if L > first else None,
-            "state_mib": state_mib(state),
-        })
-        print(f"  {name} @ {L}: {rows[-1]['tokens_per_s']:.1f} tokens/s, state {rows[-1]['state_mib']:.2f} MiB",
-              flush=True)
+            for st in streams:
+                st.step()
+        for st in streams:
+            check_logits(st.name, st.logits, st.pos)
+            t = st.times
+            rows[st.name].append({
+                "context": L, "tokens_per_s": n_new / sum(t), "median_step_ms": 1e3 * statistics.median(t),
+                "max_step_ms": 1e3 * max(t), "prefill_tokens_per_s": prefill[st.name], "state_mib": state_mib(st.state),
+            })
+            print(f"  {st.name} @ {L}: {n_new / sum(t):.1f} tokens/s (median step {1e3 * statistics.median(t):.1f} "
+                  f"ms, longest {1e3 * max(t):.0f} ms), state {rows[st.name][-1]['state_mib']:.2f} MiB", flush=True)
     return rows
 
 
@@ -152,12 +181,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         built, skipped = build_models(names, mode["size"], args.seed)
         load_start = list(os.getloadavg())
-        results = {}
-        for b in built:
-            print(f"[{b.name}]", flush=True)
-            rows = sweep_contexts(b.name, b.model.eval(), mode["contexts"], mode["new_tokens"],
-                                  mode["prefill_chunk"], args.seed)
-            results[b.name] = {"params": b.params, "by_context": rows}
+        streams = [Stream(b.name, b.model.eval(), args.seed) for b in built]
+        rows = sweep_contexts(streams, mode["contexts"], mode["new_tokens"], mode["prefill_chunk"])
+        results = {b.name: {"params": b.params, "by_context": rows[b.name]} for b in built}
         load_end = list(os.getloadavg())
     finally:
         torch.set_num_threads(before)

@@ -59,7 +59,8 @@ class Trainee:
         if check:
             bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
             if not torch.isfinite(loss) or bad:
-                raise RuntimeError(f"model {self.name!r}: loss {float(loss)}, non-finite gradients in {bad[:5]}")
+                value = float(loss.detach())
+                raise RuntimeError(f"model {self.name!r}: loss {value}, non-finite gradients in {bad[:5]}")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return float(loss.detach())
