@@ -138,7 +138,7 @@ class HopeConfig:
 SIZES = {"tiny": 2, "small": 4, "base": 12}
 
 # Per-preset shape of the block. Hidden widths are chosen so that every small preset stays within 5% of the
-# Transformer++ parameter count (tests/test_configs.py checks it).
+# Transformer++ parameter count (tests/test_model.py checks it).
 _PRESETS: dict[str, dict[str, Any]] = {
     "transformer": {"core": "attention", "cms": [{"period": None}]},
     "hope_attention": {
