@@ -13,8 +13,9 @@ C_ℓ (absolute stream position) they are written once with the sum of the next-
 | θ_ℓ,0 | the level's `nn.Parameter`s (meta-learned by the outer optimizer) |
 
 Fast weights are per sample: `fast = θ_0 − Δ` with Δ `[B, *θ.shape]` detached (first-order: outer gradients treat
-applied writes as constants and reach θ_0 through every chunk). The language model owns the segment loop; this
-module holds what one fast level needs: its state, the inner-loss bookkeeping and the write.
+applied writes as constants and reach θ_0 through every chunk, as one flat matmul per product; see
+`hope.layers.mlp.FastWeights`, which also records the products a write differentiates). The language model owns
+the segment loop; this module holds what one fast level needs: its state, the inner-loss bookkeeping and the write.
 
 Legend: B batch, T time, V vocabulary, P number of predictions in a segment.
 """
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from hope.config import CMSLevel
-from hope.layers.mlp import SwiGLU
+from hope.layers.mlp import FastWeights, SwiGLU
 
 
 def init_level_state(mlp: SwiGLU, level: CMSLevel, batch_size: int) -> dict[str, Any]:
@@ -43,13 +44,12 @@ def init_level_state(mlp: SwiGLU, level: CMSLevel, batch_size: int) -> dict[str,
     return {"delta": delta, "opt": opt, "fast": materialize(mlp, delta)}
 
 
-def materialize(mlp: SwiGLU, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fast weights θ_0 − Δ `[B, *θ.shape]`; differentiable in θ_0, constant in Δ.
-
-    Built with autograd on even under `torch.no_grad()`: the next write differentiates the chunk loss w.r.t. them.
-    """
-    with torch.enable_grad():
-        return {name: w.unsqueeze(0) - delta[name] for name, w in mlp.weights().items()}
+def materialize(mlp: SwiGLU, delta: dict[str, torch.Tensor]) -> FastWeights:
+    """Fast weights θ_0 − Δ `[B, *θ.shape]`; the products made with them are differentiable in θ_0 (and in the
+    fast weights themselves, which the next write needs, even under `torch.no_grad()` and for frozen θ_0)."""
+    return FastWeights({
+        name: (w.detach().unsqueeze(0) - delta[name]).requires_grad_() for name, w in mlp.weights().items()
+    })
 
 
 def prediction_losses(
@@ -80,22 +80,24 @@ def chunk_loss(ce: torch.Tensor, positions: torch.Tensor, period: int) -> torch.
 def write_levels(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: torch.Tensor | None) -> None:
     """Apply one write to every level of one period from the accumulated chunk loss `acc` (in place on states).
 
-    All levels sharing a period write at the same positions, so one `autograd.grad` serves them all. Gradients
-    are per sample because sample b's loss depends only on fast[b].
+    All levels sharing a period write at the same positions, so one `autograd.grad` (w.r.t. the outputs of the
+    products made with the fast weights during the chunk) serves them all. Gradients are per sample because sample
+    b's loss depends only on fast[b].
     """
     from hope.optim import memory_rule
 
-    tensors = [t for _, _, st in levels for t in st["fast"].values()]
-    if acc is not None and acc.requires_grad:
-        grads = torch.autograd.grad(acc, tensors, retain_graph=True, allow_unused=True)
+    targets = [st["fast"].grad_targets() for _, _, st in levels]
+    flat = [t for level_targets in targets for t in level_targets]
+    if acc is not None and acc.requires_grad and flat:
+        grads_y = list(torch.autograd.grad(acc, flat, retain_graph=True, allow_unused=True))
     else:
-        grads = (None,) * len(tensors)
-    it = iter(grads)
-    for mlp, level, st in levels:
+        grads_y = [None] * len(flat)
+    for (mlp, level, st), level_targets in zip(levels, targets):
+        n = len(level_targets)
+        grads, grads_y = st["fast"].grads(grads_y[:n]), grads_y[n:]
         rule = memory_rule(level.optimizer, **level.optimizer_kwargs)
         for name in st["delta"]:
-            g = next(it)
-            g = torch.zeros_like(st["delta"][name]) if g is None else g.detach()
+            g = grads[name].to(st["delta"][name].dtype)
             st["opt"][name], direction = rule.update(st["opt"][name], g)
             st["delta"][name] = st["delta"][name] + level.lr * direction
         st["fast"] = materialize(mlp, st["delta"])

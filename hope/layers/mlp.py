@@ -18,6 +18,87 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
     return h @ w_down  # [B, T, D]
 
 
+def _engine_needs(node) -> bool:
+    """Whether the backward now running will execute `node` (True where torch cannot tell)."""
+    if node is None:
+        return True
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
+
+
+class _FastMatmul(torch.autograd.Function):
+    """`x @ W` with per-sample fast weights `W = θ − Δ` `[B, D, F]` (Δ constant) whose outer gradient goes to θ.
+
+    Same values and gradients as `x @ (θ.unsqueeze(0) − Δ)`, but ∂/∂θ is one flat matmul `Σ_b x_bᵀ g_b =
+    x.flatten(0, 1)ᵀ g.flatten(0, 1)` instead of B per-sample products summed afterwards, and no per-sample
+    gradient is formed for `W`: the CMS write takes it from the recorded (x, y) pairs (`FastWeights.grads`).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, theta: torch.Tensor, fast: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, fast)
+        ctx.theta_dtype = theta.dtype
+        # θ arrives as a non-leaf alias (`FastWeights`), so backward can ask whether this backward needs its
+        # gradient: the outer backward does, a write's backward (w.r.t. the products' outputs) does not
+        ctx.theta_node = theta.grad_fn
+        return torch.matmul(x, fast)  # [B, T, F]
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, fast = ctx.saved_tensors
+        gx = gtheta = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.matmul(gy, fast.to(gy.dtype).transpose(-1, -2)).to(x.dtype)  # [B, T, D]
+        if ctx.needs_input_grad[1] and _engine_needs(ctx.theta_node):
+            gtheta = (x.to(gy.dtype).flatten(0, -2).T @ gy.flatten(0, -2)).to(ctx.theta_dtype)  # [D, F]
+        return gx, gtheta, None
+
+
+class FastWeights:
+    """Per-sample fast weights of one SwiGLU, `{name: [B, *θ.shape]}`, and the products computed with them.
+
+    Each `matmul` records its input and output; `grads(loss)` then returns ∂loss/∂W per sample as
+    `Σ_uses x_bᵀ (∂loss/∂y_b)`, one backward for every level of a period (`hope.layers.cms.write_levels`).
+    """
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.weights = weights
+        self.uses: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self._alias: dict[int, torch.Tensor] = {}
+
+    def _theta(self, theta: torch.Tensor) -> torch.Tensor:
+        """θ through one view node per fast weight (see `_FastMatmul.forward`)."""
+        if not theta.requires_grad or theta.grad_fn is not None:
+            return theta
+        alias = self._alias.get(id(theta))
+        if alias is None or alias._base is not theta:
+            alias = self._alias[id(theta)] = theta.view_as(theta)
+        return alias
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.weights[name]
+
+    def matmul(self, x: torch.Tensor, name: str, theta: torch.Tensor) -> torch.Tensor:
+        y = _FastMatmul.apply(x, self._theta(theta), self.weights[name])
+        if y.requires_grad:
+            self.uses.append((name, x, y))
+        return y
+
+    def grad_targets(self) -> list[torch.Tensor]:
+        """What a write differentiates its chunk loss with respect to: the outputs y of the recorded products."""
+        return [y for _, _, y in self.uses]
+
+    def grads(self, grads_y: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """∂loss/∂W `[B, *θ.shape]` per name from ∂loss/∂y of `grad_targets()` (zero for unused or unreached)."""
+        out = {name: torch.zeros_like(w) for name, w in self.weights.items()}
+        for (name, x, _), gy in zip(self.uses, grads_y):
+            if gy is not None:
+                out[name] = out[name] + (x.detach().to(out[name].dtype).transpose(-1, -2) @ gy.to(out[name].dtype))
+        return out
+
+
 class SwiGLU(nn.Module):
     """SwiGLU feed-forward block (Shazeer 2020). Weights are stored input-major (`[D, F]`, `[F, D]`) so that a
     batch of per-sample copies `[B, D, F]` multiplies the same way."""
@@ -34,9 +115,11 @@ class SwiGLU(nn.Module):
     def weights(self) -> dict[str, torch.Tensor]:
         return {"w_gate": self.w_gate, "w_up": self.w_up, "w_down": self.w_down}
 
-    def forward(self, x: torch.Tensor, fast: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        w = self.weights() if fast is None else fast
-        return swiglu(x, w["w_gate"], w["w_up"], w["w_down"])
+    def forward(self, x: torch.Tensor, fast: FastWeights | None = None) -> torch.Tensor:
+        if fast is None:
+            return swiglu(x, self.w_gate, self.w_up, self.w_down)
+        h = F.silu(fast.matmul(x, "w_gate", self.w_gate)) * fast.matmul(x, "w_up", self.w_up)  # [B, T, F]
+        return fast.matmul(h, "w_down", self.w_down)  # [B, T, D]
 
     def init_weights(self) -> None:
         """w_gate, w_up: N(0, init_std²); w_down: N(0, out_std²) (the residual-branch scaling of GPT-2)."""

@@ -46,7 +46,7 @@ class HopeBlock(nn.Module):
     ```
     x ──► RMSNorm ─► Core ──(+)──► h ──► RMSNorm ─► MLP_1 ──(+)──► … ──► RMSNorm ─► MLP_L ──(+)──► out
       └──────────────────────┘ ▲   └──────────────────────┘ ▲                └──────────────┘ ▲
-          state["core"] ◄──────┘        state["cms"][0]["fast"]     (fast weights θ_0 − Δ, per sample; a level
+          state["core"] ◄──────┘        state["cms"][0]["fast"]     (FastWeights θ_0 − Δ, per sample; a level
           (KV cache / fast memories)                                 with period None uses its parameters)
     ```
     """
