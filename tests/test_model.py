@@ -207,3 +207,46 @@ def test_presets_param_budget_matched():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'gpt'"):
         preset("gpt")
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("cuts", [list(range(30)), [0, 7, 8, 9, 10, 11, 20, 21, 29]])
+def test_inference_pieces_replay_their_chunks(core, cuts, monkeypatch):
+    """Under no_grad, pieces shorter than the smallest period run without a graph and their chunks are replayed at
+    the write: logits and final fast weights equal one parallel call (whole chunks recorded in one piece)."""
+    model = tiny(core, fast_cms())
+    ids = torch.randint(0, 23, (2, 29), generator=torch.Generator().manual_seed(2))
+    replays = []
+    original = HopeLM._replay_write
+    monkeypatch.setattr(HopeLM, "_replay_write", lambda self, C, *a: (replays.append(C), original(self, C, *a)))
+    with torch.no_grad():
+        whole = model(ids[:, :24])
+        assert replays == []  # one 24-token call records its graph: nothing to replay
+        state, outs = None, []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            out = model(ids[:, a:b], state)
+            state, outs = out.state, outs + [out.logits]
+    assert set(replays) == {4, 8}
+    assert rel_err(torch.cat(outs, dim=1)[:, :24], whole.logits) < 1e-10
+    with torch.no_grad():
+        ref = model(ids[:, 24:], whole.state).logits  # the writes due at 24 are applied by this call
+    assert rel_err(torch.cat(outs, dim=1)[:, 24:], ref) < 1e-10
+    mid = model.export_state(model(ids[:, :24]).state)
+    with torch.no_grad():
+        state = None
+        for t in range(24):
+            state = model(ids[:, t : t + 1], state).state
+    stepped = model.export_state(state)
+    for layer, layer_ref in zip(stepped["layers"], mid["layers"]):
+        for st, st_ref in zip(layer["cms"], layer_ref["cms"]):
+            if st is not None:
+                assert rel_err(st["delta"]["w_up"], st_ref["delta"]["w_up"]) < 1e-10
+
+
+def test_inference_detach_inside_a_replayed_chunk_warns():
+    model = tiny("attention", fast_cms())
+    with torch.no_grad():
+        state = model(torch.randint(0, 23, (1, 8))).state
+        state = model(torch.randint(0, 23, (1, 2)), state).state  # 2 < smallest period: no graph recorded
+    with pytest.warns(UserWarning, match="inside a CMS chunk"):
+        model.detach_state(state)

@@ -99,7 +99,7 @@ def write_levels(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: tor
         for name in st["delta"]:
             g = grads[name].to(st["delta"][name].dtype)
             st["opt"][name], direction = rule.update(st["opt"][name], g)
-            st["delta"][name] = st["delta"][name] + level.lr * direction
+            st["delta"][name] = torch.add(st["delta"][name], direction, alpha=level.lr)
         st["fast"] = materialize(mlp, st["delta"])
 
 

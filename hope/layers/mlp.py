@@ -92,10 +92,16 @@ class FastWeights:
 
     def grads(self, grads_y: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
         """∂loss/∂W `[B, *θ.shape]` per name from ∂loss/∂y of `grad_targets()` (zero for unused or unreached)."""
-        out = {name: torch.zeros_like(w) for name, w in self.weights.items()}
+        out: dict[str, torch.Tensor] = {}
         for (name, x, _), gy in zip(self.uses, grads_y):
-            if gy is not None:
-                out[name] = out[name] + (x.detach().to(out[name].dtype).transpose(-1, -2) @ gy.to(out[name].dtype))
+            if gy is None:
+                continue
+            xt = x.detach().to(self.weights[name].dtype).transpose(-1, -2)  # [B, D, T]
+            gy = gy.to(xt.dtype)
+            out[name] = out[name].baddbmm_(xt, gy) if name in out else torch.bmm(xt, gy)  # [B, D, F]
+        for name, w in self.weights.items():
+            if name not in out:
+                out[name] = torch.zeros_like(w)
         return out
 
 

@@ -80,7 +80,10 @@ class HopeLM(nn.Module):
 
     With CMS levels of finite period the stream is processed segment by segment, cut at every multiple of a
     period, because a level's weights for one chunk depend on the whole network's loss on the previous chunk.
-    Inner gradients need autograd, so such a model computes them even under `torch.no_grad()`.
+    Inner gradients need autograd, so such a model computes them even under `torch.no_grad()`. There, pieces
+    shorter than the smallest period (token-by-token generation) run without recording a graph; a chunk seen that
+    way is replayed in one call from its start state when it is written, which costs far less than differentiating
+    hundreds of one-token graphs (`_replay_write`).
     """
 
     def __init__(self, config: HopeConfig) -> None:
@@ -114,8 +117,9 @@ class HopeLM(nn.Module):
             logits = self._forward_segment(input_ids, state)
         else:
             grad_enabled = torch.is_grad_enabled()
+            record = grad_enabled or T >= self.periods[0]
             with torch.enable_grad():
-                logits = torch.cat([self._learn_segment(input_ids[:, s:e], start + s, state, grad_enabled)
+                logits = torch.cat([self._learn_segment(input_ids[:, s:e], start + s, state, grad_enabled, record)
                                     for s, e in self._segments(start, T)], dim=1)
             if not grad_enabled:
                 logits = logits.detach()
@@ -136,22 +140,36 @@ class HopeLM(nn.Module):
         cuts = sorted(c for c in cuts if 0 <= c <= T)
         return list(zip(cuts[:-1], cuts[1:]))
 
-    def _learn_segment(self, ids: torch.Tensor, start: int, state: dict[str, Any], keep_graph: bool) -> torch.Tensor:
+    def _learn_segment(self, ids: torch.Tensor, start: int, state: dict[str, Any], keep_graph: bool,
+                       record: bool = True) -> torch.Tensor:
         """Forward one segment and add its next-token losses to each period's chunk loss.
 
         A chunk that ends with this segment is written lazily, when the next segment (or `detach_state`) needs
         the new weights: the write at the end of a training sequence, whose result nobody reads, costs nothing.
+        Every chunk also keeps its start state and token ids, so that a chunk not wholly recorded (`record` False:
+        no graph, no chunk loss) can be replayed when it is written.
         """
         self._write_due(state)
-        logits = self._forward_segment(ids, state)
-        ce, positions = cms.prediction_losses(logits, ids, start, state.get("pending"))
+        replays = state.setdefault("replay", {})
         for C in self.periods:
-            loss = cms.chunk_loss(ce, positions, C)
-            state["acc"][C] = loss if state["acc"].get(C) is None else state["acc"][C] + loss
-        state["pending"] = logits[:, -1]
+            if start % C == 0:
+                replays[C] = {"state": self._snapshot(state, start), "ids": [], "recorded": True}
+        with torch.set_grad_enabled(record):
+            logits = self._forward_segment(ids, state)
+        for C in self.periods:
+            replay = replays.get(C)
+            if replay is not None:
+                replay["ids"].append(ids)
+                replay["recorded"] = replay["recorded"] and record
+        if record:
+            ce, positions = cms.prediction_losses(logits, ids, start, state.get("pending"))
+            for C in self.periods:
+                loss = cms.chunk_loss(ce, positions, C)
+                state["acc"][C] = loss if state["acc"].get(C) is None else state["acc"][C] + loss
+        state["pending"] = logits[:, -1] if record else logits[:, -1].detach()
         end = start + ids.shape[1]
         state["due"] = [C for C in self.periods if end % C == 0]
-        if not keep_graph and end % math.lcm(*self.periods) == 0:
+        if not keep_graph and record and end % math.lcm(*self.periods) == 0:
             # every chunk loss is spent here: write now and cut the graph so inference memory stays bounded
             self._write_due(state)
             self._detach_(state)
@@ -159,9 +177,40 @@ class HopeLM(nn.Module):
 
     def _write_due(self, state: dict[str, Any]) -> None:
         for C in state.get("due", []):
-            cms.write_levels(self._levels_with_period(C, state), state["acc"][C])
+            replay = state.get("replay", {}).pop(C, None)
+            if replay is not None and not replay["recorded"]:
+                self._replay_write(C, replay, state)
+            else:
+                cms.write_levels(self._levels_with_period(C, state), state["acc"].get(C))
             state["acc"][C] = None
         state["due"] = []
+
+    def _snapshot(self, state: dict[str, Any], start: int) -> dict[str, Any]:
+        """The stream state at position `start`, a chunk start, cut from the graph (new containers, shared tensors).
+        `state["pos"]` still holds the position of the current call's first token."""
+        layers = [{"core": _detach_tree(ls["core"]),
+                   "cms": [None if st is None else {k: _detach_tree(st[k]) for k in ("delta", "opt")}
+                           for st in ls["cms"]]} for ls in state["layers"]]
+        pending = state.get("pending")
+        pos = torch.full_like(state["pos"], start)
+        return {"pos": pos, "layers": layers, "pending": None if pending is None else pending.detach()}
+
+    def _replay_write(self, C: int, replay: dict[str, Any], state: dict[str, Any]) -> None:
+        """Write the period-C levels of `state` by running their chunk again, in one call with a graph, from the
+        chunk's start state (smaller periods are written inside the replay as they were in the stream). Same
+        write as differentiating the recorded pieces, since pieces with state carried equal one call."""
+        snap = replay["state"]
+        local = self.import_state(snap)
+        ids = torch.cat(replay["ids"], dim=1)  # [B, C]
+        start = int(snap["pos"][0]) if ids.shape[0] > 0 else 0
+        with torch.enable_grad():
+            for s, e in self._segments(start, ids.shape[1]):
+                self._learn_segment(ids[:, s:e], start + s, local, keep_graph=True)
+        cms.write_levels(self._levels_with_period(C, local), local["acc"][C])
+        for layer_state, local_layer, block in zip(state["layers"], local["layers"], self.blocks):
+            for i, lvl in enumerate(block.levels):
+                if lvl.period == C:
+                    layer_state["cms"][i] = local_layer["cms"][i]
 
     def _levels_with_period(self, C: int, state: dict[str, Any]):
         return [
@@ -187,6 +236,7 @@ class HopeLM(nn.Module):
             "acc": {},
             "pending": None,
             "due": [],
+            "replay": {},
         }
 
     def _detach_(self, state: dict[str, Any]) -> None:
@@ -207,14 +257,15 @@ class HopeLM(nn.Module):
         """
         with torch.enable_grad():
             self._write_due(state)  # finished chunks are written (what the next call would do first)
-        if any(v is not None for v in state.get("acc", {}).values()):
+        partial = any(v is not None for v in state.get("acc", {}).values())
+        if partial or any(r["ids"] for r in state.get("replay", {}).values()):
             warnings.warn(
                 f"state detached at position {int(state['pos'][0])}, inside a CMS chunk of periods {self.periods}: "
                 "the partial chunk's inner loss is dropped",
                 stacklevel=2,
             )
         out = {"pos": state["pos"].clone(), "layers": [dict(ls) for ls in state["layers"]], "acc": {},
-               "pending": state.get("pending"), "due": []}
+               "pending": state.get("pending"), "due": [], "replay": {}}
         self._detach_(out)
         return out
 
@@ -230,7 +281,8 @@ class HopeLM(nn.Module):
         """Inverse of `export_state`: a state to pass as `model(ids, state=...)`."""
         if len(saved.get("layers", [])) != len(self.blocks):
             raise ValueError(f"saved state has {len(saved.get('layers', []))} layers, model has {len(self.blocks)}")
-        state = {"pos": saved["pos"], "acc": {}, "pending": saved.get("pending"), "due": [], "layers": []}
+        state = {"pos": saved["pos"], "acc": {}, "pending": saved.get("pending"), "due": [], "replay": {},
+                 "layers": []}
         for block, ls in zip(self.blocks, saved["layers"]):
             fast = [None if st is None else {**st, "fast": cms.materialize(mlp, st["delta"])}
                     for st, mlp in zip(ls["cms"], block.cms)]
