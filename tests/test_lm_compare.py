@@ -117,6 +117,12 @@ def test_compare_tiny_end_to_end(tmp_path):
     assert doc["results"][0]["overrides"][2:] == doc["results"][1]["overrides"][4:]  # same data, steps, seed
     assert (tmp_path / "lm_compare.png").stat().st_size > 0
     assert "| hope_gd |" in (tmp_path / "lm_compare.md").read_text()
+    # --collect trains nothing: the finished runs come back as they were, the others are marked missing
+    again = compare.run(["--tiny", "--only", "transformer,hope,hope_gd", "--out", str(tmp_path), "--collect"])
+    assert [r["status"] for r in again["results"]] == ["ok", "missing", "ok"]
+    assert again["results"][2]["metrics"] == doc["results"][1]["metrics"]
+    other = compare.run(["--tiny", "--steps", "3", "--only", "transformer", "--out", str(tmp_path), "--collect"])
+    assert other["results"][0]["status"] == "missing"  # trained for 4 steps, not 3
 
 
 def test_throughput_tiny_writes_ratios_to_transformer(tmp_path):

@@ -3,6 +3,7 @@
     python -m experiments.lm_compare.compare --tiny                       # seconds: the smoke run the tests use
     python -m experiments.lm_compare.compare                              # small preset, 600 steps each (hours)
     python -m experiments.lm_compare.compare --steps 300 --only transformer,hope
+    python -m experiments.lm_compare.compare --collect                    # table and plot from finished runs only
 
 Dimensions: none (each variant is one `train.py` run in its own process; see `worker.py`).
 
@@ -63,6 +64,24 @@ def common_overrides(mode: dict[str, Any], seed: int) -> list[str]:
         "+trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", *mode["extra"],
     ]
+
+
+def collect_variant(variant: Variant, shared: list[str], run_dir: Path, mode: dict[str, Any]) -> dict[str, Any]:
+    """The result a finished run left in `run_dir` if it was trained with these settings, else `status: "missing"`.
+
+    Results that record their overrides must match them exactly; older ones (no record) must match the number of
+    steps and the tokens per step."""
+    overrides = [*variant.hydra_overrides(), f"run_name={variant.name}", *shared]
+    base = {"name": variant.name, "note": variant.note, "overrides": overrides}
+    out = run_dir / "result.json"
+    if not out.is_file():
+        return {**base, "status": "missing", "reason": f"no finished run at {out}"}
+    result = json.loads(out.read_text())
+    same = result.get("overrides") == overrides if "overrides" in result else (
+        result.get("steps") == mode["steps"] and result.get("tokens_per_step") == mode["batch_size"] * mode["seq_len"])
+    if result.get("status") != "ok" or not same:
+        return {**base, "status": "missing", "reason": f"{out} is not a finished run with these settings"}
+    return {**base, **result}
 
 
 def run_variant(variant: Variant, shared: list[str], run_dir: Path, threads: int | None) -> dict[str, Any]:
@@ -160,6 +179,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = []
     for v in variants:
         t0 = time.perf_counter()
+        if args.collect:
+            r = collect_variant(v, shared, out / "runs" / v.name, mode)
+            print(f"[{v.name}] {r['status']}", flush=True)
+            results.append(r)
+            continue
         print(f"[{v.name}] training ({mode['steps']} steps) ...", flush=True)
         r = run_variant(v, shared, out / "runs" / v.name, mode["threads"])
         msg = f"val bpb {r['metrics'].get('val/bpb', float('nan')):.4f}" if r["status"] == "ok" else r["reason"]
@@ -197,6 +221,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per variant (default: by mode)")
     p.add_argument("--only", default=None, help="comma-separated variants (default: all, see variants.py)")
     p.add_argument("--seed", type=int, default=1337, help="one seed for every variant (init and data order)")
+    p.add_argument("--collect", action="store_true", help="train nothing: build the table, plot and JSON from the "
+                   "runs already finished in <out>/runs/ with the same settings (missing ones are marked)")
     p.add_argument("--out", default=None, help="directory for the JSON, PNG, Markdown and run logs (default: "
                    "results/, or results/tiny/ with --tiny so a smoke run never overwrites a real one)")
     return p

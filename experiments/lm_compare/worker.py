@@ -116,6 +116,7 @@ def train(overrides: Sequence[str], run_dir: Path) -> dict[str, Any]:
         "wall_s": wall,
         "curves": read_curves(run_dir),
         "loadavg_end": list(os.getloadavg()),
+        "overrides": list(overrides),
     }
 
 
