@@ -10,7 +10,7 @@ arXiv:2512.24695:
 |---------------------|--------------------------------------------------------------|----------------------------|
 | hope_gd             | erase β = 0 (plain GD with retention) instead of β = η (DGD)  | eq. 88; Table 6 "w/o DGD"  |
 | hope_no_cms         | one frozen SwiGLU level (period None), hidden = Σ CMS hiddens | eqs. 70–74; "w/o CMS"      |
-| hope_plain_targets  | M_k, M_v regress onto v_t, not self-generated M_□,c(t)(v_t)    | eqs. 84/87                 |
+| hope_plain_targets  | M_k, M_v regress onto v̄_t = v_t/‖v_t‖, not M_□,c(t)(v̄_t)      | eqs. 84/87                 |
 | hope_mem_chunk16    | main-memory chunk C = 16 (MemoryConfig default: 64)          | eq. 90, DESIGN.md §4       |
 | hope_proj_chunk64   | projection-memory chunk 64 (MemoryConfig default: 16)        | eq. 90, DESIGN.md §4       |
 
@@ -72,7 +72,7 @@ def all_variants(size: str | int) -> dict[str, Variant]:
         Variant("hope_no_cms", "hope_small", (f"+model.config.cms=[{{period:null,hidden:{hidden}}}]",),
                 f"one frozen SwiGLU of hidden {hidden} (= the CMS levels' total) instead of the CMS"),
         Variant("hope_plain_targets", "hope_small", (f"{mem}.self_targets=false",),
-                "projection memories regress onto v_t (no self-generated targets)"),
+                "projection memories regress onto v̄_t = v_t/‖v_t‖ (no self-generated targets)"),
         Variant("hope_mem_chunk16", "hope_small", (f"{mem}.chunk_size=16",),
                 f"main-memory chunk 16 (HOPE: {defaults.memory.chunk_size})"),
         Variant("hope_proj_chunk64", "hope_small", (f"{mem}.proj_chunk_size=64",),

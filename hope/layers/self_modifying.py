@@ -326,14 +326,14 @@ class SelfModifyingCore(nn.Module):
             _, new_S = ops.linear_chunk(ops_k, st["proj.S"], None, eta[..., None] * (k - v_in))
         else:
             write = -(k - v_in) @ start  # [B, H, C, P]
-            if plain:  # u = v − S_c k for M_k, M_v, M_q; the scalar read-outs keep their self-generated targets
-                write = torch.cat([v.repeat(1, 1, 1, nv) - k @ start[..., : nv * K], write[..., nv * K :]], dim=-1)
+            if plain:  # u = v̄ − S_c k for M_k, M_v, M_q; the scalar read-outs keep their self-generated targets
+                write = torch.cat([v_in.repeat(1, 1, 1, nv) - k @ start[..., : nv * K], write[..., nv * K :]], dim=-1)
             _, new_S, _ = ops.chunk_step(ops_k, st["proj.S"], eta[..., None] * write)
         new = {**st, "proj.S": new_S}
         for name in self.vectors if self.proj_deep else ():
             w = {layer: st[f"proj_{name}.{layer}"] for layer in ("w2", "w1")}
             w0 = {layer: st[f"proj_{name}.{layer}_start"] for layer in ("w2", "w1")}
-            target = ops.mlp(v_in, w0["w2"], w0["w1"], self.mc.activation) if self.mc.self_targets else v
+            target = ops.mlp(v_in, w0["w2"], w0["w1"], self.mc.activation) if self.mc.self_targets else v_in
             _, w = ops.deep_write(ops_k, w, w0, k, target, eta, alpha, None, self.mc.activation,
                                   self.mc.proj_chunk_size)
             new.update({f"proj_{name}.{layer}": w[layer] for layer in ("w2", "w1")})

@@ -49,7 +49,10 @@ class MemoryConfig:
         adaptive_q: q_t = M_{q,c(t)}(x_t), a projection memory, instead of a fixed linear W_q (Table 6).
         self_targets: projection memories regress k_t onto their self-generated targets M_{□,c(t)}(v̄_t)
             (eqs. 84/87), v̄ = v/‖v‖ (normalised like k, so that the self-referential write stays within the
-            bound of DESIGN.md §3); False uses the plain target v_t for M_k, M_v, M_q.
+            bound of DESIGN.md §3); False uses the plain target v̄_t for M_k, M_v, M_q, normalised the same way
+            so that the ablation changes only M_c(·) around it (with the raw v_t the self-referential write
+            M_v ← v_t = M_v(x_t) grows without bound: a 600-step `hope_small` run had gradient norms up to 3e6
+            and never left the unigram loss, see experiments/lm_compare/README.md).
         self_target_mem: M_mem also regresses onto its self-generated target M_{mem,c(t)}(v̄_t) (the literal
             reading of eq. 85) instead of v_t.
         conv_width: width of the causal depthwise convolution on the core's input (eq. 97 text: 4).
