@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from experiments.common.cli import base_parser, configured, parse_models
+from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.data import check_fits, encode
 from experiments.common.models import LABELS, build_model, build_models
 from experiments.common.results import markdown_table, plot_lines, write_result
@@ -63,6 +63,9 @@ MODES: dict[str, dict[str, Any]] = {
     "tiny": {"sources": "bbc", "size": "tiny", "seq_len": 32, "steps": 4, "batch": 4, "max_per_class": 16,
              "eval_per_class": 4, "lr": 3e-3, "replay_capacity": 64, "replay_batch": 2, "ewc_strength": 100.0,
              "ewc_batches": 2},
+    "cpu": {"sources": "bbc,kjv", "size": "small", "seq_len": 128, "steps": 80, "batch": 16, "max_per_class": 1000,
+            "eval_per_class": 40, "lr": 1e-3, "replay_capacity": 512, "replay_batch": 8, "ewc_strength": 1000.0,
+            "ewc_batches": 8},
     "full": {"sources": "bbc,kjv,shakespeare", "size": "small", "seq_len": 128, "steps": 200, "batch": 32,
              "max_per_class": 2000, "eval_per_class": 50, "lr": 1e-3, "replay_capacity": 1024, "replay_batch": 16,
              "ewc_strength": 1000.0, "ewc_batches": 16},
@@ -191,7 +194,7 @@ def run(argv: Sequence[str] | None = None, sources: Mapping[str, Sequence] | Non
 
 
 def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> dict[str, Any]:
-    mode = dict(MODES["tiny" if args.tiny else "full"])
+    mode = dict(MODES[mode_name(args)])
     size, steps = args.size or mode["size"], args.steps or mode["steps"]
     names = list(sources) if sources is not None else (args.sources or mode["sources"]).split(",")
     built, skipped = build_models(parse_models(args.models), size, args.seed, args.device)
@@ -223,7 +226,7 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
                     range(1, len(tasks) + 1), [sum(r[: i + 1]) / (i + 1) for i, r in enumerate(out["R"])])
     headers = ["source", "model", "strategy", "params", "final acc", "avg incr. acc", "BWT", "forgetting", "s"]
     table = markdown_table(headers, rows)
-    doc = {"mode": "tiny" if args.tiny else "full", "size": size, "config": {**mode, "steps": steps},
+    doc = {"mode": mode_name(args), "size": size, "config": {**mode, "steps": steps},
            "score": "single-head accuracy over all label tokens", "sources": results, "skipped": skipped,
            "table": table}
     path = write_result(NAME, doc, args.out)

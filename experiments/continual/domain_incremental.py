@@ -21,7 +21,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from experiments.common.cli import base_parser, configured, parse_models
+from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.data import check_fits, lm_task
 from experiments.common.models import LABELS, build_model, build_models
 from experiments.common.results import markdown_table, plot_lines, write_result
@@ -33,6 +33,8 @@ DOMAINS = ("shakespeare", "kjv", "wikipedia", "bbc")
 MODES: dict[str, dict[str, Any]] = {
     "tiny": {"size": "tiny", "seq_len": 32, "steps": 3, "batch": 4, "n_eval": 4, "lr": 3e-3,
              "replay_capacity": 64, "replay_batch": 2, "ewc_strength": 100.0, "ewc_batches": 2},
+    "cpu": {"size": "small", "seq_len": 256, "steps": 100, "batch": 8, "n_eval": 32, "lr": 1e-3,
+            "replay_capacity": 512, "replay_batch": 4, "ewc_strength": 1000.0, "ewc_batches": 8},
     "full": {"size": "small", "seq_len": 256, "steps": 300, "batch": 16, "n_eval": 64, "lr": 1e-3,
              "replay_capacity": 1024, "replay_batch": 8, "ewc_strength": 1000.0, "ewc_batches": 16},
 }
@@ -71,7 +73,7 @@ def run(argv: Sequence[str] | None = None, corpora: Mapping[str, Sequence] | Non
 
 
 def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> dict[str, Any]:
-    mode = dict(MODES["tiny" if args.tiny else "full"])
+    mode = dict(MODES[mode_name(args)])
     size = args.size or mode["size"]
     steps = args.steps or mode["steps"]
     corpora = corpora if corpora is not None else load_domains(args.domains.split(","))
@@ -99,7 +101,7 @@ def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> di
 
     headers = ["model", "strategy", "params", "final avg loss", "BWT", "forgetting", "FWT", "avg incr. loss", "s"]
     table = markdown_table(headers, rows)
-    doc = {"mode": "tiny" if args.tiny else "full", "size": size, "tasks": [t.name for t in tasks],
+    doc = {"mode": mode_name(args), "size": size, "tasks": [t.name for t in tasks],
            "config": {**mode, "steps": steps}, "score": "test loss per byte (nats), lower is better",
            "models": results, "skipped": skipped, "table": table}
     path = write_result(NAME, doc, args.out)

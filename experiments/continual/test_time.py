@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from experiments.common.cli import base_parser, configured, parse_models
+from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.data import check_fits, lm_task, stream
 from experiments.common.models import LABELS, build_models
 from experiments.common.results import markdown_table, plot_lines, write_result
@@ -42,6 +42,8 @@ NAME = "test_time"
 MODES: dict[str, dict[str, Any]] = {
     "tiny": {"size": "tiny", "doc_len": 32, "n_docs": 4, "window": 32, "train_len": 64, "steps": 4, "batch": 4,
              "lr": 3e-3},
+    "cpu": {"size": "small", "doc_len": 256, "n_docs": 16, "window": 512, "train_len": 512, "steps": 200,
+            "batch": 8, "lr": 1e-3},
     "full": {"size": "small", "doc_len": 256, "n_docs": 32, "window": 768, "train_len": 1024, "steps": 600,
              "batch": 8, "lr": 1e-3},
 }
@@ -127,7 +129,7 @@ def run(argv: Sequence[str] | None = None, docs: Sequence | None = None) -> dict
 def _run(args: argparse.Namespace, docs: Sequence | None) -> dict[str, Any]:
     from hope.data.corpora import load_corpus, split_documents
 
-    mode = dict(MODES["tiny" if args.tiny else "full"])
+    mode = dict(MODES[mode_name(args)])
     size, steps = args.size or mode["size"], args.steps or mode["steps"]
     parts = split_documents(docs if docs is not None else load_corpus(args.corpus))
     held_out = parts["test"] + parts["val"]
@@ -159,7 +161,7 @@ def _run(args: argparse.Namespace, docs: Sequence | None) -> dict[str, Any]:
     headers = ["model", "params", "fresh loss", "re-read at 0", f"re-read at {(mode['n_docs'] - 1) * L}",
                "gain at 0", "gain at end"]
     table = markdown_table(headers, rows)
-    doc = {"mode": "tiny" if args.tiny else "full", "size": size, "config": {**mode, "steps": steps},
+    doc = {"mode": mode_name(args), "size": size, "config": {**mode, "steps": steps},
            "score": "next-token loss on the first document (nats/byte)", "models": results, "skipped": skipped,
            "table": table}
     path = write_result(NAME, doc, args.out)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from experiments.common.cli import base_parser, configured, parse_models
+from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.models import LABELS, available_models
 from experiments.common.results import markdown_table, plot_bars, write_result
 from experiments.memory_tasks.harness import score, train_on_synthetic
@@ -43,6 +43,7 @@ TITLES = {"parity": "Parity", "aa_star": "(aa)*", "abab_star": "(abab)*", "anbn"
           "shuffle2": "Shuffle-2"}
 MODES: dict[str, dict[str, Any]] = {
     "tiny": {"size": "tiny", "steps": 3, "batch": 8, "n_test": 16, "lr": 3e-3, "languages": "parity,anbn"},
+    "cpu": {"size": "tiny", "steps": 400, "batch": 32, "n_test": 200, "lr": 3e-3, "languages": ",".join(TITLES)},
     "full": {"size": "small", "steps": 2000, "batch": 32, "n_test": 500, "lr": 1e-3,
              "languages": ",".join(TITLES)},
 }
@@ -87,7 +88,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    mode = dict(MODES["tiny" if args.tiny else "full"])
+    mode = dict(MODES[mode_name(args)])
     mode["size"] = args.size or mode["size"]
     mode["steps"] = args.steps or mode["steps"]
     mode["device"] = args.device
@@ -98,7 +99,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     names, skipped = available_models(parse_models(args.models))
     results = {lang: run_language(lang, names, mode, args.seed) for lang in languages}
     table = comparison_table(results, languages)
-    doc = {"mode": "tiny" if args.tiny else "full", "config": mode, "score": "recognition accuracy (%) Bin0 / Bin1",
+    doc = {"mode": mode_name(args), "config": mode, "score": "recognition accuracy (%) Bin0 / Bin1",
            "paper_table5": PAPER_TABLE5, "results": results, "skipped": skipped, "table": table}
     path = write_result(NAME, doc, args.out)
     series = {f"{LABELS[m]} {b}": [results[lang][m][b] for lang in languages] for m in names for b in ("bin0", "bin1")}

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from experiments.common.cli import base_parser, configured, parse_models
+from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.models import available_models
 from experiments.memory_tasks.harness import sweep, write_sweep
 
@@ -28,6 +28,8 @@ NAME = "mqar"
 MODES: dict[str, dict[str, Any]] = {
     "tiny": {"size": "tiny", "vocab": 64, "train_pairs": 4, "test_pairs": [2, 4, 8], "steps": 3, "batch": 8,
              "n_test": 8, "eval_batch": 8, "lr": 3e-3},
+    "cpu": {"size": "small", "vocab": 128, "train_pairs": 8, "test_pairs": [4, 8, 16, 32], "steps": 2000,
+            "batch": 32, "n_test": 128, "eval_batch": 32, "lr": 1e-3},
     "full": {"size": "small", "vocab": 256, "train_pairs": 16, "test_pairs": [8, 16, 32, 64], "steps": 3000,
              "batch": 32, "n_test": 256, "eval_batch": 32, "lr": 1e-3},
 }
@@ -38,7 +40,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with configured(args):
         from hope.data.synthetic import mqar_task
 
-        mode = dict(MODES["tiny" if args.tiny else "full"])
+        mode = dict(MODES[mode_name(args)])
         mode["size"], mode["steps"] = args.size or mode["size"], args.steps or mode["steps"]
         mode["device"] = args.device
         names, skipped = available_models(parse_models(args.models))
@@ -49,7 +51,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return mqar_task(n, n_pairs=pairs, vocab_size=vocab, seed=seed)
 
         results = sweep(names, make, mode["train_pairs"], mode["test_pairs"], vocab, values, mode, args.seed)
-        doc = {"mode": "tiny" if args.tiny else "full", "config": mode, "train_setting": mode["train_pairs"],
+        doc = {"mode": mode_name(args), "config": mode, "train_setting": mode["train_pairs"],
                "test_settings": mode["test_pairs"], "score": "exact match (all queries right) and token accuracy",
                "results": results, "skipped": skipped}
         return write_sweep(NAME, doc, mode["test_pairs"], "pairs", args.out, logx=True)

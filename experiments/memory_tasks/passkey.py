@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from experiments.common.cli import base_parser, configured, parse_models
+from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.models import available_models
 from experiments.memory_tasks.harness import sweep, write_sweep
 
@@ -29,6 +29,8 @@ NAME = "passkey"
 MODES: dict[str, dict[str, Any]] = {
     "tiny": {"size": "tiny", "vocab": 64, "digits": 2, "train_len": 32, "test_lens": [32, 64], "steps": 3,
              "batch": 8, "n_test": 8, "eval_batch": 8, "lr": 3e-3},
+    "cpu": {"size": "small", "vocab": 128, "digits": 5, "train_len": 128, "test_lens": [128, 1024, 4096, 16384],
+            "steps": 1000, "batch": 16, "n_test": 25, "eval_batch": 1, "lr": 1e-3},
     "full": {"size": "small", "vocab": 128, "digits": 5, "train_len": 512, "test_lens": [1024, 2048, 4096, 8192,
              16384], "steps": 2000, "batch": 16, "n_test": 50, "eval_batch": 1, "lr": 1e-3},
 }
@@ -39,7 +41,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with configured(args):
         from hope.data.synthetic import DIGIT0, passkey_task
 
-        mode = dict(MODES["tiny" if args.tiny else "full"])
+        mode = dict(MODES[mode_name(args)])
         mode["size"], mode["steps"] = args.size or mode["size"], args.steps or mode["steps"]
         mode["device"] = args.device
         names, skipped = available_models(parse_models(args.models))
@@ -49,7 +51,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return passkey_task(n, context_len=length, n_digits=mode["digits"], vocab_size=mode["vocab"], seed=seed)
 
         results = sweep(names, make, mode["train_len"], mode["test_lens"], mode["vocab"], digits, mode, args.seed)
-        doc = {"mode": "tiny" if args.tiny else "full", "config": mode, "train_setting": mode["train_len"],
+        doc = {"mode": mode_name(args), "config": mode, "train_setting": mode["train_len"],
                "test_settings": mode["test_lens"], "score": "exact match (all digits right) and digit accuracy",
                "results": results, "skipped": skipped}
         return write_sweep(NAME, doc, mode["test_lens"], "tokens", args.out, logx=True)
