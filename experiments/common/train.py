@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from hope.eval.continual import EWC, IGNORE_INDEX, ReplayBuffer, lm_loss, logits_of
 
@@ -117,11 +118,13 @@ def train_on_tasks(
     cfg: TrainConfig,
     candidates: Tensor | None = None,
     log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> dict:
     """Train `model` on `tasks` in order with `cfg.strategy`; evaluate every task after each one.
 
     Returns {"R": N×N scores, "baseline": N scores of the untrained model, "train_loss": per task the training loss of
-    every step, "seconds": wall time}. Scores are losses, or accuracies when `candidates` is given.
+    every step, "seconds": wall time}. Scores are losses, or accuracies when `candidates` is given. `progress` shows a
+    bar per task on stderr (step, training loss, rate), refreshed at most every 10 s.
     """
     if not tasks:
         raise ValueError("train_on_tasks needs at least one task, got none")
@@ -139,7 +142,9 @@ def train_on_tasks(
     for i, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + i)
         losses = []
-        for x, y in _batches(task, cfg.batch_size, gen, cfg.steps_per_task, device):
+        bar = tqdm(_batches(task, cfg.batch_size, gen, cfg.steps_per_task, device), total=cfg.steps_per_task,
+                   desc=f"task {i + 1}/{len(tasks)} {task.name}", disable=not progress, mininterval=10, leave=False)
+        for x, y in bar:
             if replay is not None and i > 0:
                 rx, ry = replay.sample(cfg.replay_batch)
                 x_all, y_all = torch.cat([x, rx]), torch.cat([y, ry])  # [B + b_r, T]
@@ -154,6 +159,8 @@ def train_on_tasks(
             if replay is not None:
                 replay.add(x, y)
             losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.close()
         if ewc is not None:
             ewc.consolidate(model, list(_batches(task, cfg.batch_size, gen, cfg.ewc_batches, device)))
         R.append(score_all())

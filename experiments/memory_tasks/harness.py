@@ -95,6 +95,7 @@ def sweep(
     tests = [make(s, mode["n_test"], seed + 2 + i) for i, s in enumerate(test_settings)]
     out: dict[str, Any] = {}
     for name in names:
+        print(f"{name}: {mode['steps']} steps × {mode['batch']} at setting {train_setting}", flush=True)
         trained = train_on_synthetic(name, mode["size"], vocab_size, train, held_out, mode["steps"], mode["batch"],
                                      mode["lr"], seed, mode.get("device", "cpu"))
         scores = [score(trained.model, t.inputs, t.targets, candidates, mode["eval_batch"]) for t in tests]
