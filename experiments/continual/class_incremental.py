@@ -63,7 +63,7 @@ MODES: dict[str, dict[str, Any]] = {
     "tiny": {"sources": "bbc", "size": "tiny", "seq_len": 32, "steps": 4, "batch": 4, "max_per_class": 16,
              "eval_per_class": 4, "lr": 3e-3, "replay_capacity": 64, "replay_batch": 2, "ewc_strength": 100.0,
              "ewc_batches": 2},
-    "cpu": {"sources": "bbc,kjv", "size": "small", "seq_len": 128, "steps": 80, "batch": 16, "max_per_class": 1000,
+    "cpu": {"sources": "bbc", "size": "small", "seq_len": 128, "steps": 100, "batch": 16, "max_per_class": 1000,
             "eval_per_class": 40, "lr": 1e-3, "replay_capacity": 512, "replay_batch": 8, "ewc_strength": 1000.0,
             "ewc_batches": 8},
     "full": {"sources": "bbc,kjv,shakespeare", "size": "small", "seq_len": 128, "steps": 200, "batch": 32,
