@@ -64,6 +64,8 @@ def test_every_variant_composes_into_the_model_it_names(tmp_path):
     assert built["titans"].core == "titans" and len(built["hope_attention"].cms) == 3
     assert built["hope"].memory.erase == "dgd" and built["hope_gd"].memory.erase == "gd"
     assert built["hope_gd"].memory.eta_max == variants.gd_eta_max("tiny") == 2 / 64
+    dgd = built["hope_dgd_small_step"].memory  # the control: DGD at GD's step
+    assert dgd.erase == "dgd" and dgd.eta_max == built["hope_gd"].memory.eta_max
     assert built["hope_no_cms"].fast_periods == [] and len(built["hope"].fast_periods) == 2
     assert built["hope"].memory.self_targets and not built["hope_plain_targets"].memory.self_targets
     assert built["hope_mem_chunk16"].memory.chunk_size == 16 and built["hope"].memory.chunk_size == 64

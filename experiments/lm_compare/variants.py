@@ -9,6 +9,7 @@ arXiv:2512.24695:
 | variant             | change from HOPE                                             | paper / design reference   |
 |---------------------|--------------------------------------------------------------|----------------------------|
 | hope_gd             | erase β = 0 (plain GD with retention) instead of β = η (DGD)  | eq. 88; Table 6 "w/o DGD"  |
+| hope_dgd_small_step | DGD at hope_gd's η_max (the control that separates β from η)  | eq. 88                     |
 | hope_no_cms         | one frozen SwiGLU level (period None), hidden = Σ CMS hiddens | eqs. 70–74; "w/o CMS"      |
 | hope_plain_targets  | M_k, M_v regress onto v̄_t = v_t/‖v_t‖, not M_□,c(t)(v̄_t)      | eqs. 84/87                 |
 | hope_mem_chunk16    | main-memory chunk C = 16 (MemoryConfig default: 64)          | eq. 90, DESIGN.md §4       |
@@ -69,6 +70,8 @@ def all_variants(size: str | int) -> dict[str, Variant]:
                 f"{defaults.memory.proj_chunk_size}) + CMS (periods {periods}, frozen)"),
         Variant("hope_gd", "hope_small", (f"{mem}.erase=gd", f"{mem}.eta_max={eta_max:g}"),
                 f"β = 0 (plain GD), η_max = {eta_max:g} (the GD stability bound 2/C)"),
+        Variant("hope_dgd_small_step", "hope_small", (f"{mem}.eta_max={eta_max:g}",),
+                f"DGD at plain GD's step bound, η_max = {eta_max:g} (separates the erase from the step size)"),
         Variant("hope_no_cms", "hope_small", (f"+model.config.cms=[{{period:null,hidden:{hidden}}}]",),
                 f"one frozen SwiGLU of hidden {hidden} (= the CMS levels' total) instead of the CMS"),
         Variant("hope_plain_targets", "hope_small", (f"{mem}.self_targets=false",),
