@@ -179,3 +179,8 @@ def test_decode_tiny_hope_amortizes_whole_write_cycles(tmp_path):
 def test_decode_rejects_contexts_that_break_the_cms_write_cycle(bad, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         decode.run(["--tiny", "--out", str(tmp_path), *bad])
+
+
+def test_compare_rejects_a_bad_thread_count():
+    with pytest.raises(ValueError, match="--threads must be a positive int, got 0"):
+        compare.run(["--tiny", "--only", "transformer", "--threads", "0"])

@@ -172,6 +172,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mode = dict(MODES["tiny" if args.tiny else "full"])
     if args.steps is not None:
         mode["steps"] = args.steps
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise ValueError(f"--threads must be a positive int, got {args.threads}")
+        mode["threads"] = args.threads
     variants = select(mode["size"], args.only)
     shared = common_overrides(mode, args.seed)
     out = Path(args.out) if args.out else DEFAULT_OUT / ("tiny" if args.tiny else "")
@@ -220,6 +224,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (depth 2, 32-token windows)")
     p.add_argument("--steps", type=int, default=None, help="training steps per variant (default: by mode)")
     p.add_argument("--only", default=None, help="comma-separated variants (default: all, see variants.py)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per training process (default: by "
+                   "mode; torch's own choice in full mode)")
     p.add_argument("--seed", type=int, default=1337, help="one seed for every variant (init and data order)")
     p.add_argument("--collect", action="store_true", help="train nothing: build the table, plot and JSON from the "
                    "runs already finished in <out>/runs/ with the same settings (missing ones are marked)")
