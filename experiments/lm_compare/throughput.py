@@ -12,6 +12,11 @@ taken within this one run. A model's first step (untimed) must give a finite los
 not timed. Reported: the median over the timed rounds (after that checked step and `--warmup` more untimed
 rounds), fp32, `torch.set_num_threads(2)` by default, and the load averages before and after
 (`os.getloadavg()`). Writes `<out>/throughput.json`.
+
+`--cms-breakdown` also steps two HOPE variants with the same widths, `hope[frozen CMS]` (every level of period None:
+no in-context writes, no segments) and `hope[one level, period C]` (only the slowest fast level writes), and times
+the in-context CMS writes inside each HOPE step (`hope.layers.cms.write_levels`: the inner backward and the
+update), so the cost of the CMS can be read off one run.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from experiments.common.models import LABELS, MODEL_NAMES, build_models
+from experiments.common.models import LABELS, MODEL_NAMES, BuiltModel, build_models, count_params
 from experiments.common.results import markdown_table, write_result
 
 NAME = "throughput"
@@ -37,6 +42,55 @@ MODES: dict[str, dict[str, Any]] = {
     "tiny": {"size": "tiny", "seq_len": 32, "batch": 2, "warmup": 0, "steps": 2, "threads": 1},
     "full": {"size": "small", "seq_len": 512, "batch": 8, "warmup": 0, "steps": 3, "threads": 2},
 }
+
+
+def breakdown_models(size: str | int, seed: int) -> list[BuiltModel]:
+    """HOPE with its CMS levels frozen (`hope[frozen CMS]`), and with only its slowest fast level writing
+    (`hope[one level, period C]`); widths as in the preset."""
+    from hope import HopeLM, preset
+    from hope.config import CMSLevel
+
+    levels = preset("hope", size).cms
+    slowest = max(lvl.period for lvl in levels if lvl.period is not None)
+    plans = {"hope[frozen CMS]": [None] * len(levels),
+             f"hope[one level, period {slowest}]": [slowest if lvl.period == slowest else None for lvl in levels]}
+    out = []
+    for label, periods in plans.items():
+        torch.manual_seed(seed)
+        model = HopeLM(preset("hope", size, cms=[CMSLevel(period=p, hidden=lvl.hidden)
+                                                 for p, lvl in zip(periods, levels)]))
+        out.append(BuiltModel(label, model, count_params(model)))
+    return out
+
+
+class WriteClock:
+    """Seconds spent in `hope.layers.cms.write_levels` (the in-context CMS writes), charged to `current`."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.seconds: dict[str, float] = {}
+        self._orig = None
+
+    def __enter__(self) -> WriteClock:
+        from hope.layers import cms
+
+        self._orig = cms.write_levels
+
+        def timed(*args: Any, **kwargs: Any) -> None:
+            t0 = time.perf_counter()
+            try:
+                return self._orig(*args, **kwargs)
+            finally:
+                if self.current is not None:
+                    self.seconds[self.current] = self.seconds.get(self.current, 0.0) + time.perf_counter() - t0
+
+        cms.write_levels = timed
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from hope.layers import cms
+
+        cms.write_levels = self._orig
 
 
 class Trainee:
@@ -48,6 +102,7 @@ class Trainee:
         self.ids = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=g)  # [B, T+1]
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         self.times: list[float] = []
+        self.write_times: list[float] = []  # seconds in CMS writes per timed step (with --cms-breakdown)
 
     def step(self, check: bool = False) -> float:
         """One training step (forward, next-token cross-entropy, backward, AdamW); returns the loss. With `check`,
@@ -66,15 +121,22 @@ class Trainee:
         return float(loss.detach())
 
 
-def measure(trainees: list[Trainee], warmup: int, steps: int) -> None:
-    """Round-robin: each round gives every model one step; rounds after the first `warmup` are timed."""
+def measure(trainees: list[Trainee], warmup: int, steps: int, clock: WriteClock | None = None) -> None:
+    """Round-robin: each round gives every model one step; rounds after the first `warmup` are timed. With a
+    `clock`, the CMS-write time of every timed step is appended to the trainee's `write_times`."""
     for r in range(warmup + steps):
         for tr in trainees:
+            if clock is not None:
+                clock.current, clock.seconds = tr.name, {}
             t0 = time.perf_counter()
             tr.step()
             if r >= warmup:
                 tr.times.append(time.perf_counter() - t0)
+                if clock is not None:
+                    tr.write_times.append(clock.seconds.get(tr.name, 0.0))
             print(f"  round {r}: {tr.name} {time.perf_counter() - t0:.2f} s", flush=True)
+        if clock is not None:
+            clock.current = None
 
 
 def summarize(trainees: list[Trainee], tokens_per_step: int) -> dict[str, dict[str, Any]]:
@@ -84,6 +146,9 @@ def summarize(trainees: list[Trainee], tokens_per_step: int) -> dict[str, dict[s
         med = statistics.median(tr.times)
         out[tr.name] = {"params": tr.params, "step_s": tr.times, "median_step_s": med,
                         "tokens_per_s": tokens_per_step / med}
+        if tr.write_times:
+            out[tr.name]["cms_write_s"] = tr.write_times
+            out[tr.name]["median_cms_write_s"] = statistics.median(tr.write_times)
     ref = out.get("transformer")
     for r in out.values():
         r["ratio_vs_transformer"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
@@ -105,19 +170,30 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(mode["threads"])
     try:
         built, skipped = build_models(names, mode["size"], args.seed)
+        if args.cms_breakdown:
+            built += breakdown_models(mode["size"], args.seed)
         trainees = [Trainee(b.name, b.model.train(), b.params, mode["batch"], mode["seq_len"], args.seed)
                     for b in built]
         for tr in trainees:
             tr.step(check=True)  # untimed: also pays the one-off costs (allocations, AdamW state)
         load_start = list(os.getloadavg())
-        measure(trainees, mode["warmup"], mode["steps"])
+        if args.cms_breakdown:
+            with WriteClock() as clock:
+                measure(trainees, mode["warmup"], mode["steps"], clock)
+        else:
+            measure(trainees, mode["warmup"], mode["steps"])
         load_end = list(os.getloadavg())
     finally:
         torch.set_num_threads(before)
     results = summarize(trainees, mode["batch"] * mode["seq_len"])
-    rows = [[LABELS[n], r["params"] / 1e6, round(r["median_step_s"], 3), round(r["tokens_per_s"]),
+    headers = ["model", "params (M)", "median step (s)", "tokens/s", "vs Transformer++"]
+    rows = [[LABELS.get(n, n), r["params"] / 1e6, round(r["median_step_s"], 3), round(r["tokens_per_s"]),
              r["ratio_vs_transformer"]] for n, r in results.items()]
-    table = markdown_table(["model", "params (M)", "median step (s)", "tokens/s", "vs Transformer++"], rows)
+    if args.cms_breakdown:
+        headers.append("CMS writes (s)")
+        for row, r in zip(rows, results.values()):
+            row.append(round(r["median_cms_write_s"], 3) if "median_cms_write_s" in r else None)
+    table = markdown_table(headers, rows)
     doc = {
         "command": " ".join(["python -m experiments.lm_compare.throughput",
                              *(list(argv) if argv is not None else sys.argv[1:])]),
@@ -146,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="timed rounds; the median is reported (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; 1 with --tiny)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cms-breakdown", dest="cms_breakdown", action="store_true",
+                   help="also step HOPE with frozen CMS levels and with one fast level, and time the CMS writes")
     p.add_argument("--out", default=None, help="output directory (default: results/, results/tiny/ with --tiny)")
     return p
 
