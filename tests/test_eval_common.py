@@ -121,6 +121,8 @@ def test_write_result_and_plots(tmp_path):
     doc = json.loads(path.read_text())
     assert doc["benchmark"] == "demo" and doc["x"] is None and doc["t"] == [1.5, 2.0]
     assert {"date", "command", "machine"} <= set(doc["meta"]) and doc["meta"]["machine"]["cpu_count"] >= 1
+    if Path("/proc/cpuinfo").is_file():  # Linux: the CPU is named, since timings from two CPUs do not compare
+        assert doc["meta"]["machine"]["cpu_model"]
     png = plot_lines(tmp_path / "a.png", {"m": ([1, 2], [0.5, None])}, "t", "x", "y")
     png2 = plot_matrices(tmp_path / "b.png", {"m": [[1.0, 2.0], [3.0, 4.0]]}, ["a", "b"], "t")
     assert png.read_bytes()[:4] == b"\x89PNG" and png2.stat().st_size > 1000
