@@ -78,3 +78,20 @@ def test_formal_languages_tiny_mode(tmp_path):
     assert 0.0 <= cell["bin0"] <= 100.0 and 0.0 <= cell["bin1"] <= 100.0
     assert doc["paper_table5"]["Hope"]["parity"] == [100.0, 100.0]
     assert "ours: Transformer++" in (tmp_path / "formal_languages.md").read_text()
+
+
+def test_render_rebuilds_table_and_plot_and_keeps_the_run_record(tmp_path):
+    from experiments.memory_tasks import harness
+
+    mqar.run(["--tiny", "--models", "transformer", "--out", str(tmp_path)])
+    path = tmp_path / "mqar.json"
+    doc = json.loads(path.read_text())
+    doc["results"]["transformer"]["token_accuracy"] = [0.5] * len(doc["test_settings"])
+    doc["table"] = "stale"
+    path.write_text(json.dumps(doc))
+    (tmp_path / "mqar.png").unlink()
+    harness.render(path)
+    again = json.loads(path.read_text())
+    assert again["meta"] == doc["meta"]  # the run's date, command and commit stay
+    assert "/ 50.0 |" in again["table"] and again["table"] == (tmp_path / "mqar.md").read_text().strip()
+    assert (tmp_path / "mqar.png").read_bytes()[:4] == b"\x89PNG"

@@ -10,8 +10,10 @@ match exactly when greedy decoding would produce its whole answer, so no decodin
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,18 +109,72 @@ def sweep(
     return out
 
 
+def sweep_table(doc: dict[str, Any], xlabel: str) -> str:
+    """Markdown table: per model, exact match and per-query (token) accuracy in % at every test setting."""
+    from experiments.common.models import LABELS
+    from experiments.common.results import markdown_table
+
+    settings = doc["test_settings"]
+    rows = [[LABELS[m], r["params"]] + [f"{100 * e:.1f} / {100 * a:.1f}" for e, a in
+                                        zip(r["exact_match"], r["token_accuracy"])]
+            for m, r in doc["results"].items()]
+    return markdown_table(["model", "params"] + [f"{xlabel} {s}: exact / per-token %" for s in settings], rows)
+
+
+def plot_sweep(path: Path, doc: dict[str, Any], xlabel: str, logx: bool = False) -> Path:
+    """Two panels against the test setting: exact match and per-token accuracy, one line per model."""
+    from experiments.common.models import LABELS
+    from experiments.common.results import _pyplot
+
+    plt = _pyplot()
+    settings = doc["test_settings"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, ylabel in zip(axes, ("exact_match", "token_accuracy"), ("exact match", "per-token accuracy")):
+        for m, r in doc["results"].items():
+            ax.plot(settings, r[key], marker="o", label=LABELS[m])
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{doc['benchmark']}: trained at {xlabel} = {doc['train_setting']} ({doc['mode']} mode)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_sweep(bench: str, doc: dict[str, Any], settings: list[int], xlabel: str, out_dir: str,
                 logx: bool = False) -> dict[str, Any]:
-    """Write `<out_dir>/<bench>.json`, a PNG of exact match against the setting and a Markdown table."""
-    from experiments.common.models import LABELS
-    from experiments.common.results import markdown_table, plot_lines, write_result
+    """Write `<out_dir>/<bench>.json`, a PNG of exact match and per-token accuracy against the setting, and a
+    Markdown table."""
+    from experiments.common.results import write_result
 
-    results = doc["results"]
-    rows = [[LABELS[m], r["params"]] + [f"{100 * v:.1f}" for v in r["exact_match"]] for m, r in results.items()]
-    doc["table"] = markdown_table(["model", "params"] + [f"{xlabel} {s}" for s in settings], rows)
+    doc = {**doc, "test_settings": list(settings), "xlabel": xlabel, "logx": logx}
+    doc["table"] = sweep_table(doc, xlabel)
     path = write_result(bench, doc, out_dir)
-    plot_lines(path.with_suffix(".png"), {LABELS[m]: (settings, r["exact_match"]) for m, r in results.items()},
-               f"{bench}: exact match (trained at {doc['train_setting']})", xlabel, "exact match", logx=logx)
-    path.with_suffix(".md").write_text(doc["table"] + "\n")
+    doc["benchmark"] = bench
+    render(path)
     print(doc["table"])
     return doc
+
+
+def render(path: str | Path) -> None:
+    """Rewrite the table (in the JSON and its `.md`) and the PNG of a sweep's result file from its numbers; the
+    run's `meta` (date, command, commit) is kept. `python -m experiments.memory_tasks.harness <result.json>`."""
+    path = Path(path)
+    doc = json.loads(path.read_text())
+    xlabel = doc.get("xlabel") or {"mqar": "pairs", "passkey": "tokens"}[doc["benchmark"]]
+    logx = doc.get("logx", True)
+    doc["table"] = sweep_table(doc, xlabel)
+    path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    plot_sweep(path.with_suffix(".png"), doc, xlabel, logx)
+    path.with_suffix(".md").write_text(doc["table"] + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    for arg in sys.argv[1:]:
+        render(arg)
+        print(f"rendered {arg}")
