@@ -128,3 +128,18 @@ def test_write_result_and_plots(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG" and png2.stat().st_size > 1000
     table = markdown_table(["a", "b"], [["x", 0.12345], ["y", None]])
     assert table.splitlines()[2] == "| x | 0.123 |" and "–" in table
+
+
+def test_partial_results_round_trip_and_refuse_another_config(tmp_path, capsys):
+    from experiments.common.results import Partial
+
+    p = Partial("demo", tmp_path, {"steps": 3, "lr": 0.1})
+    assert p.get("a") is None
+    assert p.put("a", {"R": torch.tensor([[1.0, 2.0]])}) == {"R": [[1.0, 2.0]]}  # stored as plain JSON
+    assert Partial("demo", tmp_path, {"steps": 3, "lr": 0.1}, resume=True).get("a") == {"R": [[1.0, 2.0]]}
+    with pytest.raises(ValueError, match=r"'steps': \(3, 4\)"):
+        Partial("demo", tmp_path, {"steps": 4, "lr": 0.1}, resume=True)
+    fresh = Partial("demo", tmp_path, {"steps": 4, "lr": 0.1})  # without --resume: start afresh, and say so
+    assert fresh.get("a") is None and "--resume" in capsys.readouterr().out
+    fresh.finish()
+    assert not (tmp_path / "demo.partial.json").exists() and not list(tmp_path.glob(".*.tmp"))

@@ -70,3 +70,36 @@ def test_tiny_mode_end_to_end(tmp_path):
     assert (tmp_path / "domain_incremental.png").stat().st_size > 1000
     assert "| Transformer++ | sequential |" in (tmp_path / "domain_incremental.md").read_text()
     assert doc["tasks"] == saved["tasks"]
+
+
+def test_interrupted_run_resumes_without_redoing_finished_units(tmp_path, monkeypatch):
+    """A run killed in its second (model, strategy) unit goes on with --resume: the first unit is read back from
+    `domain_incremental.partial.json`, only the rest is trained, and the partial file is gone at the end."""
+    real = di.train_on_tasks
+    calls = []
+
+    def dies_on_second(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    argv = ["--tiny", "--models", "transformer", "--strategies", "sequential,replay", "--out", str(tmp_path)]
+    monkeypatch.setattr(di, "train_on_tasks", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        di.run(argv, corpora=fake_corpora())
+    partial = json.loads((tmp_path / "domain_incremental.partial.json").read_text())
+    assert list(partial["units"]) == ["transformer/sequential"]
+    assert not (tmp_path / "domain_incremental.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(di, "train_on_tasks", lambda *a, **k: calls.append(k) or real(*a, **k))
+    with pytest.raises(ValueError, match="steps"):  # another budget cannot mix with the saved units
+        di.run([*argv, "--resume", "--steps", "5"], corpora=fake_corpora())
+    doc = di.run([*argv, "--resume"], corpora=fake_corpora())
+    assert len(calls) == 1  # only the replay unit ran again
+    runs = doc["models"]["transformer"]["strategies"]
+    assert runs["sequential"]["R"] == partial["units"]["transformer/sequential"]["R"]
+    assert runs["replay"]["R"][0] == runs["sequential"]["R"][0]  # same init and first task either way
+    assert not (tmp_path / "domain_incremental.partial.json").exists()
+    assert "| Transformer++ | replay |" in (tmp_path / "domain_incremental.md").read_text()

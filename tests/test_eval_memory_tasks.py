@@ -95,3 +95,23 @@ def test_render_rebuilds_table_and_plot_and_keeps_the_run_record(tmp_path):
     assert again["meta"] == doc["meta"]  # the run's date, command and commit stay
     assert "/ 50.0 |" in again["table"] and again["table"] == (tmp_path / "mqar.md").read_text().strip()
     assert (tmp_path / "mqar.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_resume_skips_saved_models(tmp_path, monkeypatch):
+    """A sweep interrupted after its first model goes on with --resume and trains only the models left."""
+    from experiments.common.results import Partial
+    from experiments.memory_tasks import harness
+
+    mode = {**mqar.MODES["tiny"], "device": "cpu", "seed": 0, "mode": "tiny"}  # the config mqar.run saves
+    saved = Partial(mqar.NAME, tmp_path, mode)
+    saved.put("transformer", {"params": 1, "train_seconds": 0.0, "final_train_loss": 9.0,
+                              "token_accuracy": [0.25] * 3, "exact_match": [0.0] * 3})
+    trained = []
+    real = harness.train_on_synthetic
+    monkeypatch.setattr(harness, "train_on_synthetic",
+                        lambda name, *a, **k: trained.append(name) or real(name, *a, **k))
+    mqar.run(["--tiny", "--models", "transformer,titans", "--out", str(tmp_path), "--resume"])
+    doc = json.loads((tmp_path / "mqar.json").read_text())
+    assert trained == ["titans"]
+    assert doc["results"]["transformer"]["final_train_loss"] == 9.0  # read back, not retrained
+    assert not (tmp_path / "mqar.partial.json").exists()

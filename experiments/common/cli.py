@@ -33,6 +33,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="directory for the JSON, PNG and Markdown outputs")
     p.add_argument("--device", default="cpu", help="torch device for the models (cpu, cuda, cuda:1, ...)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with --tiny, else torch's)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from <out>/<benchmark>.partial.json, skipping the units an interrupted run finished")
     return p
 
 

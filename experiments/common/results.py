@@ -80,8 +80,61 @@ def write_result(name: str, payload: dict[str, Any], out_dir: str | Path = "resu
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     doc = {"benchmark": name, "meta": run_meta(), **_jsonable(payload)}
-    path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    _write_atomic(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Partial:
+    """The finished units of a long benchmark run (one model, one (model, strategy) pair, ...), saved to
+    `<out_dir>/<name>.partial.json` as each one ends, so an interrupted run goes on where it stopped.
+
+    With `resume=True` the units of an earlier run are loaded, provided it had the same `config` (the budget,
+    seed and data that make units comparable); otherwise `ValueError` names the differing fields. Without it an
+    old partial file is started afresh (and the run says so). `finish()` deletes the file once the final result
+    is written. Units are stored as plain JSON, so a resumed unit comes back with lists where a fresh one had
+    tensors.
+    """
+
+    def __init__(self, name: str, out_dir: str | Path, config: dict[str, Any], resume: bool = False):
+        self.path = Path(out_dir) / f"{name}.partial.json"
+        self.config = _jsonable(config)
+        self.units: dict[str, Any] = {}
+        if not self.path.exists():
+            return
+        if not resume:
+            print(f"{self.path} holds units of an interrupted run; starting afresh (pass --resume to go on)")
+            return
+        old = json.loads(self.path.read_text())
+        if old.get("config") != self.config:
+            keys = sorted(set(old.get("config", {})) | set(self.config))
+            diff = {k: (old.get("config", {}).get(k), self.config.get(k)) for k in keys
+                    if old.get("config", {}).get(k) != self.config.get(k)}
+            raise ValueError(f"cannot resume from {self.path}: it was run with another configuration "
+                             f"(field: (saved, now)) {diff}")
+        self.units = old["units"]
+        print(f"resuming from {self.path}: {len(self.units)} finished unit(s): {', '.join(self.units)}")
+
+    def get(self, key: str) -> Any | None:
+        """The saved result of unit `key`, or None when it has not run yet."""
+        return self.units.get(key)
+
+    def put(self, key: str, value: Any) -> Any:
+        """Save unit `key` (written to disk at once); return the value as stored (plain JSON)."""
+        self.units[key] = _jsonable(value)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.path, json.dumps({"config": self.config, "units": self.units}, allow_nan=False) + "\n")
+        return self.units[key]
+
+    def finish(self) -> None:
+        """The run is complete and written: drop the partial file."""
+        self.path.unlink(missing_ok=True)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:

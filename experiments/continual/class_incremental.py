@@ -33,7 +33,7 @@ import torch
 from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.data import check_fits, encode
 from experiments.common.models import LABELS, build_model, build_models
-from experiments.common.results import markdown_table, plot_lines, write_result
+from experiments.common.results import Partial, markdown_table, plot_lines, write_result
 from experiments.common.train import STRATEGIES, Task, TrainConfig, train_on_tasks
 from hope.eval import IGNORE_INDEX, continual_metrics
 
@@ -199,6 +199,8 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
     names = list(sources) if sources is not None else (args.sources or mode["sources"]).split(",")
     built, skipped = build_models(parse_models(args.models), size, args.seed, args.device)
     check_fits(built[0].model, mode["seq_len"])
+    partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "steps": steps, "size": size,
+                                       "seed": args.seed, "classes_per_task": args.classes_per_task}, args.resume)
     results, rows, curves = {}, [], {}
     for source in names:
         docs = sources[source] if sources is not None else labelled_documents(source)
@@ -211,14 +213,20 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
         for entry in built:
             runs = results[source]["models"][entry.name] = {"params": entry.params, "strategies": {}}
             for strategy in args.strategies.split(","):
-                print(f"{source}: {entry.name} / {strategy}")
-                model = build_model(entry.name, size, args.seed, args.device).model
-                cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], strategy=strategy,
-                                  replay_capacity=mode["replay_capacity"], replay_batch=mode["replay_batch"],
-                                  ewc_strength=mode["ewc_strength"], ewc_batches=mode["ewc_batches"], seed=args.seed)
-                out = train_on_tasks(model, tasks, cfg, candidates=candidates)
-                metrics = continual_metrics(out["R"], baseline=out["baseline"])
-                runs["strategies"][strategy] = {**out, "metrics": metrics}
+                key = f"{source}/{entry.name}/{strategy}"
+                unit = partial.get(key)
+                if unit is None:
+                    print(f"{source}: {entry.name} / {strategy}")
+                    model = build_model(entry.name, size, args.seed, args.device).model
+                    cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"],
+                                      strategy=strategy, replay_capacity=mode["replay_capacity"],
+                                      replay_batch=mode["replay_batch"], ewc_strength=mode["ewc_strength"],
+                                      ewc_batches=mode["ewc_batches"], seed=args.seed)
+                    out = train_on_tasks(model, tasks, cfg, candidates=candidates)
+                    metrics = continual_metrics(out["R"], baseline=out["baseline"])
+                    unit = partial.put(key, {**out, "metrics": metrics})
+                out, metrics = unit, unit["metrics"]
+                runs["strategies"][strategy] = unit
                 rows.append([source, LABELS[entry.name], strategy, entry.params, metrics["average_accuracy"],
                              metrics["average_incremental_accuracy"], metrics["backward_transfer"],
                              metrics["average_forgetting"], f"{out['seconds']:.1f}"])
@@ -233,6 +241,7 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
     plot_lines(path.with_suffix(".png"), curves, "Class-incremental accuracy on the classes seen so far",
                "tasks learned", "accuracy (seen classes)")
     path.with_suffix(".md").write_text(table + "\n")
+    partial.finish()
     print(table)
     return doc
 

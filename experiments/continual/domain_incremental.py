@@ -24,7 +24,7 @@ from typing import Any
 from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.data import check_fits, lm_task
 from experiments.common.models import LABELS, build_model, build_models
-from experiments.common.results import markdown_table, plot_lines, write_result
+from experiments.common.results import Partial, markdown_table, plot_lines, write_result
 from experiments.common.train import STRATEGIES, Task, TrainConfig, train_on_tasks
 from hope.eval import continual_metrics
 
@@ -81,19 +81,25 @@ def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> di
     built, skipped = build_models(parse_models(args.models), size, args.seed, args.device)
     check_fits(built[0].model, mode["seq_len"])
 
+    partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "steps": steps, "size": size,
+                                       "seed": args.seed, "tasks": [t.name for t in tasks]}, args.resume)
     results: dict[str, Any] = {}
     rows, curves = [], {}
     for entry in built:
         results[entry.name] = {"params": entry.params, "strategies": {}}
         for strategy in args.strategies.split(","):
-            print(f"{entry.name} / {strategy}")
-            model = build_model(entry.name, size, args.seed, args.device).model  # same init for all strategies
-            cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], strategy=strategy,
-                              replay_capacity=mode["replay_capacity"], replay_batch=mode["replay_batch"],
-                              ewc_strength=mode["ewc_strength"], ewc_batches=mode["ewc_batches"], seed=args.seed)
-            out = train_on_tasks(model, tasks, cfg)
-            metrics = continual_metrics(out["R"], baseline=out["baseline"], higher_is_better=False)
-            results[entry.name]["strategies"][strategy] = {**out, "metrics": metrics}
+            unit = partial.get(f"{entry.name}/{strategy}")
+            if unit is None:
+                print(f"{entry.name} / {strategy}")
+                model = build_model(entry.name, size, args.seed, args.device).model  # same init for all strategies
+                cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], strategy=strategy,
+                                  replay_capacity=mode["replay_capacity"], replay_batch=mode["replay_batch"],
+                                  ewc_strength=mode["ewc_strength"], ewc_batches=mode["ewc_batches"], seed=args.seed)
+                out = train_on_tasks(model, tasks, cfg)
+                metrics = continual_metrics(out["R"], baseline=out["baseline"], higher_is_better=False)
+                unit = partial.put(f"{entry.name}/{strategy}", {**out, "metrics": metrics})
+            out, metrics = unit, unit["metrics"]
+            results[entry.name]["strategies"][strategy] = unit
             rows.append([LABELS[entry.name], strategy, entry.params, metrics["average_accuracy"],
                          metrics["backward_transfer"], metrics["average_forgetting"], metrics["forward_transfer"],
                          metrics["average_incremental_accuracy"], f"{out['seconds']:.1f}"])
@@ -108,6 +114,7 @@ def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> di
     plot_lines(path.with_suffix(".png"), curves, f"Loss on {tasks[0].name} while learning later domains",
                "domains learned", f"{tasks[0].name} test loss (nats/byte)")
     path.with_suffix(".md").write_text(table + "\n")
+    partial.finish()
     print(table)
     return doc
 

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_map
 from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.data import check_fits, lm_task, stream
 from experiments.common.models import LABELS, build_models
-from experiments.common.results import markdown_table, plot_lines, write_result
+from experiments.common.results import Partial, markdown_table, plot_lines, write_result
 from experiments.common.train import TrainConfig, model_device, train_on_tasks
 from hope.eval import logits_of
 
@@ -138,25 +138,30 @@ def _run(args: argparse.Namespace, docs: Sequence | None) -> dict[str, Any]:
     built, skipped = build_models(parse_models(args.models), size, args.seed, args.device)
     check_fits(built[0].model, (mode["n_docs"] + 1) * mode["doc_len"])  # the last probe's context
     cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], seed=args.seed)
-    results, rows, curves, trained = {}, [], {}, {}
-    entries = [(e.name, e, None) for e in built]
-    if any(e.name == "transformer" for e in built):  # the windowed Transformer is the trained Transformer
-        entries.append(("transformer_window", next(e for e in built if e.name == "transformer"), mode["window"]))
-    for key, entry, window in entries:
-        if entry.name not in trained:
+    partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "steps": steps, "size": size,
+                                       "seed": args.seed, "corpus": args.corpus if docs is None else None},
+                      args.resume)
+    results, rows, curves = {}, [], {}
+    for entry in built:
+        unit = partial.get(entry.name)
+        if unit is None:  # train once, then probe with the state carried (and, for the Transformer, windowed)
             print(f"{entry.name}: {steps} training steps")
-            trained[entry.name] = train_on_tasks(entry.model, [task], cfg)
-        if window is None:
-            res = probe_carried(entry.model, stream_ids)
-        else:
-            res = probe_windowed(entry.model, stream_ids, window)
-        label = LABELS[entry.name] + (f" (window {window})" if window else " (state carried)")
-        results[key] = {"label": label, "params": entry.params, "window": window, **res,
-                        "pretrain_eval_loss": trained[entry.name]["R"][0][0],
-                        "pretrain_seconds": trained[entry.name]["seconds"]}
-        rows.append([label, entry.params, res["fresh_loss"], res["probe_loss"][0], res["probe_loss"][-1],
+            trained = train_on_tasks(entry.model, [task], cfg)
+            windows = [None] + ([mode["window"]] if entry.name == "transformer" else [])
+            unit = {}
+            for window in windows:
+                res = probe_carried(entry.model, stream_ids) if window is None else probe_windowed(
+                    entry.model, stream_ids, window)
+                label = LABELS[entry.name] + (f" (window {window})" if window else " (state carried)")
+                unit[entry.name + ("_window" if window else "")] = {
+                    "label": label, "params": entry.params, "window": window, **res,
+                    "pretrain_eval_loss": trained["R"][0][0], "pretrain_seconds": trained["seconds"]}
+            unit = partial.put(entry.name, unit)
+        results.update(unit)
+    for res in results.values():
+        rows.append([res["label"], res["params"], res["fresh_loss"], res["probe_loss"][0], res["probe_loss"][-1],
                      res["memory_gain"][0], res["memory_gain"][-1]])
-        curves[label] = (res["distance"], res["probe_loss"])
+        curves[res["label"]] = (res["distance"], res["probe_loss"])
     L = mode["doc_len"]
     headers = ["model", "params", "fresh loss", "re-read at 0", f"re-read at {(mode['n_docs'] - 1) * L}",
                "gain at 0", "gain at end"]
@@ -168,6 +173,7 @@ def _run(args: argparse.Namespace, docs: Sequence | None) -> dict[str, Any]:
     plot_lines(path.with_suffix(".png"), curves, "Loss when re-reading the stream's first document",
                "tokens read since the first document", "loss on first document (nats/byte)")
     path.with_suffix(".md").write_text(table + "\n")
+    partial.finish()
     print(table)
     return doc
 

@@ -24,7 +24,7 @@ import torch
 
 from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.models import LABELS, available_models
-from experiments.common.results import markdown_table, plot_bars, write_result
+from experiments.common.results import Partial, markdown_table, plot_bars, write_result
 from experiments.memory_tasks.harness import score, train_on_synthetic
 
 NAME = "formal_languages"
@@ -49,8 +49,10 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def run_language(language: str, names: Sequence[str], mode: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Train each model on Bin0 strings of `language`; accuracy (%) on held-out Bin0 and Bin1."""
+def run_language(language: str, names: Sequence[str], mode: dict[str, Any], seed: int,
+                 partial: Partial | None = None) -> dict[str, Any]:
+    """Train each model on Bin0 strings of `language`; accuracy (%) on held-out Bin0 and Bin1. With `partial`,
+    each (language, model) result is saved as it ends and those it already holds are not run again."""
     from hope.data.synthetic import ACCEPT, FORMAL_BINS, FORMAL_VOCAB_SIZE, REJECT, formal_language_task
 
     n_train = mode["steps"] * mode["batch"]
@@ -60,12 +62,17 @@ def run_language(language: str, names: Sequence[str], mode: dict[str, Any], seed
     candidates = torch.tensor([ACCEPT, REJECT])
     out: dict[str, Any] = {}
     for name in names:
+        if partial is not None and partial.get(f"{language}/{name}") is not None:
+            out[name] = partial.get(f"{language}/{name}")
+            continue
         trained = train_on_synthetic(name, mode["size"], FORMAL_VOCAB_SIZE, train, tests["bin0"], mode["steps"],
                                      mode["batch"], mode["lr"], seed, mode.get("device", "cpu"))
         acc = {b: 100.0 * score(trained.model, t.inputs, t.targets, candidates)["token_accuracy"]
                for b, t in tests.items()}
         out[name] = {"params": trained.params, "bin0": acc["bin0"], "bin1": acc["bin1"],
                      "train_seconds": trained.train["seconds"], "final_train_loss": trained.train["train_loss"][0][-1]}
+        if partial is not None:
+            partial.put(f"{language}/{name}", out[name])
         print(f"{TITLES[language]:>9} {name:>15}: Bin0 {acc['bin0']:.1f}  Bin1 {acc['bin1']:.1f}")
     return out
 
@@ -97,7 +104,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if not languages or bad:
         raise ValueError(f"--languages must list languages from {tuple(TITLES)}, got {args.languages!r}")
     names, skipped = available_models(parse_models(args.models))
-    results = {lang: run_language(lang, names, mode, args.seed) for lang in languages}
+    partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
+    results = {lang: run_language(lang, names, mode, args.seed, partial) for lang in languages}
     table = comparison_table(results, languages)
     doc = {"mode": mode_name(args), "config": mode, "score": "recognition accuracy (%) Bin0 / Bin1",
            "paper_table5": PAPER_TABLE5, "results": results, "skipped": skipped, "table": table}
@@ -106,6 +114,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     plot_bars(path.with_suffix(".png"), [TITLES[lang] for lang in languages], series,
               "Formal languages: trained on Bin0 (1-50), tested on Bin0 and Bin1 (51-100)", "accuracy (%)")
     path.with_suffix(".md").write_text(table + "\n")
+    partial.finish()
     print(table)
     return doc
 

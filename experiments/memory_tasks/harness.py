@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from experiments.common.data import check_fits
 from experiments.common.models import build_model
+from experiments.common.results import Partial
 from experiments.common.train import Task, TrainConfig, model_device, train_on_tasks
 from hope.eval import IGNORE_INDEX, logits_of
 
@@ -85,18 +86,23 @@ def sweep(
     candidates: Tensor | None,
     mode: dict[str, Any],
     seed: int,
+    partial: Partial | None = None,
 ) -> dict[str, Any]:
     """Train each model at `train_setting`, score it at every test setting (context length, number of pairs, ...).
 
     `make(setting, n_examples, seed)` returns a `SyntheticBatch`; training, validation and each test set use
     different seeds, so no test example was trained on. Returns {model: {"params", "train_seconds",
-    "token_accuracy": [...], "exact_match": [...]}} with one entry per test setting.
+    "token_accuracy": [...], "exact_match": [...]}} with one entry per test setting. With `partial`, each model's
+    result is saved as it ends and models it already holds are not run again.
     """
     train = make(train_setting, mode["steps"] * mode["batch"], seed)
     held_out = make(train_setting, mode["n_test"], seed + 1)
     tests = [make(s, mode["n_test"], seed + 2 + i) for i, s in enumerate(test_settings)]
     out: dict[str, Any] = {}
     for name in names:
+        if partial is not None and partial.get(name) is not None:
+            out[name] = partial.get(name)
+            continue
         print(f"{name}: {mode['steps']} steps × {mode['batch']} at setting {train_setting}", flush=True)
         trained = train_on_synthetic(name, mode["size"], vocab_size, train, held_out, mode["steps"], mode["batch"],
                                      mode["lr"], seed, mode.get("device", "cpu"))
@@ -105,6 +111,8 @@ def sweep(
                      "final_train_loss": trained.train["train_loss"][0][-1],
                      "token_accuracy": [s["token_accuracy"] for s in scores],
                      "exact_match": [s["exact_match"] for s in scores]}
+        if partial is not None:
+            partial.put(name, out[name])
         print(f"{name:>15}: " + "  ".join(f"{s}: {v['exact_match']:.2f}" for s, v in zip(test_settings, scores)))
     return out
 
@@ -145,9 +153,9 @@ def plot_sweep(path: Path, doc: dict[str, Any], xlabel: str, logx: bool = False)
 
 
 def write_sweep(bench: str, doc: dict[str, Any], settings: list[int], xlabel: str, out_dir: str,
-                logx: bool = False) -> dict[str, Any]:
+                logx: bool = False, partial: Partial | None = None) -> dict[str, Any]:
     """Write `<out_dir>/<bench>.json`, a PNG of exact match and per-token accuracy against the setting, and a
-    Markdown table."""
+    Markdown table; then drop the run's `partial` file."""
     from experiments.common.results import write_result
 
     doc = {**doc, "test_settings": list(settings), "xlabel": xlabel, "logx": logx}
@@ -155,6 +163,8 @@ def write_sweep(bench: str, doc: dict[str, Any], settings: list[int], xlabel: st
     path = write_result(bench, doc, out_dir)
     doc["benchmark"] = bench
     render(path)
+    if partial is not None:
+        partial.finish()
     print(doc["table"])
     return doc
 

@@ -22,6 +22,7 @@ import torch
 
 from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.models import available_models
+from experiments.common.results import Partial
 from experiments.memory_tasks.harness import sweep, write_sweep
 
 NAME = "mqar"
@@ -50,11 +51,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         def make(pairs: int, n: int, seed: int):
             return mqar_task(n, n_pairs=pairs, vocab_size=vocab, seed=seed)
 
-        results = sweep(names, make, mode["train_pairs"], mode["test_pairs"], vocab, values, mode, args.seed)
+        partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
+        results = sweep(names, make, mode["train_pairs"], mode["test_pairs"], vocab, values, mode, args.seed, partial)
         doc = {"mode": mode_name(args), "config": mode, "train_setting": mode["train_pairs"],
                "test_settings": mode["test_pairs"], "score": "exact match (all queries right) and token accuracy",
                "results": results, "skipped": skipped}
-        return write_sweep(NAME, doc, mode["test_pairs"], "pairs", args.out, logx=True)
+        return write_sweep(NAME, doc, mode["test_pairs"], "pairs", args.out, logx=True, partial=partial)
 
 
 def parser() -> argparse.ArgumentParser:

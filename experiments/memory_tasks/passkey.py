@@ -23,6 +23,7 @@ import torch
 
 from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.models import available_models
+from experiments.common.results import Partial
 from experiments.memory_tasks.harness import sweep, write_sweep
 
 NAME = "passkey"
@@ -50,11 +51,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         def make(length: int, n: int, seed: int):
             return passkey_task(n, context_len=length, n_digits=mode["digits"], vocab_size=mode["vocab"], seed=seed)
 
-        results = sweep(names, make, mode["train_len"], mode["test_lens"], mode["vocab"], digits, mode, args.seed)
+        partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
+        results = sweep(names, make, mode["train_len"], mode["test_lens"], mode["vocab"], digits, mode, args.seed,
+                        partial)
         doc = {"mode": mode_name(args), "config": mode, "train_setting": mode["train_len"],
                "test_settings": mode["test_lens"], "score": "exact match (all digits right) and digit accuracy",
                "results": results, "skipped": skipped}
-        return write_sweep(NAME, doc, mode["test_lens"], "tokens", args.out, logx=True)
+        return write_sweep(NAME, doc, mode["test_lens"], "tokens", args.out, logx=True, partial=partial)
 
 
 def parser() -> argparse.ArgumentParser:
