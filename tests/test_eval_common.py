@@ -143,3 +143,20 @@ def test_partial_results_round_trip_and_refuse_another_config(tmp_path, capsys):
     assert fresh.get("a") is None and "--resume" in capsys.readouterr().out
     fresh.finish()
     assert not (tmp_path / "demo.partial.json").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_nan_loss_stops_training_before_the_update(monkeypatch):
+    from experiments.common import train as common_train
+
+    real, calls = common_train.lm_loss, []
+
+    def nan_on_third(model, x, y):
+        calls.append(1)
+        loss = real(model, x, y)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(common_train, "lm_loss", nan_on_third)
+    model = TinyLM()
+    with pytest.raises(common_train.Diverged, match=r"loss nan at step 3 of task 'a'; the step before it had \d"):
+        train_on_tasks(model, [_task("a", 1)], TrainConfig(steps_per_task=5, batch_size=4), log=lambda _: None)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step never reached the weights

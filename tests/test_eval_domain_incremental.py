@@ -103,3 +103,23 @@ def test_interrupted_run_resumes_without_redoing_finished_units(tmp_path, monkey
     assert runs["replay"]["R"][0] == runs["sequential"]["R"][0]  # same init and first task either way
     assert not (tmp_path / "domain_incremental.partial.json").exists()
     assert "| Transformer++ | replay |" in (tmp_path / "domain_incremental.md").read_text()
+
+
+def test_a_diverged_run_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
+    from experiments.common.train import Diverged
+
+    real = di.train_on_tasks
+
+    def replay_diverges(model, tasks, cfg, **kwargs):
+        if cfg.strategy == "replay":
+            raise Diverged(tasks[1].name, 2, float("nan"), 2.5)
+        return real(model, tasks, cfg, **kwargs)
+
+    monkeypatch.setattr(di, "train_on_tasks", replay_diverges)
+    doc = di.run(["--tiny", "--models", "transformer", "--strategies", "sequential,replay", "--out", str(tmp_path)],
+                 corpora=fake_corpora())
+    runs = json.loads((tmp_path / "domain_incremental.json").read_text())["models"]["transformer"]["strategies"]
+    assert runs["replay"] == {"diverged": "diverged: training loss nan at step 2 of task 'beta'; the step before "
+                                          "it had 2.500"}
+    assert len(runs["sequential"]["R"]) == 4
+    assert "| Transformer++ | replay | " in doc["table"] and "diverged: training loss nan" in doc["table"]

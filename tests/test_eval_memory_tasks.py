@@ -115,3 +115,27 @@ def test_sweep_resume_skips_saved_models(tmp_path, monkeypatch):
     assert trained == ["titans"]
     assert doc["results"]["transformer"]["final_train_loss"] == 9.0  # read back, not retrained
     assert not (tmp_path / "mqar.partial.json").exists()
+
+
+def test_a_diverged_model_is_shown_as_such(tmp_path, monkeypatch):
+    from experiments.common.train import Diverged
+    from experiments.memory_tasks import harness
+
+    real = harness.train_on_synthetic
+
+    def titans_diverges(name, *args, **kwargs):
+        if name == "titans":
+            raise Diverged("train", 3, float("inf"), None)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "train_on_synthetic", titans_diverges)
+    monkeypatch.setattr(formal_languages, "train_on_synthetic", titans_diverges)
+    mqar.run(["--tiny", "--models", "transformer,titans", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "mqar.json").read_text())
+    assert doc["results"]["titans"]["exact_match"] == [None] * len(doc["test_settings"])
+    assert "| Titans |" in doc["table"] and "diverged" in doc["table"]
+    assert doc["results"]["titans"]["params"] > 0 and (tmp_path / "mqar.png").exists()
+    formal_languages.run(["--tiny", "--models", "transformer,titans", "--languages", "parity", "--out", str(tmp_path)])
+    cell = json.loads((tmp_path / "formal_languages.json").read_text())["results"]["parity"]["titans"]
+    assert cell["bin0"] is None and "step 3" in cell["diverged"]
+    assert "| ours: Titans | diverged |" in (tmp_path / "formal_languages.md").read_text()

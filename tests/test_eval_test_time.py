@@ -86,3 +86,21 @@ def test_tiny_mode_end_to_end(tmp_path):
         assert len(res["probe_loss"]) == tt.MODES["tiny"]["n_docs"] and 0 < res["fresh_loss"] < 10
     assert doc["models"]["transformer_window"]["stream_loss"] == []
     assert (tmp_path / "test_time.png").exists() and "state carried" in doc["table"]
+
+
+def test_a_diverged_model_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
+    from experiments.common.train import Diverged
+
+    real = tt.train_on_tasks
+
+    def titans_diverges(model, tasks, cfg, **kwargs):
+        if type(model.blocks[0].core).__name__ == "TitansCore":
+            raise Diverged("pretrain", 4, float("nan"), 3.0)
+        return real(model, tasks, cfg, **kwargs)
+
+    monkeypatch.setattr(tt, "train_on_tasks", titans_diverges)
+    tt.run(["--tiny", "--models", "transformer,titans", "--out", str(tmp_path)], docs=fake_docs())
+    doc = json.loads((tmp_path / "test_time.json").read_text())
+    assert "step 4" in doc["models"]["titans"]["diverged"] and "probe_loss" not in doc["models"]["titans"]
+    assert len(doc["models"]["transformer"]["probe_loss"]) == tt.MODES["tiny"]["n_docs"]
+    assert "| Titans (state carried) |" in doc["table"] and "diverged: training loss nan" in doc["table"]

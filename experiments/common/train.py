@@ -15,6 +15,7 @@ The first task is trained identically by every strategy, so R[0][0] agrees acros
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,15 @@ class Task:
                     f"task {self.name!r}: {split} inputs/targets must be equal non-empty [N, T], got "
                     f"{tuple(x.shape)} and {tuple(y.shape)}"
                 )
+
+
+class Diverged(FloatingPointError):
+    """The training loss became NaN or infinite: training stopped there (`task`, 1-based `step`, `loss`)."""
+
+    def __init__(self, task: str, step: int, loss: float, last_finite: float | None) -> None:
+        self.task, self.step, self.loss = task, step, loss
+        before = f"; the step before it had {last_finite:.3f}" if last_finite is not None else ""
+        super().__init__(f"diverged: training loss {loss} at step {step} of task {task!r}{before}")
 
 
 @dataclass
@@ -125,6 +135,9 @@ def train_on_tasks(
     Returns {"R": N×N scores, "baseline": N scores of the untrained model, "train_loss": per task the training loss of
     every step, "seconds": wall time}. Scores are losses, or accuracies when `candidates` is given. `progress` shows a
     bar per task on stderr (step, training loss, rate), refreshed at most every 10 s.
+
+    Raises `Diverged` at the first NaN or infinite training loss (before that step updates the weights), rather
+    than going on training a broken model.
     """
     if not tasks:
         raise ValueError("train_on_tasks needs at least one task, got none")
@@ -144,13 +157,17 @@ def train_on_tasks(
         losses = []
         bar = tqdm(_batches(task, cfg.batch_size, gen, cfg.steps_per_task, device), total=cfg.steps_per_task,
                    desc=f"task {i + 1}/{len(tasks)} {task.name}", disable=not progress, mininterval=10, leave=False)
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar, 1):
             if replay is not None and i > 0:
                 rx, ry = replay.sample(cfg.replay_batch)
                 x_all, y_all = torch.cat([x, rx]), torch.cat([y, ry])  # [B + b_r, T]
             else:
                 x_all, y_all = x, y
             loss = lm_loss(model, x_all, y_all)
+            value = loss.item()
+            if not math.isfinite(value):
+                bar.close()
+                raise Diverged(task.name, step, value, losses[-1] if losses else None)
             total = loss + ewc.penalty(model) if ewc is not None and ewc.anchors else loss
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -158,7 +175,7 @@ def train_on_tasks(
             opt.step()
             if replay is not None:
                 replay.add(x, y)
-            losses.append(loss.item())
+            losses.append(value)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         bar.close()
         if ewc is not None:

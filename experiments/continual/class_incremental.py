@@ -34,7 +34,7 @@ from experiments.common.cli import base_parser, configured, mode_name, parse_mod
 from experiments.common.data import check_fits, encode
 from experiments.common.models import LABELS, build_model, build_models
 from experiments.common.results import Partial, markdown_table, plot_lines, write_result
-from experiments.common.train import STRATEGIES, Task, TrainConfig, train_on_tasks
+from experiments.common.train import STRATEGIES, Diverged, Task, TrainConfig, train_on_tasks
 from hope.eval import IGNORE_INDEX, continual_metrics
 
 NAME = "class_incremental"
@@ -222,11 +222,19 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
                                       strategy=strategy, replay_capacity=mode["replay_capacity"],
                                       replay_batch=mode["replay_batch"], ewc_strength=mode["ewc_strength"],
                                       ewc_batches=mode["ewc_batches"], seed=args.seed)
-                    out = train_on_tasks(model, tasks, cfg, candidates=candidates)
-                    metrics = continual_metrics(out["R"], baseline=out["baseline"])
-                    unit = partial.put(key, {**out, "metrics": metrics})
-                out, metrics = unit, unit["metrics"]
+                    try:
+                        out = train_on_tasks(model, tasks, cfg, candidates=candidates)
+                    except Diverged as err:  # recorded and shown as such; the other runs go on
+                        print(f"  {err}")
+                        unit = partial.put(key, {"diverged": str(err)})
+                    else:
+                        metrics = continual_metrics(out["R"], baseline=out["baseline"])
+                        unit = partial.put(key, {**out, "metrics": metrics})
                 runs["strategies"][strategy] = unit
+                if "diverged" in unit:
+                    rows.append([source, LABELS[entry.name], strategy, entry.params, unit["diverged"]] + [None] * 4)
+                    continue
+                out, metrics = unit, unit["metrics"]
                 rows.append([source, LABELS[entry.name], strategy, entry.params, metrics["average_accuracy"],
                              metrics["average_incremental_accuracy"], metrics["backward_transfer"],
                              metrics["average_forgetting"], f"{out['seconds']:.1f}"])

@@ -25,7 +25,7 @@ from experiments.common.cli import base_parser, configured, mode_name, parse_mod
 from experiments.common.data import check_fits, lm_task
 from experiments.common.models import LABELS, build_model, build_models
 from experiments.common.results import Partial, markdown_table, plot_lines, write_result
-from experiments.common.train import STRATEGIES, Task, TrainConfig, train_on_tasks
+from experiments.common.train import STRATEGIES, Diverged, Task, TrainConfig, train_on_tasks
 from hope.eval import continual_metrics
 
 NAME = "domain_incremental"
@@ -95,11 +95,19 @@ def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> di
                 cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], strategy=strategy,
                                   replay_capacity=mode["replay_capacity"], replay_batch=mode["replay_batch"],
                                   ewc_strength=mode["ewc_strength"], ewc_batches=mode["ewc_batches"], seed=args.seed)
-                out = train_on_tasks(model, tasks, cfg)
-                metrics = continual_metrics(out["R"], baseline=out["baseline"], higher_is_better=False)
-                unit = partial.put(f"{entry.name}/{strategy}", {**out, "metrics": metrics})
-            out, metrics = unit, unit["metrics"]
+                try:
+                    out = train_on_tasks(model, tasks, cfg)
+                except Diverged as err:  # recorded and shown as such; the other runs go on
+                    print(f"  {err}")
+                    unit = partial.put(f"{entry.name}/{strategy}", {"diverged": str(err)})
+                else:
+                    metrics = continual_metrics(out["R"], baseline=out["baseline"], higher_is_better=False)
+                    unit = partial.put(f"{entry.name}/{strategy}", {**out, "metrics": metrics})
             results[entry.name]["strategies"][strategy] = unit
+            if "diverged" in unit:
+                rows.append([LABELS[entry.name], strategy, entry.params, unit["diverged"]] + [None] * 5)
+                continue
+            out, metrics = unit, unit["metrics"]
             rows.append([LABELS[entry.name], strategy, entry.params, metrics["average_accuracy"],
                          metrics["backward_transfer"], metrics["average_forgetting"], metrics["forward_transfer"],
                          metrics["average_incremental_accuracy"], f"{out['seconds']:.1f}"])

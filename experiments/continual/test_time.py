@@ -35,7 +35,7 @@ from experiments.common.cli import base_parser, configured, mode_name, parse_mod
 from experiments.common.data import check_fits, lm_task, stream
 from experiments.common.models import LABELS, build_models
 from experiments.common.results import Partial, markdown_table, plot_lines, write_result
-from experiments.common.train import TrainConfig, model_device, train_on_tasks
+from experiments.common.train import Diverged, TrainConfig, model_device, train_on_tasks
 from hope.eval import logits_of
 
 NAME = "test_time"
@@ -146,9 +146,15 @@ def _run(args: argparse.Namespace, docs: Sequence | None) -> dict[str, Any]:
         unit = partial.get(entry.name)
         if unit is None:  # train once, then probe with the state carried (and, for the Transformer, windowed)
             print(f"{entry.name}: {steps} training steps")
-            trained = train_on_tasks(entry.model, [task], cfg)
             windows = [None] + ([mode["window"]] if entry.name == "transformer" else [])
             unit = {}
+            try:
+                trained = train_on_tasks(entry.model, [task], cfg)
+            except Diverged as err:  # recorded and shown as such; the other models go on
+                print(f"  {err}")
+                windows = []
+                unit[entry.name] = {"label": LABELS[entry.name] + " (state carried)", "params": entry.params,
+                                    "diverged": str(err)}
             for window in windows:
                 res = probe_carried(entry.model, stream_ids) if window is None else probe_windowed(
                     entry.model, stream_ids, window)
@@ -159,6 +165,9 @@ def _run(args: argparse.Namespace, docs: Sequence | None) -> dict[str, Any]:
             unit = partial.put(entry.name, unit)
         results.update(unit)
     for res in results.values():
+        if "diverged" in res:
+            rows.append([res["label"], res["params"], res["diverged"], None, None, None, None])
+            continue
         rows.append([res["label"], res["params"], res["fresh_loss"], res["probe_loss"][0], res["probe_loss"][-1],
                      res["memory_gain"][0], res["memory_gain"][-1]])
         curves[res["label"]] = (res["distance"], res["probe_loss"])

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from experiments.common.cli import base_parser, configured, mode_name, parse_models
-from experiments.common.models import LABELS, available_models
+from experiments.common.models import LABELS, available_models, build_model
 from experiments.common.results import Partial, markdown_table, plot_bars, write_result
+from experiments.common.train import Diverged
 from experiments.memory_tasks.harness import score, train_on_synthetic
 
 NAME = "formal_languages"
@@ -65,16 +66,27 @@ def run_language(language: str, names: Sequence[str], mode: dict[str, Any], seed
         if partial is not None and partial.get(f"{language}/{name}") is not None:
             out[name] = partial.get(f"{language}/{name}")
             continue
-        trained = train_on_synthetic(name, mode["size"], FORMAL_VOCAB_SIZE, train, tests["bin0"], mode["steps"],
-                                     mode["batch"], mode["lr"], seed, mode.get("device", "cpu"))
-        acc = {b: 100.0 * score(trained.model, t.inputs, t.targets, candidates)["token_accuracy"]
-               for b, t in tests.items()}
-        out[name] = {"params": trained.params, "bin0": acc["bin0"], "bin1": acc["bin1"],
-                     "train_seconds": trained.train["seconds"], "final_train_loss": trained.train["train_loss"][0][-1]}
+        try:
+            trained = train_on_synthetic(name, mode["size"], FORMAL_VOCAB_SIZE, train, tests["bin0"], mode["steps"],
+                                         mode["batch"], mode["lr"], seed, mode.get("device", "cpu"))
+        except Diverged as err:  # recorded and shown as such; the other models still run
+            out[name] = {"params": build_model(name, mode["size"], seed, vocab_size=FORMAL_VOCAB_SIZE).params,
+                         "bin0": None, "bin1": None, "diverged": str(err)}
+        else:
+            acc = {b: 100.0 * score(trained.model, t.inputs, t.targets, candidates)["token_accuracy"]
+                   for b, t in tests.items()}
+            out[name] = {"params": trained.params, "bin0": acc["bin0"], "bin1": acc["bin1"],
+                         "train_seconds": trained.train["seconds"],
+                         "final_train_loss": trained.train["train_loss"][0][-1]}
         if partial is not None:
             partial.put(f"{language}/{name}", out[name])
-        print(f"{TITLES[language]:>9} {name:>15}: Bin0 {acc['bin0']:.1f}  Bin1 {acc['bin1']:.1f}")
+        print(f"{TITLES[language]:>9} {name:>15}: " + (out[name].get("diverged") or
+                                                         f"Bin0 {out[name]['bin0']:.1f}  Bin1 {out[name]['bin1']:.1f}"))
     return out
+
+
+def _cell(r: dict[str, Any]) -> str:
+    return "diverged" if r.get("diverged") else f"{r['bin0']:.1f} / {r['bin1']:.1f}"
 
 
 def comparison_table(results: dict[str, dict[str, Any]], languages: Sequence[str]) -> str:
@@ -83,8 +95,7 @@ def comparison_table(results: dict[str, dict[str, Any]], languages: Sequence[str
             for m, v in PAPER_TABLE5.items()]
     models = list(next(iter(results.values()))) if results else []
     for m in models:
-        rows.append([f"ours: {LABELS[m]}"] + [f"{results[lang][m]['bin0']:.1f} / {results[lang][m]['bin1']:.1f}"
-                                              for lang in languages])
+        rows.append([f"ours: {LABELS[m]}"] + [_cell(results[lang][m]) for lang in languages])
     return markdown_table(["model"] + [TITLES[lang] for lang in languages], rows)
 
 

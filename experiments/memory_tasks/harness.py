@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from experiments.common.data import check_fits
 from experiments.common.models import build_model
 from experiments.common.results import Partial
-from experiments.common.train import Task, TrainConfig, model_device, train_on_tasks
+from experiments.common.train import Diverged, Task, TrainConfig, model_device, train_on_tasks
 from hope.eval import IGNORE_INDEX, logits_of
 
 
@@ -104,13 +104,21 @@ def sweep(
             out[name] = partial.get(name)
             continue
         print(f"{name}: {mode['steps']} steps × {mode['batch']} at setting {train_setting}", flush=True)
-        trained = train_on_synthetic(name, mode["size"], vocab_size, train, held_out, mode["steps"], mode["batch"],
-                                     mode["lr"], seed, mode.get("device", "cpu"))
-        scores = [score(trained.model, t.inputs, t.targets, candidates, mode["eval_batch"]) for t in tests]
-        out[name] = {"params": trained.params, "train_seconds": trained.train["seconds"],
-                     "final_train_loss": trained.train["train_loss"][0][-1],
-                     "token_accuracy": [s["token_accuracy"] for s in scores],
-                     "exact_match": [s["exact_match"] for s in scores]}
+        try:
+            trained = train_on_synthetic(name, mode["size"], vocab_size, train, held_out, mode["steps"],
+                                         mode["batch"], mode["lr"], seed, mode.get("device", "cpu"))
+        except Diverged as err:  # recorded and shown as such; the other models still run
+            print(f"{name:>15}: {err}")
+            none = [None] * len(tests)
+            out[name] = {"params": build_model(name, mode["size"], seed, vocab_size=vocab_size).params,
+                         "diverged": str(err), "token_accuracy": none, "exact_match": none}
+        else:
+            scores = [score(trained.model, t.inputs, t.targets, candidates, mode["eval_batch"]) for t in tests]
+            out[name] = {"params": trained.params, "train_seconds": trained.train["seconds"],
+                         "final_train_loss": trained.train["train_loss"][0][-1],
+                         "token_accuracy": [s["token_accuracy"] for s in scores],
+                         "exact_match": [s["exact_match"] for s in scores]}
+            print(f"{name:>15}: " + "  ".join(f"{s}: {v['exact_match']:.2f}" for s, v in zip(test_settings, scores)))
         if partial is not None:
             partial.put(name, out[name])
         print(f"{name:>15}: " + "  ".join(f"{s}: {v['exact_match']:.2f}" for s, v in zip(test_settings, scores)))
@@ -123,8 +131,9 @@ def sweep_table(doc: dict[str, Any], xlabel: str) -> str:
     from experiments.common.results import markdown_table
 
     settings = doc["test_settings"]
-    rows = [[LABELS[m], r["params"]] + [f"{100 * e:.1f} / {100 * a:.1f}" for e, a in
-                                        zip(r["exact_match"], r["token_accuracy"])]
+    rows = [[LABELS[m], r["params"]] + (["diverged"] * len(settings) if r.get("diverged") else
+                                        [f"{100 * e:.1f} / {100 * a:.1f}" for e, a in
+                                         zip(r["exact_match"], r["token_accuracy"])])
             for m, r in doc["results"].items()]
     return markdown_table(["model", "params"] + [f"{xlabel} {s}: exact / per-token %" for s in settings], rows)
 
@@ -139,7 +148,8 @@ def plot_sweep(path: Path, doc: dict[str, Any], xlabel: str, logx: bool = False)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, ylabel in zip(axes, ("exact_match", "token_accuracy"), ("exact match", "per-token accuracy")):
         for m, r in doc["results"].items():
-            ax.plot(settings, r[key], marker="o", label=LABELS[m])
+            ys = [float("nan") if v is None else v for v in r[key]]
+            ax.plot(settings, ys, marker="o", label=LABELS[m] + (" (diverged)" if r.get("diverged") else ""))
         if logx:
             ax.set_xscale("log", base=2)
         ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(-0.02, 1.02))
