@@ -14,7 +14,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `experiments` is a folder of scripts at the repo root
 
 from experiments.common import models as common_models  # noqa: E402
-from experiments.common.results import markdown_table, plot_lines, plot_matrices, write_result  # noqa: E402
+from experiments.common.results import (  # noqa: E402
+    line_styles,
+    markdown_table,
+    plot_lines,
+    plot_matrices,
+    write_result,
+)
 from experiments.common.train import Task, TrainConfig, evaluate, train_on_tasks  # noqa: E402
 
 V, T = 13, 8
@@ -128,6 +134,18 @@ def test_write_result_and_plots(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG" and png2.stat().st_size > 1000
     table = markdown_table(["a", "b"], [["x", 0.12345], ["y", None]])
     assert table.splitlines()[2] == "| x | 0.123 |" and "–" in table
+
+
+def test_line_styles_colour_by_group_dash_by_variant(tmp_path):
+    labels = [f"{m} / {s}" for m in ("HOPE", "Titans") for s in ("sequential", "replay", "ewc")]
+    st = line_styles(labels)
+    assert st["HOPE / replay"]["color"] == st["HOPE / ewc"]["color"] != st["Titans / replay"]["color"]
+    assert st["HOPE / replay"]["linestyle"] == st["Titans / replay"]["linestyle"] != st["HOPE / ewc"]["linestyle"]
+    assert line_styles(["a", "b"]) == {"a": {}, "b": {}}  # plain labels keep matplotlib's cycle
+    assert line_styles(["A / x", "B / x"]) == {"A / x": {}, "B / x": {}}  # one variant: nothing to tell apart
+    series = {label: ([1, 2], [0.1 * k, 0.2]) for k, label in enumerate(labels)}
+    wide = plot_lines(tmp_path / "c.png", {**series, "extra": ([1], [0.0])}, "t", "x", "y")  # 7 lines: legend beside
+    assert wide.stat().st_size > 1000
 
 
 def test_partial_results_round_trip_and_refuse_another_config(tmp_path, capsys):

@@ -70,6 +70,10 @@ def test_tiny_mode_end_to_end(tmp_path):
     assert (tmp_path / "domain_incremental.png").stat().st_size > 1000
     assert "| Transformer++ | sequential |" in (tmp_path / "domain_incremental.md").read_text()
     assert doc["tasks"] == saved["tasks"]
+    png = tmp_path / "domain_incremental.png"
+    png.unlink()
+    assert di.run(["--replot", str(tmp_path / "domain_incremental.json")])["table"] == saved["table"]
+    assert png.stat().st_size > 1000  # redrawn from the JSON alone
 
 
 def test_interrupted_run_resumes_without_redoing_finished_units(tmp_path, monkeypatch):

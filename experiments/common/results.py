@@ -161,6 +161,22 @@ def _pyplot():
     return plt
 
 
+def line_styles(labels: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Matplotlib style per label: "group / variant" labels get a colour per group and a dash per variant.
+
+    Labels without " / ", or a set with a single variant, get `{}` (matplotlib's colour cycle).
+    """
+    split = {label: label.rpartition(" / ") for label in labels}
+    groups = list(dict.fromkeys(g for g, sep, _ in split.values() if sep))
+    variants = list(dict.fromkeys(v for _, sep, v in split.values() if sep))
+    dashes = ["-", "--", ":", "-."]
+    out = {}
+    for label, (group, sep, variant) in split.items():
+        out[label] = ({"color": f"C{groups.index(group) % 10}", "linestyle": dashes[variants.index(variant) % 4]}
+                      if sep and len(variants) > 1 else {})
+    return out
+
+
 def plot_lines(
     path: str | Path,
     series: dict[str, tuple[Sequence[float], Sequence[float]]],
@@ -169,16 +185,29 @@ def plot_lines(
     ylabel: str,
     logx: bool = False,
 ) -> Path:
-    """One line per entry of `series` = {label: (x, y)}; saved as a PNG at `path`."""
+    """One line per entry of `series` = {label: (x, y)}; saved as a PNG at `path`.
+
+    Labels of the form "group / variant" (e.g. "HOPE / replay") get one colour per group and one line style per
+    variant, so a dozen lines stay tellable apart; with more than six lines the legend sits beside the axes.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    styles = line_styles(list(series))
+    wide = len(series) > 6
+    fig, ax = plt.subplots(figsize=(8.5 if wide else 6, 4))
     for label, (x, y) in series.items():
-        ax.plot(list(x), [math.nan if v is None else v for v in y], marker="o", label=label)
+        ax.plot(list(x), [math.nan if v is None else v for v in y], marker="o", label=label, **styles[label])
     if logx:
         ax.set_xscale("log", base=2)
+    elif all(float(v).is_integer() for x, _ in series.values() for v in x):  # counts: no ticks at 1.5
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if wide:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

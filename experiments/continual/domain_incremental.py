@@ -12,13 +12,16 @@ R (R[i][j] = test loss per byte on domain j after training on domains 0..i); `ho
 `higher_is_better=False` turns it into average loss, BWT, FWT and forgetting. Training windows come from the
 `train` split and evaluation windows from the `test` split of `hope.data.corpora.split_documents`.
 
-Writes `<out>/domain_incremental.json`, `.png` (loss on the first domain after each stage) and `.md` (table).
+Writes `<out>/domain_incremental.json`, `.png` (loss on the first domain after each stage) and `.md` (table);
+`--replot <out>/domain_incremental.json` redraws the PNG from the JSON alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from experiments.common.cli import base_parser, configured, mode_name, parse_models
@@ -68,6 +71,10 @@ def load_domains(names: Sequence[str] = DOMAINS) -> dict[str, list]:
 def run(argv: Sequence[str] | None = None, corpora: Mapping[str, Sequence] | None = None) -> dict[str, Any]:
     """Parse flags, train every (model, strategy) pair, write the outputs; return the result document."""
     args = parser().parse_args(argv)
+    if args.replot:  # redraw the figure of a result file, nothing trained
+        doc = json.loads(Path(args.replot).read_text())
+        plot(doc, Path(args.replot).with_suffix(".png"))
+        return doc
     with configured(args):
         return _run(args, corpora)
 
@@ -84,7 +91,7 @@ def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> di
     partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "steps": steps, "size": size,
                                        "seed": args.seed, "tasks": [t.name for t in tasks]}, args.resume)
     results: dict[str, Any] = {}
-    rows, curves = [], {}
+    rows = []
     for entry in built:
         results[entry.name] = {"params": entry.params, "strategies": {}}
         for strategy in args.strategies.split(","):
@@ -111,7 +118,6 @@ def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> di
             rows.append([LABELS[entry.name], strategy, entry.params, metrics["average_accuracy"],
                          metrics["backward_transfer"], metrics["average_forgetting"], metrics["forward_transfer"],
                          metrics["average_incremental_accuracy"], f"{out['seconds']:.1f}"])
-            curves[f"{LABELS[entry.name]} / {strategy}"] = (range(1, len(tasks) + 1), [r[0] for r in out["R"]])
 
     headers = ["model", "strategy", "params", "final avg loss", "BWT", "forgetting", "FWT", "avg incr. loss", "s"]
     table = markdown_table(headers, rows)
@@ -119,12 +125,21 @@ def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> di
            "config": {**mode, "steps": steps}, "score": "test loss per byte (nats), lower is better",
            "models": results, "skipped": skipped, "table": table}
     path = write_result(NAME, doc, args.out)
-    plot_lines(path.with_suffix(".png"), curves, f"Loss on {tasks[0].name} while learning later domains",
-               "domains learned", f"{tasks[0].name} test loss (nats/byte)")
+    plot(doc, path.with_suffix(".png"))
     path.with_suffix(".md").write_text(table + "\n")
     partial.finish()
     print(table)
     return doc
+
+
+def plot(doc: Mapping[str, Any], path: str | Path) -> Path:
+    """The first domain's test loss after each domain, one line per (model, strategy); diverged runs left out."""
+    first, n = doc["tasks"][0], len(doc["tasks"])
+    curves = {f"{LABELS.get(name, name)} / {strategy}": (range(1, n + 1), [r[0] for r in unit["R"]])
+              for name, entry in doc["models"].items() for strategy, unit in entry["strategies"].items()
+              if "diverged" not in unit}
+    return plot_lines(path, curves, f"Loss on {first} while learning later domains", "domains learned",
+                      f"{first} test loss (nats/byte)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -132,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated corpora, in training order")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"subset of {STRATEGIES}")
     p.add_argument("--steps", type=int, default=None, help="training steps per domain (default: by mode)")
+    p.add_argument("--replot", metavar="JSON", default=None, help="only redraw the PNG beside this result file")
     return p
 
 
