@@ -93,7 +93,11 @@ def test_tiny_mode_from_local_jsonl(tmp_path):
         R = run["R"]
         assert len(R) == 2 and all(0.0 <= v <= 1.0 for row in R for v in row)
         assert run["metrics"]["higher_is_better"] is True
-    assert (tmp_path / "out" / "class_incremental.png").exists() and doc["meta"]["command"]
+    png = tmp_path / "out" / "class_incremental.png"
+    assert png.exists() and doc["meta"]["command"]
+    png.unlink()
+    assert ci.run(["--replot", str(tmp_path / "out" / "class_incremental.json")])["table"] == doc["table"]
+    assert png.stat().st_size > 1000  # redrawn from the JSON alone
 
 
 def test_file_source_needs_labels(tmp_path):

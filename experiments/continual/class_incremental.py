@@ -24,8 +24,10 @@ The paper's Figure 6 uses CLINC150, Banking77 and DBpedia14 with Llama-3 backbon
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -189,6 +191,10 @@ def run(argv: Sequence[str] | None = None, sources: Mapping[str, Sequence] | Non
     `sources` ({name: labelled Documents}) replaces loading `--sources` (the tests pass local documents).
     """
     args = parser().parse_args(argv)
+    if args.replot:  # redraw the figure of a result file, nothing trained
+        doc = json.loads(Path(args.replot).read_text())
+        plot(doc, Path(args.replot).with_suffix(".png"))
+        return doc
     with configured(args):
         return _run(args, sources)
 
@@ -201,7 +207,7 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
     check_fits(built[0].model, mode["seq_len"])
     partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "steps": steps, "size": size,
                                        "seed": args.seed, "classes_per_task": args.classes_per_task}, args.resume)
-    results, rows, curves = {}, [], {}
+    results, rows = {}, []
     for source in names:
         docs = sources[source] if sources is not None else labelled_documents(source)
         hf = HF_SOURCES.get(source.removeprefix("hf:"))
@@ -238,20 +244,32 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
                 rows.append([source, LABELS[entry.name], strategy, entry.params, metrics["average_accuracy"],
                              metrics["average_incremental_accuracy"], metrics["backward_transfer"],
                              metrics["average_forgetting"], f"{out['seconds']:.1f}"])
-                curves[f"{source}: {LABELS[entry.name]} / {strategy}"] = (
-                    range(1, len(tasks) + 1), [sum(r[: i + 1]) / (i + 1) for i, r in enumerate(out["R"])])
     headers = ["source", "model", "strategy", "params", "final acc", "avg incr. acc", "BWT", "forgetting", "s"]
     table = markdown_table(headers, rows)
     doc = {"mode": mode_name(args), "size": size, "config": {**mode, "steps": steps},
            "score": "single-head accuracy over all label tokens", "sources": results, "skipped": skipped,
            "table": table}
     path = write_result(NAME, doc, args.out)
-    plot_lines(path.with_suffix(".png"), curves, "Class-incremental accuracy on the classes seen so far",
-               "tasks learned", "accuracy (seen classes)")
+    plot(doc, path.with_suffix(".png"))
     path.with_suffix(".md").write_text(table + "\n")
     partial.finish()
     print(table)
     return doc
+
+
+def plot(doc: Mapping[str, Any], path: str | Path) -> Path:
+    """Mean accuracy over the tasks seen so far, after each task, per (source, model, strategy); diverged runs
+    left out."""
+    curves = {}
+    for source, res in doc["sources"].items():
+        for name, entry in res["models"].items():
+            for strategy, unit in entry["strategies"].items():
+                if "diverged" not in unit:
+                    R = unit["R"]
+                    curves[f"{source}: {LABELS.get(name, name)} / {strategy}"] = (
+                        range(1, len(R) + 1), [sum(r[: i + 1]) / (i + 1) for i, r in enumerate(R)])
+    return plot_lines(path, curves, "Class-incremental accuracy on the classes seen so far", "tasks learned",
+                      "accuracy (seen classes)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -261,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--classes-per-task", type=int, default=None, help="default: 2 (BBC, KJV), 5 (plays), by HF set")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"subset of {STRATEGIES}")
     p.add_argument("--steps", type=int, default=None, help="training steps per task (default: by mode)")
+    p.add_argument("--replot", metavar="JSON", default=None, help="only redraw the PNG beside this result file")
     return p
 
 
