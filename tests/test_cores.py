@@ -242,3 +242,21 @@ def test_plain_targets_are_normalised():
     assert torch.isfinite(y).all()
     k_cols, k_init = state["proj.S"][..., :K], core.proj_init[..., :K]
     assert k_cols.abs().max() <= k_init.abs().max()
+
+
+def test_titans_memory_stays_bounded_when_momentum_is_near_one():
+    """γ ≈ 0.98, α ≈ 1, θ at its maximum, 512 tokens: the (1 − γ) factor of θ keeps the memory finite and moving.
+
+    With θ = η_max/C·σ(·) alone this input overflows W₂ to inf (the NaN of a Titans LM at outer step 154)."""
+    torch.manual_seed(0)
+    core = TitansCore(HopeConfig(d_model=64, n_heads=2, n_layers=2, core="titans", memory=MemoryConfig()))
+    with torch.no_grad():
+        core.gates.bias.copy_(torch.tensor([8.0, 8.0, 8.0, 8.0, 4.0, 4.0]))  # [α | θ | γ] pre-activations per head
+        core.qkv.weight.normal_(std=0.3)
+        y, state = core(torch.randn(2, 512, 64))
+    assert torch.isfinite(y).all()
+    for name, init in (("w2", core.mem_w2), ("w1", core.mem_w1)):
+        w = state[f"mem.{name}"]  # [B, H, ·, ·]
+        assert torch.isfinite(w).all()
+        change = ((w - init).norm() / init.norm()).item()
+        assert 0.05 < change < 10, (name, change)  # it learned something, and did not blow up

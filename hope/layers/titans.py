@@ -28,7 +28,7 @@ class TitansCore(nn.Module):
     x [B,T,D] ─► W_qkv ─► CausalConv(W) ─► SiLU ─┬─► ℓ2 ─► q ─────────────────────────────┐
          state["conv"] ◄──────────┘              ├─► ℓ2 ─► k ──┐                          │
                                                  └─────► v ────┤                          │
-    x ─► W_gate ─► σ ─► α (retention), θ = η_max/C·σ (lr), γ (momentum) ─┤                │
+    x ─► W_gate ─► σ ─► α (retention), θ = (1−γ)η_max/C·σ, γ (momentum) ─┤                │
                                                                          ▼                ▼
          state["mem.*"] ⇄ M(z) = z + W₁σ(W₂z): write ½‖M(k) − v‖² by GD + momentum, then read M_t(q_t)
                                                                          │
@@ -39,6 +39,11 @@ class TitansCore(nn.Module):
     deep and the rule always GD with momentum (that is what defines the baseline); erase, momentum,
     objective, mem_depth, proj_* and the target flags are HOPE's knobs and are ignored. With GD the steps of a
     chunk add up (the S_c factor is I − Σ_t θ_t k_t k_tᵀ), so θ_t ≤ η_max/C keeps a chunk's total step ≤ η_max.
+    The learning rate is θ_t = (1 − γ_t) · η_max/C · σ(·): momentum multiplies a write's total effect by up to
+    1/(1 − γ_t), and inside a chunk, where every gradient is taken at the chunk-start weights, nothing corrects
+    it. With θ_t = η_max/C · σ(·) and γ_t → 0.998 a Titans LM trained for 150 steps (context 512, lr 1e-3) wrote
+    its memory ~20× larger in one chunk and overflowed within five chunks (NaN loss). The (1 − γ_t) factor keeps a
+    write's total gain at most η_max/C, whatever the momentum (Titans eq. 14 leaves θ_t's form free).
     State keys: "pos", "conv", "mem.w2", "mem.w1", "mem.m2", "mem.m1", "mem.w2_start", "mem.w1_start".
     """
 
@@ -89,7 +94,7 @@ class TitansCore(nn.Module):
         q, k, v = F.silu(qkv).view(B, T, 3, H, K).unbind(2)  # [B, T, H, K]
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         a, lr, mom = torch.sigmoid(self.gates(x)).view(B, T, 3, H).unbind(2)  # [B, T, H]
-        eta = self.mc.eta_max / C * lr
+        eta = self.mc.eta_max / C * lr * (1 - mom)  # θ_t: see the class docstring
         mem = {name[4:]: t for name, t in state.items() if name.startswith("mem.")}
         o, mem = ops.deep_memory(q, k, v, eta, a, None, C, mem, pos % C, gamma=mom, objective="l2",
                                  act=self.mc.activation)  # [B, T, H, K]

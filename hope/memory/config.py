@@ -35,7 +35,7 @@ class MemoryConfig:
         momentum: add the momentum memory Z_t = γ_t Z_{t−1} + η'_t u_t k_tᵀ to M_mem (Table 6 "w/o momentum");
             γ_t = sigmoid of a linear read-out of the input, η'_t = (1 − γ_t) η_t so that Z averages the updates
             and the step stays η_t (with η_t itself it grows to η_t/(1 − γ_t) and M_mem blows up). The Titans
-            core always uses momentum, in Titans' own undamped form.
+            core always uses momentum, damped the same way (`hope.layers.titans.TitansCore`).
         objective: inner objective of M_mem: "l2" (½‖Sk − v‖², eq. 93) or "dot" (−⟨Sk, v⟩, eq. 92).
         mem_depth: M_mem is a "linear" matrix memory or a "deep" residual MLP `z + W₁σ(W₂z)` (eq. 91).
         proj_depth: same choice for the projection memories M_k, M_v (and M_q); the scalar read-outs M_η, M_α
