@@ -14,6 +14,7 @@ arXiv:2512.24695:
 | hope_plain_targets  | M_k, M_v regress onto v̄_t = v_t/‖v_t‖, not M_□,c(t)(v̄_t)      | eqs. 84/87                 |
 | hope_mem_chunk16    | main-memory chunk C = 16 (MemoryConfig default: 64)          | eq. 90, DESIGN.md §4       |
 | hope_proj_chunk64   | projection-memory chunk 64 (MemoryConfig default: 16)        | eq. 90, DESIGN.md §4       |
+| hope_small_step_c16 | hope_dgd_small_step with main-memory chunk 16 (do they stack?) | eqs. 88, 90                |
 
 Plain GD adds a chunk's steps at the chunk-start state, so `MemoryConfig` only accepts η_max ≤ min(1, 2/C) for
 the largest chunk C (DESIGN.md §3); `hope_gd` therefore also sets η_max to that bound, the largest stable step.
@@ -80,6 +81,8 @@ def all_variants(size: str | int) -> dict[str, Variant]:
                 f"main-memory chunk 16 (HOPE: {defaults.memory.chunk_size})"),
         Variant("hope_proj_chunk64", "hope_small", (f"{mem}.proj_chunk_size=64",),
                 f"projection-memory chunk 64 (HOPE: {defaults.memory.proj_chunk_size})"),
+        Variant("hope_small_step_c16", "hope_small", (f"{mem}.eta_max={eta_max:g}", f"{mem}.chunk_size=16"),
+                f"DGD at η_max = {eta_max:g} with main-memory chunk 16: the two best single changes together"),
     ]
     return {v.name: v for v in variants}
 
