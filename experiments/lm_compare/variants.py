@@ -14,7 +14,7 @@ arXiv:2512.24695:
 | hope_plain_targets  | M_k, M_v regress onto v̄_t = v_t/‖v_t‖, not M_□,c(t)(v̄_t)      | eqs. 84/87                 |
 | hope_mem_chunk16    | main-memory chunk C = 16 (MemoryConfig default: 64)          | eq. 90, DESIGN.md §4       |
 | hope_proj_chunk64   | projection-memory chunk 64 (MemoryConfig default: 16)        | eq. 90, DESIGN.md §4       |
-| hope_small_step_c16 | hope_dgd_small_step with main-memory chunk 16 (do they stack?) | eqs. 88, 90                |
+| hope_small_step_c16 | hope_dgd_small_step + hope_mem_chunk16 (do they stack?)      | eqs. 88, 90                |
 
 Plain GD adds a chunk's steps at the chunk-start state, so `MemoryConfig` only accepts η_max ≤ min(1, 2/C) for
 the largest chunk C (DESIGN.md §3); `hope_gd` therefore also sets η_max to that bound, the largest stable step.
@@ -62,6 +62,7 @@ def all_variants(size: str | int) -> dict[str, Variant]:
 
     hidden, eta_max, defaults = frozen_ffn_hidden(size), gd_eta_max(size), preset("hope", size)
     mem = "+model.config.memory"
+    small_step, chunk16 = f"{mem}.eta_max={eta_max:g}", f"{mem}.chunk_size=16"
     periods = ", ".join(str(p) for p in defaults.fast_periods)
     variants = [
         Variant("transformer", "transformer_small", note="Transformer++: RoPE attention + SwiGLU FFN"),
@@ -69,19 +70,19 @@ def all_variants(size: str | int) -> dict[str, Variant]:
         Variant("hope_attention", "hope_attention_small", note=f"attention core + CMS (periods {periods}, frozen)"),
         Variant("hope", "hope_small", note=f"self-modifying core (DGD, chunks {defaults.memory.chunk_size}/"
                 f"{defaults.memory.proj_chunk_size}) + CMS (periods {periods}, frozen)"),
-        Variant("hope_gd", "hope_small", (f"{mem}.erase=gd", f"{mem}.eta_max={eta_max:g}"),
+        Variant("hope_gd", "hope_small", (f"{mem}.erase=gd", small_step),
                 f"β = 0 (plain GD), η_max = {eta_max:g} (the GD stability bound 2/C)"),
-        Variant("hope_dgd_small_step", "hope_small", (f"{mem}.eta_max={eta_max:g}",),
+        Variant("hope_dgd_small_step", "hope_small", (small_step,),
                 f"DGD at plain GD's step bound, η_max = {eta_max:g} (separates the erase from the step size)"),
         Variant("hope_no_cms", "hope_small", (f"+model.config.cms=[{{period:null,hidden:{hidden}}}]",),
                 f"one frozen SwiGLU of hidden {hidden} (= the CMS levels' total) instead of the CMS"),
         Variant("hope_plain_targets", "hope_small", (f"{mem}.self_targets=false",),
                 "projection memories regress onto v̄_t = v_t/‖v_t‖ (no self-generated targets)"),
-        Variant("hope_mem_chunk16", "hope_small", (f"{mem}.chunk_size=16",),
+        Variant("hope_mem_chunk16", "hope_small", (chunk16,),
                 f"main-memory chunk 16 (HOPE: {defaults.memory.chunk_size})"),
         Variant("hope_proj_chunk64", "hope_small", (f"{mem}.proj_chunk_size=64",),
                 f"projection-memory chunk 64 (HOPE: {defaults.memory.proj_chunk_size})"),
-        Variant("hope_small_step_c16", "hope_small", (f"{mem}.eta_max={eta_max:g}", f"{mem}.chunk_size=16"),
+        Variant("hope_small_step_c16", "hope_small", (small_step, chunk16),
                 f"DGD at η_max = {eta_max:g} with main-memory chunk 16: the two best single changes together"),
     ]
     return {v.name: v for v in variants}
