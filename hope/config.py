@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 CORES = ("attention", "self_modifying", "titans")
+CMS_SIGNALS = ("backprop", "residual")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -73,6 +74,12 @@ class HopeConfig:
         tie_embeddings: share the input embedding and the LM head.
         persist: keep CMS fast weights across calls that start a new state (streams, continual evaluation);
             the trainer then carries them from batch to batch, per batch row.
+        cms_signal: the error signal of an in-context CMS write (DESIGN.md §5). "backprop" (default): the exact
+            gradient of the chunk's next-token losses w.r.t. the level's weights, a backward through every layer
+            above the level. "residual": the gradient w.r.t. the final residual stream δ = ∂ℓ/∂h_L (one backward
+            through the final norm and head) stands in for ∂ℓ/∂(level output), as if the layers above passed the
+            level's output on unchanged along the residual path; exact for the last level of the last block,
+            an approximation below it, and much cheaper (no backward through the cores above).
         memory: `hope.memory.config.MemoryConfig` (or a dict of its fields) for the "self_modifying" and
             "titans" cores; ignored by "attention".
     """
@@ -90,6 +97,7 @@ class HopeConfig:
     init_std: float = 0.02
     tie_embeddings: bool = True
     persist: bool = False
+    cms_signal: str = "backprop"
     memory: Any = None
 
     def __post_init__(self) -> None:
@@ -101,6 +109,8 @@ class HopeConfig:
             f"HopeConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
         )
         _check(self.core in CORES, f"HopeConfig.core must be one of {CORES}, got {self.core!r}")
+        _check(self.cms_signal in CMS_SIGNALS,
+               f"HopeConfig.cms_signal must be one of {CMS_SIGNALS}, got {self.cms_signal!r}")
         if self.ffn_hidden is None:
             self.ffn_hidden = 64 * -(-(8 * self.d_model) // (3 * 64))
         _check(self.ffn_hidden > 0, f"HopeConfig.ffn_hidden must be > 0, got {self.ffn_hidden!r}")

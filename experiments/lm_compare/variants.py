@@ -15,6 +15,8 @@ arXiv:2512.24695:
 | hope_mem_chunk16    | main-memory chunk C = 16 (MemoryConfig default: 64)          | eq. 90, DESIGN.md §4       |
 | hope_proj_chunk64   | projection-memory chunk 64 (MemoryConfig default: 16)        | eq. 90, DESIGN.md §4       |
 | hope_small_step_c16 | hope_dgd_small_step + hope_mem_chunk16 (do they stack?)      | eqs. 88, 90                |
+| hope_residual       | CMS write signal δ = ∂ℓ/∂h_L (`HopeConfig.cms_signal`)        | eq. 71, DESIGN.md §5       |
+| hope_fast           | hope_residual + projection-memory chunk 32                   | eqs. 71, 90                |
 
 Plain GD adds a chunk's steps at the chunk-start state, so `MemoryConfig` only accepts η_max ≤ min(1, 2/C) for
 the largest chunk C (DESIGN.md §3); `hope_gd` therefore also sets η_max to that bound, the largest stable step.
@@ -63,6 +65,7 @@ def all_variants(size: str | int) -> dict[str, Variant]:
     hidden, eta_max, defaults = frozen_ffn_hidden(size), gd_eta_max(size), preset("hope", size)
     mem = "+model.config.memory"
     small_step, chunk16 = f"{mem}.eta_max={eta_max:g}", f"{mem}.chunk_size=16"
+    residual = "+model.config.cms_signal=residual"
     periods = ", ".join(str(p) for p in defaults.fast_periods)
     variants = [
         Variant("transformer", "transformer_small", note="Transformer++: RoPE attention + SwiGLU FFN"),
@@ -84,6 +87,10 @@ def all_variants(size: str | int) -> dict[str, Variant]:
                 f"projection-memory chunk 64 (HOPE: {defaults.memory.proj_chunk_size})"),
         Variant("hope_small_step_c16", "hope_small", (small_step, chunk16),
                 f"DGD at η_max = {eta_max:g} with main-memory chunk 16: the two best single changes together"),
+        Variant("hope_residual", "hope_small", (residual,),
+                "CMS writes driven by δ = ∂ℓ/∂h_L through each level's own MLP (no backward through the layers above)"),
+        Variant("hope_fast", "hope_small", (residual, f"{mem}.proj_chunk_size=32"),
+                f"hope_residual with projection-memory chunk 32 (HOPE: {defaults.memory.proj_chunk_size})"),
     ]
     return {v.name: v for v in variants}
 

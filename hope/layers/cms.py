@@ -77,21 +77,29 @@ def chunk_loss(ce: torch.Tensor, positions: torch.Tensor, period: int) -> torch.
     return (ce * inside).sum()
 
 
-def write_levels(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: torch.Tensor | None) -> None:
+def write_levels(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: torch.Tensor | None,
+                 finals: list[torch.Tensor] | None = None) -> None:
     """Apply one write to every level of one period from the accumulated chunk loss `acc` (in place on states).
 
     All levels sharing a period write at the same positions, so one `autograd.grad` (w.r.t. the outputs of the
     products made with the fast weights during the chunk) serves them all. Gradients are per sample because sample
     b's loss depends only on fast[b].
+
+    `finals` selects the residual signal (`HopeConfig.cms_signal="residual"`): the final residual streams h_L
+    `[B, T, D]` of the chunk's segments, one per call recorded in each level's `FastWeights.outputs`. Then
+    δ = ∂acc/∂h_L (a backward through the final norm and head only) replaces ∂acc/∂(level output), and each level's
+    write differentiates Σ_segments ⟨δ, level output⟩ through its own MLP only (`residual_grads`).
     """
     from hope.optim import memory_rule
 
     targets = [st["fast"].grad_targets() for _, _, st in levels]
     flat = [t for level_targets in targets for t in level_targets]
-    if acc is not None and acc.requires_grad and flat:
+    if acc is None or not acc.requires_grad or not flat:
+        grads_y = [None] * len(flat)
+    elif finals is None:
         grads_y = list(torch.autograd.grad(acc, flat, retain_graph=True, allow_unused=True))
     else:
-        grads_y = [None] * len(flat)
+        grads_y = residual_grads(levels, acc, finals)
     for (mlp, level, st), level_targets in zip(levels, targets):
         n = len(level_targets)
         grads, grads_y = st["fast"].grads(grads_y[:n]), grads_y[n:]
@@ -101,6 +109,15 @@ def write_levels(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: tor
             st["opt"][name], direction = rule.update(st["opt"][name], g)
             st["delta"][name] = torch.add(st["delta"][name], direction, alpha=level.lr)
         st["fast"] = materialize(mlp, st["delta"])
+
+
+def residual_grads(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: torch.Tensor,
+                   finals: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The residual write signal (see `write_levels`): δ_s = ∂acc/∂h_L,s for each segment s of the chunk, then
+    ∂/∂y of Σ_s ⟨δ_s, level output_s⟩ through each level's own MLP (`FastWeights.output_grads`), flattened in
+    level order like the levels' `grad_targets()`."""
+    deltas = torch.autograd.grad(acc, finals, retain_graph=True, allow_unused=True)
+    return [g for _, _, st in levels for g in st["fast"].output_grads(list(deltas))]
 
 
 def detach_level_state(st: dict[str, Any], mlp: SwiGLU) -> dict[str, Any]:

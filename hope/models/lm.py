@@ -126,10 +126,14 @@ class HopeLM(nn.Module):
         state["pos"] = state["pos"] + T
         return LMOutput(logits, state)
 
-    def _forward_segment(self, ids: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+    def _forward_segment(self, ids: torch.Tensor, state: dict[str, Any],
+                         finals: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits `[B, T, V]` of one piece; the final residual stream h_L `[B, T, D]` is appended to `finals`."""
         x = self.embed(ids)  # [B, T, D]
         for block, layer_state in zip(self.blocks, state["layers"]):
             x = block(x, layer_state)
+        if finals is not None:
+            finals.append(x)
         return self.head(self.norm(x))  # [B, T, V]
 
     def _segments(self, start: int, T: int) -> list[tuple[int, int]]:
@@ -154,8 +158,9 @@ class HopeLM(nn.Module):
         for C in self.periods:
             if start % C == 0:
                 replays[C] = {"state": self._snapshot(state, start), "ids": [], "recorded": True}
+        finals = [] if record and self.config.cms_signal == "residual" else None
         with torch.set_grad_enabled(record):
-            logits = self._forward_segment(ids, state)
+            logits = self._forward_segment(ids, state, finals)
         for C in self.periods:
             replay = replays.get(C)
             if replay is not None:
@@ -166,6 +171,8 @@ class HopeLM(nn.Module):
             for C in self.periods:
                 loss = cms.chunk_loss(ce, positions, C)
                 state["acc"][C] = loss if state["acc"].get(C) is None else state["acc"][C] + loss
+                if finals is not None:
+                    state.setdefault("finals", {}).setdefault(C, []).extend(finals)
         state["pending"] = logits[:, -1] if record else logits[:, -1].detach()
         end = start + ids.shape[1]
         state["due"] = [C for C in self.periods if end % C == 0]
@@ -180,10 +187,18 @@ class HopeLM(nn.Module):
             replay = state.get("replay", {}).pop(C, None)
             if replay is not None and not replay["recorded"]:
                 self._replay_write(C, replay, state)
+                state.get("finals", {}).pop(C, None)
+                state["acc"][C] = None
             else:
-                cms.write_levels(self._levels_with_period(C, state), state["acc"].get(C))
-            state["acc"][C] = None
+                self._write(C, state)
         state["due"] = []
+
+    def _write(self, C: int, state: dict[str, Any]) -> None:
+        """Write the period-C levels from the recorded chunk loss (and, for the residual signal, the chunk's final
+        residual streams), then start the next chunk's bookkeeping."""
+        finals = state.get("finals", {}).pop(C, []) if self.config.cms_signal == "residual" else None
+        cms.write_levels(self._levels_with_period(C, state), state["acc"].get(C), finals)
+        state["acc"][C] = None
 
     def _snapshot(self, state: dict[str, Any], start: int) -> dict[str, Any]:
         """The stream state at position `start`, a chunk start, cut from the graph (new containers, shared tensors).
@@ -206,7 +221,7 @@ class HopeLM(nn.Module):
         with torch.enable_grad():
             for s, e in self._segments(start, ids.shape[1]):
                 self._learn_segment(ids[:, s:e], start + s, local, keep_graph=True)
-        cms.write_levels(self._levels_with_period(C, local), local["acc"][C])
+        self._write(C, local)
         for layer_state, local_layer, block in zip(state["layers"], local["layers"], self.blocks):
             for i, lvl in enumerate(block.levels):
                 if lvl.period == C:
@@ -234,6 +249,7 @@ class HopeLM(nn.Module):
             "pos": torch.zeros(batch_size, dtype=torch.long, device=device),
             "layers": layers,
             "acc": {},
+            "finals": {},
             "pending": None,
             "due": [],
             "replay": {},
@@ -265,7 +281,7 @@ class HopeLM(nn.Module):
                 stacklevel=2,
             )
         out = {"pos": state["pos"].clone(), "layers": [dict(ls) for ls in state["layers"]], "acc": {},
-               "pending": state.get("pending"), "due": [], "replay": {}}
+               "finals": {}, "pending": state.get("pending"), "due": [], "replay": {}}
         self._detach_(out)
         return out
 
@@ -281,8 +297,8 @@ class HopeLM(nn.Module):
         """Inverse of `export_state`: a state to pass as `model(ids, state=...)`."""
         if len(saved.get("layers", [])) != len(self.blocks):
             raise ValueError(f"saved state has {len(saved.get('layers', []))} layers, model has {len(self.blocks)}")
-        state = {"pos": saved["pos"], "acc": {}, "pending": saved.get("pending"), "due": [], "replay": {},
-                 "layers": []}
+        state = {"pos": saved["pos"], "acc": {}, "finals": {}, "pending": saved.get("pending"), "due": [],
+                 "replay": {}, "layers": []}
         for block, ls in zip(self.blocks, saved["layers"]):
             fast = [None if st is None else {**st, "fast": cms.materialize(mlp, st["delta"])}
                     for st, mlp in zip(ls["cms"], block.cms)]
