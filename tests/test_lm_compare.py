@@ -190,10 +190,13 @@ def test_throughput_cms_breakdown_times_the_writes(tmp_path):
     doc = throughput.run(["--tiny", "--models", "transformer,hope", "--steps", "1", "--seq-len", "128",
                           "--cms-breakdown", "--out", str(tmp_path)])
     r = doc["results"]
-    assert list(r) == ["transformer", "hope", "hope[frozen CMS]", "hope[one level, period 256]"]
+    assert list(r) == ["transformer", "hope", "hope[frozen CMS]", "hope[one level, period 256]",
+                       "hope[residual signal]", "hope_fast"]
     assert r["hope"]["median_cms_write_s"] > 0  # 128 tokens: the period-64 level writes once
+    assert r["hope[residual signal]"]["median_cms_write_s"] > 0 and r["hope_fast"]["median_cms_write_s"] > 0
     assert r["hope[frozen CMS]"]["median_cms_write_s"] == 0  # no fast level, no write
     assert r["hope[one level, period 256]"]["median_cms_write_s"] == 0  # its first write would be at token 256
     assert r["hope"]["median_cms_write_s"] < r["hope"]["median_step_s"]
-    assert r["hope[frozen CMS]"]["params"] == r["hope"]["params"]  # same widths, only the periods differ
+    for name in ("hope[frozen CMS]", "hope[residual signal]", "hope_fast"):
+        assert r[name]["params"] == r["hope"]["params"]  # same widths: only periods, write signal or chunks differ
     assert "| hope[frozen CMS] |" in doc["table"]

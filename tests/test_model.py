@@ -16,9 +16,9 @@ if importlib.util.find_spec("hope.layers.titans") is not None:
     CORES.append("titans")
 
 
-def tiny(core: str = "attention", cms=None, **kw) -> HopeLM:
+def tiny(core: str = "attention", cms=None, n_layers_override: int = 2, **kw) -> HopeLM:
     torch.manual_seed(0)
-    cfg = HopeConfig(vocab_size=23, d_model=32, n_layers=2, n_heads=2, core=core,
+    cfg = HopeConfig(vocab_size=23, d_model=32, n_layers=n_layers_override, n_heads=2, core=core,
                      cms=cms or [CMSLevel()], ffn_hidden=48, **kw)
     return HopeLM(cfg).double()
 
@@ -250,3 +250,69 @@ def test_inference_detach_inside_a_replayed_chunk_warns():
         state = model(torch.randint(0, 23, (1, 2)), state).state  # 2 < smallest period: no graph recorded
     with pytest.warns(UserWarning, match="inside a CMS chunk"):
         model.detach_state(state)
+
+
+# --- cms_signal="residual": writes driven by δ = ∂ℓ/∂h_L through each level's own MLP ---------------------------
+
+
+def level_input_and_delta(model, ids, layer, level):
+    """(input of CMS level `level` of block `layer`, δ = ∂(chunk loss)/∂h_L) of one frozen forward over `ids`."""
+    seen = {}
+    model.blocks[layer].cms[level].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    model.norm.register_forward_pre_hook(lambda m, args: seen.setdefault("h", args[0]))
+    logits = model(ids).logits.float()  # the chunk loss is taken in fp32, as `hope.layers.cms` does
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    (delta,) = torch.autograd.grad(loss, seen["h"])
+    return seen["x"].detach(), delta
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_residual_write_is_the_level_local_gradient_of_delta(core):
+    """The first write of a period-4 level in the lower block equals, per sample, lr · ∂⟨δ, MLP(x)⟩/∂W at θ_0 with
+    x the level's input held constant and δ = ∂(chunk loss)/∂h_L, computed here from a frozen copy by autograd."""
+    levels = [CMSLevel(period=4, hidden=16, lr=0.5, optimizer="sgd"), CMSLevel(hidden=16)]
+    model = tiny(core, levels, cms_signal="residual")
+    ids = torch.randint(0, 23, (2, 4), generator=torch.Generator().manual_seed(3))
+    written = model.export_state(model(ids).state)["layers"][0]["cms"][0]["delta"]
+    frozen = tiny(core, [CMSLevel(hidden=16), CMSLevel(hidden=16)])
+    frozen.load_state_dict(model.state_dict())
+    x, delta = level_input_and_delta(frozen, ids, layer=0, level=0)
+    mlp = frozen.blocks[0].cms[0]
+    for b in range(2):
+        weights = {name: w.detach().clone().requires_grad_() for name, w in mlp.weights().items()}
+        out = torch.nn.functional.silu(x[b] @ weights["w_gate"]) * (x[b] @ weights["w_up"]) @ weights["w_down"]
+        grads = torch.autograd.grad((out * delta[b]).sum(), list(weights.values()))
+        for (name, _), g in zip(weights.items(), grads):
+            assert rel_err(written[name][b], 0.5 * g) < 1e-10, (name, b)
+    exact = tiny(core, levels)  # the default signal differentiates through block 1 as well: a different write
+    exact_delta = exact.export_state(exact(ids).state)["layers"][0]["cms"][0]["delta"]
+    assert rel_err(written["w_up"], exact_delta["w_up"]) > 1e-3
+
+
+def test_residual_signal_is_exact_for_the_last_level_of_the_last_block():
+    levels = [CMSLevel(hidden=16), CMSLevel(period=4, hidden=16, lr=0.5)]
+    ids = torch.randint(0, 23, (2, 13), generator=torch.Generator().manual_seed(4))
+    residual = tiny("attention", levels, n_layers_override=1, cms_signal="residual")
+    exact = tiny("attention", levels, n_layers_override=1)
+    assert rel_err(residual(ids).logits, exact(ids).logits) < 1e-12
+    moved = tiny("attention", [CMSLevel(hidden=16), CMSLevel(hidden=16)], n_layers_override=1)
+    assert rel_err(moved(ids).logits, exact(ids).logits) > 1e-3  # the writes did change the logits
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_residual_signal_keeps_the_streaming_contract(core):
+    """Pieces == whole, one-token inference calls (replayed chunks) == whole, batch of B == B runs of one."""
+    model = tiny(core, fast_cms(), cms_signal="residual")
+    ids = torch.randint(0, 23, (2, 21), generator=torch.Generator().manual_seed(5))
+    whole = model(ids).logits
+    assert rel_err(run_pieces(model, ids, [0, 3, 4, 11, 16, 21]), whole) < 1e-10
+    with torch.no_grad():
+        assert rel_err(run_pieces(model, ids, list(range(22))), whole) < 1e-10
+    singles = torch.cat([model(ids[i : i + 1]).logits for i in range(2)])
+    assert rel_err(singles, whole) < 1e-10
+    assert rel_err(tiny(core, fast_cms())(ids).logits, whole) > 1e-3  # not the default signal's result
+
+
+def test_bad_cms_signal():
+    with pytest.raises(ValueError, match="cms_signal must be one of .* got 'local'"):
+        HopeConfig(cms_signal="local")

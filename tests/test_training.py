@@ -57,6 +57,15 @@ def test_experiment_composes_and_instantiates(tmp_path, experiment):
     assert trainer.max_steps == cfg.trainer.max_steps
 
 
+def test_hope_fast_small_sets_its_two_speed_choices(tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = make_cfg(tmp_path, ["experiment=hope_fast_small", "+model.config.n_layers=1"])
+    config = instantiate(cfg.model, vocab_size=256).model_config
+    assert config.cms_signal == "residual" and config.memory.proj_chunk_size == 32
+    assert any(lvl.period is not None for lvl in config.cms)  # still HOPE: fast CMS levels write in context
+
+
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.endswith("_small")])
 def test_fast_dev_run(tmp_path, experiment):
     cfg = make_cfg(tmp_path, [f"experiment={experiment}", "debug=fast_dev_run", *TINY, "model.size=tiny"])

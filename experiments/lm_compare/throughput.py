@@ -13,10 +13,12 @@ not timed. Reported: the median over the timed rounds (after that checked step a
 rounds), fp32, `torch.set_num_threads(2)` by default, and the load averages before and after
 (`os.getloadavg()`). Writes `<out>/throughput.json`.
 
-`--cms-breakdown` also steps two HOPE variants with the same widths, `hope[frozen CMS]` (every level of period None:
-no in-context writes, no segments) and `hope[one level, period C]` (only the slowest fast level writes), and times
-the in-context CMS writes inside each HOPE step (`hope.layers.cms.write_levels`: the inner backward and the
-update), so the cost of the CMS can be read off one run.
+`--cms-breakdown` also steps four HOPE variants with the same parameters, `hope[frozen CMS]` (every level of period
+None: no in-context writes, no segments), `hope[one level, period C]` (only the slowest fast level writes),
+`hope[residual signal]` (`HopeConfig.cms_signal="residual"`: writes without a backward through the layers above)
+and `hope_fast` (that signal with projection-memory chunks of 32, the lm_compare variant), and times the in-context
+CMS writes inside each HOPE step (`hope.layers.cms.write_levels`: the inner backward and the update), so the cost
+of the CMS can be read off one run.
 """
 
 from __future__ import annotations
@@ -45,20 +47,29 @@ MODES: dict[str, dict[str, Any]] = {
 
 
 def breakdown_models(size: str | int, seed: int) -> list[BuiltModel]:
-    """HOPE with its CMS levels frozen (`hope[frozen CMS]`), and with only its slowest fast level writing
-    (`hope[one level, period C]`); widths as in the preset."""
+    """HOPE with its CMS levels frozen (`hope[frozen CMS]`), with only its slowest fast level writing
+    (`hope[one level, period C]`), with the residual write signal (`hope[residual signal]`, `HopeConfig.cms_signal`)
+    and with that signal and projection-memory chunks of 32 (`hope_fast`, the lm_compare variant); widths as in
+    the preset."""
+    import dataclasses
+
     from hope import HopeLM, preset
     from hope.config import CMSLevel
 
-    levels = preset("hope", size).cms
+    base = preset("hope", size)
+    levels = base.cms
     slowest = max(lvl.period for lvl in levels if lvl.period is not None)
-    plans = {"hope[frozen CMS]": [None] * len(levels),
-             f"hope[one level, period {slowest}]": [slowest if lvl.period == slowest else None for lvl in levels]}
+    frozen = [CMSLevel(period=None, hidden=lvl.hidden) for lvl in levels]
+    one = [CMSLevel(period=slowest if lvl.period == slowest else None, hidden=lvl.hidden) for lvl in levels]
+    plans = {"hope[frozen CMS]": {"cms": frozen},
+             f"hope[one level, period {slowest}]": {"cms": one},
+             "hope[residual signal]": {"cms_signal": "residual"},
+             "hope_fast": {"cms_signal": "residual",
+                           "memory": dataclasses.replace(base.memory, proj_chunk_size=32)}}
     out = []
-    for label, periods in plans.items():
+    for label, overrides in plans.items():
         torch.manual_seed(seed)
-        model = HopeLM(preset("hope", size, cms=[CMSLevel(period=p, hidden=lvl.hidden)
-                                                 for p, lvl in zip(periods, levels)]))
+        model = HopeLM(preset("hope", size, **overrides))
         out.append(BuiltModel(label, model, count_params(model)))
     return out
 
@@ -223,7 +234,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; 1 with --tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cms-breakdown", dest="cms_breakdown", action="store_true",
-                   help="also step HOPE with frozen CMS levels and with one fast level, and time the CMS writes")
+                   help="also step HOPE with frozen CMS levels, with one fast level, with the residual write signal "
+                   "and as hope_fast, and time the CMS writes")
     p.add_argument("--out", default=None, help="output directory (default: results/, results/tiny/ with --tiny)")
     return p
 

@@ -12,6 +12,13 @@ C_ℓ (absolute stream position) they are written once with the sum of the next-
 | Opt_ℓ | `hope.optim.memory_rule(CMSLevel.optimizer)`; direction d, update θ ← θ − η_ℓ·d |
 | θ_ℓ,0 | the level's `nn.Parameter`s (meta-learned by the outer optimizer) |
 
+The error signal is set by `HopeConfig.cms_signal`. "backprop" (default) is (71) exactly: the gradient reaches the
+level through every layer above it, so a write costs an activation backward through those layers over the chunk.
+"residual" takes δ_t = ∂ℓ_t/∂h_L,t at the final residual stream (a backward through the final norm and head
+only) as the gradient of the level's output, i.e. it treats the layers above as the identity along the residual
+path, and differentiates ⟨δ, output⟩ through the level's own MLP; it equals "backprop" for the last level of the
+last block and approximates it below (measured in `experiments/lm_compare`).
+
 Fast weights are per sample: `fast = θ_0 − Δ` with Δ `[B, *θ.shape]` detached (first-order: outer gradients treat
 applied writes as constants and reach θ_0 through every chunk, as one flat matmul per product; see
 `hope.layers.mlp.FastWeights`, which also records the products a write differentiates). The language model owns
