@@ -16,9 +16,9 @@ if importlib.util.find_spec("hope.layers.titans") is not None:
     CORES.append("titans")
 
 
-def tiny(core: str = "attention", cms=None, n_layers_override: int = 2, **kw) -> HopeLM:
+def tiny(core: str = "attention", cms=None, n_layers: int = 2, **kw) -> HopeLM:
     torch.manual_seed(0)
-    cfg = HopeConfig(vocab_size=23, d_model=32, n_layers=n_layers_override, n_heads=2, core=core,
+    cfg = HopeConfig(vocab_size=23, d_model=32, n_layers=n_layers, n_heads=2, core=core,
                      cms=cms or [CMSLevel()], ffn_hidden=48, **kw)
     return HopeLM(cfg).double()
 
@@ -292,10 +292,10 @@ def test_residual_write_is_the_level_local_gradient_of_delta(core):
 def test_residual_signal_is_exact_for_the_last_level_of_the_last_block():
     levels = [CMSLevel(hidden=16), CMSLevel(period=4, hidden=16, lr=0.5)]
     ids = torch.randint(0, 23, (2, 13), generator=torch.Generator().manual_seed(4))
-    residual = tiny("attention", levels, n_layers_override=1, cms_signal="residual")
-    exact = tiny("attention", levels, n_layers_override=1)
+    residual = tiny("attention", levels, n_layers=1, cms_signal="residual")
+    exact = tiny("attention", levels, n_layers=1)
     assert rel_err(residual(ids).logits, exact(ids).logits) < 1e-12
-    moved = tiny("attention", [CMSLevel(hidden=16), CMSLevel(hidden=16)], n_layers_override=1)
+    moved = tiny("attention", [CMSLevel(hidden=16), CMSLevel(hidden=16)], n_layers=1)
     assert rel_err(moved(ids).logits, exact(ids).logits) > 1e-3  # the writes did change the logits
 
 

@@ -93,7 +93,7 @@ def write_levels(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: tor
     b's loss depends only on fast[b].
 
     `finals` selects the residual signal (`HopeConfig.cms_signal="residual"`): the final residual streams h_L
-    `[B, T, D]` of the chunk's segments, one per call recorded in each level's `FastWeights.outputs`. Then
+    `[B, T, D]` of the chunk's segments, one per SwiGLU call recorded in each level's `FastWeights`. Then
     δ = ∂acc/∂h_L (a backward through the final norm and head only) replaces ∂acc/∂(level output), and each level's
     write differentiates Σ_segments ⟨δ, level output⟩ through its own MLP only (`residual_grads`).
     """

@@ -61,14 +61,13 @@ class FastWeights:
 
     Each `matmul` records its input and output; `grads(loss)` then returns ∂loss/∂W per sample as
     `Σ_uses x_bᵀ (∂loss/∂y_b)`, one backward for every level of a period (`hope.layers.cms.write_levels`).
-    `outputs` holds the level's output `[B, T, D]` of each call made with these weights (the residual write
-    signal of `HopeConfig.cms_signal` differentiates ⟨δ, output⟩).
+    A SwiGLU call records three products, the last of which (`w_down`) is the level's output: `output_grads`
+    differentiates ⟨δ, output⟩ from them (the residual write signal of `HopeConfig.cms_signal`).
     """
 
     def __init__(self, weights: dict[str, torch.Tensor]) -> None:
         self.weights = weights
         self.uses: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        self.outputs: list[torch.Tensor] = []
         self._alias: dict[int, torch.Tensor] = {}
 
     def _theta(self, theta: torch.Tensor) -> torch.Tensor:
@@ -95,13 +94,13 @@ class FastWeights:
 
     def output_grads(self, deltas: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """∂/∂y of Σ_calls ⟨δ_call, output_call⟩ for every recorded product y, through this SwiGLU alone (its input
-        held constant), for one δ `[B, T, D]` per call in `outputs` (None: that call adds nothing). For the
+        held constant), for one δ `[B, T, D]` per recorded call (None: that call adds nothing). For the
         output product y = h W_down the gradient is δ; for a = x W_gate and u = x W_up it is g_h ⊙ u ⊙ silu'(a)
         and g_h ⊙ silu(a), with g_h = δ W_downᵀ (per sample)."""
         calls = [self.uses[i : i + 3] for i in range(0, len(self.uses), 3)]
-        if len(calls) != len(self.outputs) or len(deltas) != len(calls):
-            raise RuntimeError(f"FastWeights: {len(self.uses)} products, {len(self.outputs)} outputs and "
-                               f"{len(deltas)} output gradients do not form whole SwiGLU calls")
+        if len(self.uses) != 3 * len(deltas):
+            raise RuntimeError(f"FastWeights: {len(self.uses)} products and {len(deltas)} output gradients do not "
+                               "form whole SwiGLU calls")
         out: list[torch.Tensor | None] = []
         w_down = self.weights["w_down"].detach()  # [B, F, D]
         for call, delta in zip(calls, deltas):
@@ -152,10 +151,7 @@ class SwiGLU(nn.Module):
         if fast is None:
             return swiglu(x, self.w_gate, self.w_up, self.w_down)
         h = F.silu(fast.matmul(x, "w_gate", self.w_gate)) * fast.matmul(x, "w_up", self.w_up)  # [B, T, F]
-        out = fast.matmul(h, "w_down", self.w_down)  # [B, T, D]
-        if out.requires_grad:
-            fast.outputs.append(out)
-        return out
+        return fast.matmul(h, "w_down", self.w_down)  # [B, T, D]
 
     def init_weights(self) -> None:
         """w_gate, w_up: N(0, init_std²); w_down: N(0, out_std²) (the residual-branch scaling of GPT-2)."""

@@ -187,8 +187,7 @@ class HopeLM(nn.Module):
             replay = state.get("replay", {}).pop(C, None)
             if replay is not None and not replay["recorded"]:
                 self._replay_write(C, replay, state)
-                state.get("finals", {}).pop(C, None)
-                state["acc"][C] = None
+                self._end_chunk(C, state)
             else:
                 self._write(C, state)
         state["due"] = []
@@ -196,9 +195,15 @@ class HopeLM(nn.Module):
     def _write(self, C: int, state: dict[str, Any]) -> None:
         """Write the period-C levels from the recorded chunk loss (and, for the residual signal, the chunk's final
         residual streams), then start the next chunk's bookkeeping."""
-        finals = state.get("finals", {}).pop(C, []) if self.config.cms_signal == "residual" else None
+        finals = state.get("finals", {}).get(C, []) if self.config.cms_signal == "residual" else None
         cms.write_levels(self._levels_with_period(C, state), state["acc"].get(C), finals)
+        self._end_chunk(C, state)
+
+    @staticmethod
+    def _end_chunk(C: int, state: dict[str, Any]) -> None:
+        """Drop the period-C chunk's loss and final residual streams: the next chunk starts empty."""
         state["acc"][C] = None
+        state.get("finals", {}).pop(C, None)
 
     def _snapshot(self, state: dict[str, Any], start: int) -> dict[str, Any]:
         """The stream state at position `start`, a chunk start, cut from the graph (new containers, shared tensors).
