@@ -128,12 +128,15 @@ def test_compare_tiny_end_to_end(tmp_path):
 
 
 def test_throughput_tiny_writes_ratios_to_transformer(tmp_path):
-    doc = throughput.run(["--tiny", "--models", "transformer,hope", "--steps", "1", "--out", str(tmp_path)])
+    doc = throughput.run(["--tiny", "--models", "transformer,hope", "--steps", "2", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "throughput.json").read_text())
-    assert saved["results"].keys() == {"transformer", "hope"} and saved["config"]["steps"] == 1
-    assert saved["results"]["transformer"]["ratio_vs_transformer"] == 1.0
-    hope = saved["results"]["hope"]
-    assert hope["tokens_per_s"] == pytest.approx(64 / hope["median_step_s"]) and len(hope["step_s"]) == 1
+    assert saved["results"].keys() == {"transformer", "hope"} and saved["config"]["steps"] == 2
+    ref, hope = saved["results"]["transformer"], saved["results"]["hope"]
+    assert ref["ratio_vs_transformer"] == 1.0 and ref["ratio_per_round"] == [1.0, 1.0]
+    assert hope["tokens_per_s"] == pytest.approx(64 / hope["median_step_s"]) and len(hope["step_s"]) == 2
+    # each round's ratio pairs the two models' steps of that round
+    assert hope["ratio_per_round"] == pytest.approx([a / b for a, b in zip(ref["step_s"], hope["step_s"])])
+    assert hope["ratio_range"] == [min(hope["ratio_per_round"]), max(hope["ratio_per_round"])]
     assert len(saved["loadavg_start"]) == 3 and doc["table"] == saved["table"]
 
 

@@ -10,8 +10,10 @@ Every model is built first, then the models take their steps in turn (round-robi
 next round), so a change in the load of a shared machine hits all of them alike; the ratio to Transformer++ is
 taken within this one run. A model's first step (untimed) must give a finite loss and finite gradients, or it is
 not timed. Reported: the median over the timed rounds (after that checked step and `--warmup` more untimed
-rounds), fp32, `torch.set_num_threads(2)` by default, and the load averages before and after
-(`os.getloadavg()`). Writes `<out>/throughput.json`.
+rounds), the ratio of the medians to Transformer++'s and the range of the per-round ratios (each model's step
+against Transformer++'s step of the same round: a run whose range is wide was disturbed), fp32,
+`torch.set_num_threads(2)` by default, and the load averages before and after (`os.getloadavg()`). Writes
+`<out>/throughput.json`.
 
 `--cms-breakdown` also steps four HOPE variants with the same parameters, `hope[frozen CMS]` (every level of period
 None: no in-context writes, no segments), `hope[one level, period C]` (only the slowest fast level writes),
@@ -42,7 +44,7 @@ NAME = "throughput"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 MODES: dict[str, dict[str, Any]] = {
     "tiny": {"size": "tiny", "seq_len": 32, "batch": 2, "warmup": 0, "steps": 2, "threads": 1},
-    "full": {"size": "small", "seq_len": 512, "batch": 8, "warmup": 0, "steps": 3, "threads": 2},
+    "full": {"size": "small", "seq_len": 512, "batch": 8, "warmup": 1, "steps": 5, "threads": 2},
 }
 
 
@@ -151,7 +153,9 @@ def measure(trainees: list[Trainee], warmup: int, steps: int, clock: WriteClock 
 
 
 def summarize(trainees: list[Trainee], tokens_per_step: int) -> dict[str, dict[str, Any]]:
-    """Per model: parameters, step times, median step, tokens/s and the ratio to Transformer++ (if measured)."""
+    """Per model: parameters, step times, median step, tokens/s and the ratio to Transformer++ (if measured):
+    the ratio of the medians, and the paired ratio of each round (Transformer++'s step over the model's step in
+    the same round, so that a load change within the run shows as spread instead of moving one side only)."""
     out = {}
     for tr in trainees:
         med = statistics.median(tr.times)
@@ -163,6 +167,9 @@ def summarize(trainees: list[Trainee], tokens_per_step: int) -> dict[str, dict[s
     ref = out.get("transformer")
     for r in out.values():
         r["ratio_vs_transformer"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        if ref:
+            r["ratio_per_round"] = [t_ref / t for t_ref, t in zip(ref["step_s"], r["step_s"])]
+            r["ratio_range"] = [min(r["ratio_per_round"]), max(r["ratio_per_round"])]
     return out
 
 
@@ -197,9 +204,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         torch.set_num_threads(before)
     results = summarize(trainees, mode["batch"] * mode["seq_len"])
-    headers = ["model", "params (M)", "median step (s)", "tokens/s", "vs Transformer++"]
+    headers = ["model", "params (M)", "median step (s)", "tokens/s", "vs Transformer++", "per round (min–max)"]
+    spread = lambda r: f"{r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f}" if "ratio_range" in r else None
     rows = [[LABELS.get(n, n), r["params"] / 1e6, round(r["median_step_s"], 3), round(r["tokens_per_s"]),
-             r["ratio_vs_transformer"]] for n, r in results.items()]
+             r["ratio_vs_transformer"], spread(r)] for n, r in results.items()]
     if args.cms_breakdown:
         headers.append("CMS writes (s)")
         for row, r in zip(rows, results.values()):
@@ -210,7 +218,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              *(list(argv) if argv is not None else sys.argv[1:])]),
         "mode": "tiny" if args.tiny else "full", "config": mode, "dtype": "float32",
         "note": "random weights and random ids (speed only); models stepped round-robin; median of the timed steps; "
-        "shared machine: see loadavg_start/end",
+        "ratio_per_round pairs each step with Transformer++'s step of the same round; shared machine: see "
+        "loadavg_start/end",
         "loadavg_start": load_start, "loadavg_end": load_end,
         "results": results, "skipped": skipped, "table": table,
     }
@@ -229,8 +238,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="preset size (default: small; tiny with --tiny)")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="context T (default 512)")
     p.add_argument("--batch", type=int, default=None, help="batch B (default 8)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds after the checked one (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="timed rounds; the median is reported (default 3)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed rounds after the checked one (default 1; 0 with --tiny)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed rounds; the median is reported (default 5; 2 with --tiny)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; 1 with --tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cms-breakdown", dest="cms_breakdown", action="store_true",
