@@ -15,6 +15,10 @@ against Transformer++'s step of the same round: a run whose range is wide was di
 `torch.set_num_threads(2)` by default, and the load averages before and after (`os.getloadavg()`). Writes
 `<out>/throughput.json`.
 
+`--compile` compiles every model before its checked step, as the trainer's `compile: true` does
+(`compile_model`): the whole model when none of its CMS levels writes in context (Transformer++, Titans, frozen
+CMS), otherwise its sequence cores only (`HopeLM.compile_cores`), so each model runs the way it runs fastest.
+
 `--cms-breakdown` also steps four HOPE variants with the same parameters, `hope[frozen CMS]` (every level of period
 None: no in-context writes, no segments), `hope[one level, period C]` (only the slowest fast level writes),
 `hope[residual signal]` (`HopeConfig.cms_signal="residual"`: writes without a backward through the layers above)
@@ -134,6 +138,15 @@ class Trainee:
         return float(loss.detach())
 
 
+def compile_model(model: torch.nn.Module) -> None:
+    """Compile in place as the trainer's `compile: true` does: the whole model when no CMS level writes in
+    context, otherwise its sequence cores (`HopeLM.compile_cores`)."""
+    if model.periods:
+        model.compile_cores()
+    else:
+        model.compile()
+
+
 def measure(trainees: list[Trainee], warmup: int, steps: int, clock: WriteClock | None = None) -> None:
     """Round-robin: each round gives every model one step; rounds after the first `warmup` are timed. With a
     `clock`, the CMS-write time of every timed step is appended to the trainee's `write_times`."""
@@ -190,6 +203,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         built, skipped = build_models(names, mode["size"], args.seed)
         if args.cms_breakdown:
             built += breakdown_models(mode["size"], args.seed)
+        if args.compile:
+            for b in built:
+                compile_model(b.model)
         trainees = [Trainee(b.name, b.model.train(), b.params, mode["batch"], mode["seq_len"], args.seed)
                     for b in built]
         for tr in trainees:
@@ -216,7 +232,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     doc = {
         "command": " ".join(["python -m experiments.lm_compare.throughput",
                              *(list(argv) if argv is not None else sys.argv[1:])]),
-        "mode": "tiny" if args.tiny else "full", "config": mode, "dtype": "float32",
+        "mode": "tiny" if args.tiny else "full", "config": mode, "dtype": "float32", "compiled": args.compile,
         "note": "random weights and random ids (speed only); models stepped round-robin; median of the timed steps; "
         "ratio_per_round pairs each step with Transformer++'s step of the same round; shared machine: see "
         "loadavg_start/end",
@@ -247,6 +263,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cms-breakdown", dest="cms_breakdown", action="store_true",
                    help="also step HOPE with frozen CMS levels, with one fast level, with the residual write signal "
                    "and as hope_fast, and time the CMS writes")
+    p.add_argument("--compile", action="store_true",
+                   help="compile every model first (torch.compile: the whole model, or its cores when a CMS level "
+                   "writes in context); the checked step and the warm-up rounds pay the compilation")
     p.add_argument("--out", default=None, help="output directory (default: results/, results/tiny/ with --tiny)")
     return p
 

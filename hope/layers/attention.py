@@ -27,6 +27,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
+@torch.compiler.disable  # reads a value: eager inside a compiled model
+def first_position(pos: torch.Tensor) -> int:
+    """The stream position of the batch's first row `pos[0]` (0 for an empty batch)."""
+    return int(pos[0]) if pos.numel() else 0
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention with rotary positions and an explicit KV-cache state.
 
@@ -59,9 +65,10 @@ class CausalSelfAttention(nn.Module):
         if state is None:
             pos = torch.zeros(B, dtype=torch.long, device=x.device)
             k_cache = v_cache = None
+            start = 0
         else:
             pos, k_cache, v_cache = state["pos"], state["k"], state["v"]
-        start = int(pos[0]) if B > 0 else 0
+            start = first_position(pos)
         cos, sin = rope_cos_sin(torch.arange(start, start + T, device=x.device), self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if k_cache is not None and k_cache.shape[2] > 0:

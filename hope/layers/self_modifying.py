@@ -38,6 +38,7 @@ from hope.layers.mlp import residual_std
 Tensor = torch.Tensor
 
 
+@torch.compiler.disable  # reads a value: eager inside a compiled core (the core is specialised per position)
 def stream_position(state: dict[str, Tensor], batch: int) -> int:
     """The common stream position of the batch (rows must advance together: chunk boundaries are shared)."""
     pos = state["pos"]

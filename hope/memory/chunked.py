@@ -59,10 +59,19 @@ class ChunkOperators(NamedTuple):
     momentum: tuple[torch.Tensor, ...] | None  # see `_momentum_operators`
 
 
-@functools.lru_cache(maxsize=64)
 def _constants(C: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lower-triangular mask incl. the diagonal, identity) of size C: built once per size, dtype and device."""
+    """(lower-triangular mask incl. the diagonal, identity) of size C: built once per size, dtype and device
+    in eager mode; under `torch.compile` built in the graph (constants that the compiler folds)."""
+    if torch.compiler.is_compiling():
+        return _build_constants(C, dtype, device)
+    return _cached_constants(C, dtype, device)
+
+
+def _build_constants(C: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril(), torch.eye(C, dtype=dtype, device=device)
+
+
+_cached_constants = functools.lru_cache(maxsize=64)(_build_constants)
 
 
 def _decays(gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
