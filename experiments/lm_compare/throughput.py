@@ -16,8 +16,8 @@ against Transformer++'s step of the same round: a run whose range is wide was di
 `<out>/throughput.json`.
 
 `--compile` compiles every model before its checked step, as the trainer's `compile: true` does
-(`compile_model`): the whole model when none of its CMS levels writes in context (Transformer++, Titans, frozen
-CMS), otherwise its sequence cores only (`HopeLM.compile_cores`), so each model runs the way it runs fastest.
+(`hope.models.lm.compile_model`): Transformer++ whole, the HOPE variants' self-modifying cores (the segment loop
+and the CMS writes stay eager); Titans and Hope-Attention stay eager (see there why).
 
 `--cms-breakdown` also steps four HOPE variants with the same parameters, `hope[frozen CMS]` (every level of period
 None: no in-context writes, no segments), `hope[one level, period C]` (only the slowest fast level writes),
@@ -138,15 +138,6 @@ class Trainee:
         return float(loss.detach())
 
 
-def compile_model(model: torch.nn.Module) -> None:
-    """Compile in place as the trainer's `compile: true` does: the whole model when no CMS level writes in
-    context, otherwise its sequence cores (`HopeLM.compile_cores`)."""
-    if model.periods:
-        model.compile_cores()
-    else:
-        model.compile()
-
-
 def measure(trainees: list[Trainee], warmup: int, steps: int, clock: WriteClock | None = None) -> None:
     """Round-robin: each round gives every model one step; rounds after the first `warmup` are timed. With a
     `clock`, the CMS-write time of every timed step is appended to the trainee's `write_times`."""
@@ -204,6 +195,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.cms_breakdown:
             built += breakdown_models(mode["size"], args.seed)
         if args.compile:
+            from hope.models.lm import compile_model
+
             for b in built:
                 compile_model(b.model)
         trainees = [Trainee(b.name, b.model.train(), b.params, mode["batch"], mode["seq_len"], args.seed)
@@ -264,8 +257,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also step HOPE with frozen CMS levels, with one fast level, with the residual write signal "
                    "and as hope_fast, and time the CMS writes")
     p.add_argument("--compile", action="store_true",
-                   help="compile every model first (torch.compile: the whole model, or its cores when a CMS level "
-                   "writes in context); the checked step and the warm-up rounds pay the compilation")
+                   help="compile every model first as the trainer's compile: true does (hope.models.lm.compile_model); "
+                   "the checked step and the warm-up rounds pay the compilation")
     p.add_argument("--out", default=None, help="output directory (default: results/, results/tiny/ with --tiny)")
     return p
 

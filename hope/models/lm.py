@@ -312,17 +312,24 @@ class HopeLM(nn.Module):
         return state
 
     def compile_cores(self, **compile_kwargs: Any) -> HopeLM:
-        """Compile every block's sequence core in place with `torch.compile(**compile_kwargs)`; returns `self`.
+        """Compile every block's self-modifying core in place with `torch.compile(**compile_kwargs)`; returns
+        `self`. Other cores stay eager (see `compile_model`).
 
         Parameters, state-dict keys and results are unchanged (to fp32 round-off); the segment loop and the CMS
-        writes stay eager, so this works for every core, write signal and call pattern, where compiling the
-        whole model does not (an exact CMS write reuses the graph with `retain_graph=True`, which Inductor's
-        donated buffers refuse). On the 2-core CPU the self-modifying core's forward + backward at B=8, T=512 is
+        writes stay eager, so this works for every write signal and call pattern. An exact CMS write
+        differentiates its chunk with `retain_graph=True` before the outer backward reuses the graph, which
+        AOTAutograd's donated buffers refuse, so this turns them off process-wide
+        (`torch._functorch.config.donated_buffer = False`: a compiled backward keeps its saved tensors instead of
+        reusing their memory). On the 2-core CPU the self-modifying core's forward + backward at B=8, T=512 is
         about 2× faster compiled; the first call of each new input shape pays the compilation (about a minute
         for `preset("hope", "small")` at context 512).
         """
-        for block in self.blocks:
-            block.core.compile(**compile_kwargs)
+        if self.config.core == "self_modifying":
+            import torch._functorch.config as functorch_config
+
+            functorch_config.donated_buffer = False
+            for block in self.blocks:
+                block.core.compile(**compile_kwargs)
         return self
 
     @torch.compiler.disable  # reads values (min, max): eager even inside a compiled model
@@ -363,6 +370,24 @@ class HopeLM(nn.Module):
             out = self(nxt, state)
             logits, state = out.logits[:, -1], out.state
         return torch.cat(tokens, dim=1)
+
+
+def compile_model(model: HopeLM, **compile_kwargs: Any) -> HopeLM:
+    """Compile `model` in place the way that is fastest and still matches it (state-dict keys unchanged);
+    returns it. What `compile: true` of the trainer and `throughput --compile` do.
+
+    - an attention model without in-context CMS writes (Transformer++): the whole model (`nn.Module.compile`);
+    - otherwise the self-modifying cores only (`HopeLM.compile_cores`): the segment loop and the writes stay
+      eager. Attention cores there stay eager too (SDPA is one fused kernel already, and compiled on its own in
+      torch 2.13 the attention core fails: AOTAutograd rebuilds its value cache, an alias of the qkv projection,
+      with a corrupt shape), and so do Titans cores (in torch 2.13 Inductor fails on some of their graphs and
+      disagrees with eager on others by ~1e-3).
+    """
+    if model.config.core == "attention" and not model.periods:
+        model.compile(**compile_kwargs)
+    else:
+        model.compile_cores(**compile_kwargs)
+    return model
 
 
 def sample_next(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from hope.config import HopeConfig
 from hope.config import preset as make_preset
-from hope.models.lm import HopeLM
+from hope.models.lm import HopeLM, compile_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,9 +48,9 @@ class LMModule(L.LightningModule):
         warmup_steps, min_lr_ratio: warm-up + cosine schedule down to `min_lr_ratio·lr`.
         lr_decay_steps: length of the schedule; `None` = `trainer.max_steps`. Set it when a run is stopped early
             on purpose (`trainer.max_steps` smaller) and resumed later, so both parts follow one schedule.
-        compile: compile the model with `torch.compile`: the whole model when it has no CMS level that writes
-            in context, otherwise its sequence cores only (`HopeLM.compile_cores`: the segment loop and the
-            writes stay eager). Same results to fp32 round-off; the first steps pay the compilation.
+        compile: compile the model in place with `torch.compile` (`hope.models.lm.compile_model`: the whole
+            Transformer++, the self-modifying cores of HOPE; other cores stay eager). Same results to fp32
+            round-off; the first steps pay the compilation.
         token_bytes: `[V]` UTF-8 byte length of each token id, for bits per byte (set by the trainer).
     """
 
@@ -78,9 +78,7 @@ class LMModule(L.LightningModule):
         self.model_config = make_preset(preset, size, **config) if preset else HopeConfig(**config)
         self.model = HopeLM(self.model_config)
         # kept out of the module tree so the state dict holds the weights once, under "model."
-        self.__dict__["_net"] = self.model
-        if compile:
-            self.__dict__["_net"] = self.model.compile_cores() if self.model.periods else torch.compile(self.model)
+        self.__dict__["_net"] = compile_model(self.model) if compile else self.model
         ones = torch.ones(self.model_config.vocab_size, dtype=torch.long)
         self.register_buffer("token_bytes", ones, persistent=False)
         self._stream_state: dict[str, Any] | None = None
