@@ -5,6 +5,7 @@ Legend: B batch, T time, H heads, K key width, V value width, C chunk, D model w
     python -m hope.memory.bench rule --threads 1     # chunked vs token-by-token oracle, B=2 T=2048 H=4 K=V=64
     python -m hope.memory.bench core --threads 1     # core vs causal attention fwd+bwd, B=8 T=512 D=256 H=4
     python -m hope.memory.bench core --segment 16    # the core fed in 16-token pieces (HopeLM with CMS period 16)
+    python -m hope.memory.bench core --compile       # also torch.compile'd attention and self-modifying cores
 
 Timings are medians (and minima) over `--reps` interleaved runs; a shared machine makes single runs noisy.
 """
@@ -87,7 +88,7 @@ class _Attention(torch.nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
-def bench_core(reps: int, segment: int, variants: list[str]) -> None:
+def bench_core(reps: int, segment: int, variants: list[str], compile: bool = False) -> None:
     from hope.config import HopeConfig
     from hope.layers.self_modifying import SelfModifyingCore
     from hope.layers.titans import TitansCore
@@ -120,6 +121,17 @@ def bench_core(reps: int, segment: int, variants: list[str]) -> None:
                 if err > 1e-4:
                     raise SystemExit(f"{name}: {segment}-token pieces differ from one call by {err}: not timing it")
 
+    if compile:  # compiled copies of the attention reference and the self-modifying cores, checked against eager
+        import copy
+
+        for name in [n for n in modules if not n.startswith("titans")]:
+            compiled = copy.deepcopy(modules[name])
+            compiled.compile()
+            err = float((run(compiled) - run(modules[name])).detach().abs().max())  # compiles the timed graph
+            if err > 1e-4:
+                raise SystemExit(f"{name}: compiled output differs from eager by {err}: not timing it")
+            modules[f"{name} [compiled]"] = compiled
+
     def step(m: torch.nn.Module) -> None:
         run(m).square().mean().backward()
 
@@ -134,13 +146,15 @@ def main() -> None:
     parser.add_argument("--segment", type=int, default=0, help="feed the core in pieces of this many tokens")
     parser.add_argument("--variants", nargs="*", default=["self_modifying", "titans"],
                         help='cores to time: "self_modifying", "titans", or "name:chunk_size=32,proj_chunk_size=32"')
+    parser.add_argument("--compile", action="store_true",
+                        help="core: also time torch.compile'd copies of attention and the self-modifying cores")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {torch.backends.cpu.get_cpu_capability()}")
     if args.what == "rule":
         bench_rule(args.reps)
     else:
-        bench_core(args.reps, args.segment, args.variants)
+        bench_core(args.reps, args.segment, args.variants, args.compile)
 
 
 if __name__ == "__main__":
