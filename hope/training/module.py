@@ -77,8 +77,8 @@ class LMModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_config = make_preset(preset, size, **config) if preset else HopeConfig(**config)
         self.model = HopeLM(self.model_config)
-        # kept out of the module tree so the state dict holds the weights once, under "model."
-        self.__dict__["_net"] = compile_model(self.model) if compile else self.model
+        if compile:
+            compile_model(self.model)  # in place: the state dict keeps its keys
         ones = torch.ones(self.model_config.vocab_size, dtype=torch.long)
         self.register_buffer("token_bytes", ones, persistent=False)
         self._stream_state: dict[str, Any] | None = None
@@ -93,7 +93,7 @@ class LMModule(L.LightningModule):
         self.token_bytes = token_bytes.to(self.token_bytes.device, torch.long)
 
     def forward(self, input_ids: torch.Tensor, state: dict[str, Any] | None = None):
-        return self._net(input_ids, state)
+        return self.model(input_ids, state)
 
     def _loss(self, batch: dict[str, torch.Tensor], state: dict[str, Any] | None):
         out = self(batch["input_ids"], state)
