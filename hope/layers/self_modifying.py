@@ -36,6 +36,7 @@ from torch import nn
 
 from hope import ops
 from hope.config import HopeConfig
+from hope.layers.attention import first_position
 from hope.layers.conv import CausalConv
 from hope.layers.mlp import residual_std
 
@@ -50,7 +51,7 @@ def stream_position(state: dict[str, Tensor], batch: int) -> int:
         raise ValueError(f"state['pos'] must be an int64 [B={batch}] tensor, got shape {list(pos.shape)}")
     if batch > 1 and not bool((pos == pos[0]).all()):
         raise ValueError(f"every row of a batch must be at the same stream position, got {pos.tolist()}")
-    return int(pos[0]) if batch else 0
+    return first_position(pos)
 
 
 def check_input(x: object, d_model: int) -> None:

@@ -223,7 +223,7 @@ class HopeLM(nn.Module):
         snap = replay["state"]
         local = self.import_state(snap)
         ids = torch.cat(replay["ids"], dim=1)  # [B, C]
-        start = int(snap["pos"][0]) if ids.shape[0] > 0 else 0
+        start = first_position(snap["pos"])
         with torch.enable_grad():
             for s, e in self._segments(start, ids.shape[1]):
                 self._learn_segment(ids[:, s:e], start + s, local, keep_graph=True)
