@@ -102,6 +102,26 @@ def test_write_at_end_of_call_is_deferred_not_lost():
                            model.export_state(direct)["layers"][0]["cms"][0]["delta"]["w_up"])
 
 
+def test_inference_defers_the_last_writes_then_cuts_the_graph(monkeypatch):
+    """Under no_grad a call that ends at a multiple of every period leaves its last writes to whoever needs the
+    weights (an evaluation that drops the state never pays them); the next call applies them first, then cuts the
+    graph so memory stays bounded, and the stream still equals one call."""
+    model = tiny(CORES[-1], fast_cms())
+    ids = torch.randint(0, 23, (2, 24), generator=torch.Generator().manual_seed(3))
+    events = []
+    write, detach = HopeLM._write, HopeLM._detach_
+    monkeypatch.setattr(HopeLM, "_write", lambda self, C, st: (events.append(C), write(self, C, st)))
+    monkeypatch.setattr(HopeLM, "_detach_", lambda self, st: (events.append("cut"), detach(self, st)))
+    with torch.no_grad():
+        first = model(ids[:, :16])
+        assert events == [4, 4, 8, "cut", 4]  # writes at 4, 8 (both periods, then the cut), 12; those at 16 wait
+        assert first.state["due"] == [4, 8] and first.state["acc"][8].requires_grad
+        second = model(ids[:, 16:], first.state)
+    assert events[5:] == [4, 8, "cut", 4]  # applied before the first token that needs them, then the cut
+    whole = model(ids).logits
+    assert rel_err(torch.cat([first.logits, second.logits], dim=1), whole) < 1e-10
+
+
 def test_cms_write_is_per_sample_and_learns():
     """A fast level that sees the same text twice predicts it better the second time (dynamic evaluation)."""
     model = tiny("attention", [CMSLevel(period=8, hidden=16, lr=0.05, optimizer="sgd"), CMSLevel(hidden=16)])

@@ -178,9 +178,10 @@ class HopeLM(nn.Module):
         end = start + ids.shape[1]
         state["due"] = [C for C in self.periods if end % C == 0]
         if not keep_graph and record and end % math.lcm(*self.periods) == 0:
-            # every chunk loss is spent here: write now and cut the graph so inference memory stays bounded
-            self._write_due(state)
-            self._detach_(state)
+            # every chunk loss is spent with the writes now due: the graph is cut right after them (so inference
+            # memory stays bounded), and they too wait until the weights are needed, so an evaluation that drops
+            # its state never pays for the last writes
+            state["cut"] = True
         return logits
 
     def _write_due(self, state: dict[str, Any]) -> None:
@@ -192,6 +193,8 @@ class HopeLM(nn.Module):
             else:
                 self._write(C, state)
         state["due"] = []
+        if state.pop("cut", False):
+            self._detach_(state)
 
     def _write(self, C: int, state: dict[str, Any]) -> None:
         """Write the period-C levels from the recorded chunk loss (and, for the residual signal, the chunk's final
