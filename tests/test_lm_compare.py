@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `experiments` is a folder of scripts at the repo root
 
 from experiments.lm_compare import compare, decode, throughput, variants, worker  # noqa: E402
-from hope import HopeLM, preset  # noqa: E402
+from hope import CMSLevel, HopeConfig, HopeLM, preset  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -169,6 +169,41 @@ def test_decode_tiny_hope_amortizes_whole_write_cycles(tmp_path):
     assert [row["context"] for row in rows["hope"]] == [256, 768] and saved["config"]["write_cycle"] == 256
     assert rows["hope"][0]["state_mib"] == rows["hope"][1]["state_mib"]  # fixed-size memory
     assert rows["transformer"][1]["state_mib"] == pytest.approx(2 * rows["transformer"][0]["state_mib"], 1e-3)
+
+
+def test_decode_window_holds_the_writes_of_the_chunks_it_generates(monkeypatch):
+    """The timed window [L, L + N) pays, once each, the writes of the chunks generated inside it, all replays of
+    one-token calls: not the prefill's last writes, which the model leaves due at L."""
+    torch.manual_seed(0)
+    cms = [CMSLevel(period=4, hidden=16), CMSLevel(period=8, hidden=16), CMSLevel(hidden=16)]
+    model = HopeLM(HopeConfig(vocab_size=23, d_model=32, n_layers=2, n_heads=2, cms=cms, ffn_hidden=48)).eval()
+    events, replaying = [], []
+    write, replay, prefill = HopeLM._write, HopeLM._replay_write, decode.Stream.prefill
+
+    def counted_write(self, C, state):
+        if not replaying:
+            events.append(("write", C))
+        return write(self, C, state)
+
+    def counted_replay(self, C, *args):
+        events.append(("replay", C))
+        replaying.append(C)
+        try:
+            return replay(self, C, *args)
+        finally:
+            replaying.pop()
+
+    def marked_prefill(self, *args):
+        rate = prefill(self, *args)
+        events.append("window")  # the timed steps start here
+        return rate
+
+    monkeypatch.setattr(HopeLM, "_write", counted_write)
+    monkeypatch.setattr(HopeLM, "_replay_write", counted_replay)
+    monkeypatch.setattr(decode.Stream, "prefill", marked_prefill)
+    decode.sweep_contexts([decode.Stream("hope", model, seed=0)], [16], n_new=8, chunk=16)
+    window = events[events.index("window") + 1:]
+    assert window == [("replay", 4), ("replay", 4), ("replay", 8)]  # due at 20, then at 24 (timed with the last step)
 
 
 @pytest.mark.parametrize("bad, match", [
