@@ -89,7 +89,7 @@ def grads(fn, x, C, objective, seed=1):
 @pytest.mark.parametrize("momentum", [False, True])
 def test_gradients_match_oracle(objective, erase, momentum):
     """Outer gradients flow through the writes: q, k, v, η, α, β, γ and the initial states."""
-    for T, C in ((7, 3), (40, 16)):
+    for T, C in ((7, 3), (40, 16), (5, 1)):  # C = 1 and a one-token tail: the one-token operators
         x = make_case(T, objective, erase, momentum, with_state=True, seed=T + C)
         g_ref, g = grads(recurrent, x, C, objective), grads(chunked, x, C, objective)
         assert g.keys() == g_ref.keys()

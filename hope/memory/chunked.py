@@ -95,6 +95,8 @@ def chunk_operators(
     """Operators of the chunk transition for keys k `[..., C, K]` and gates alpha, beta, gamma `[..., C]`
     (see the module docstring for the equations; any leading dims, any C ≥ 1). `beta=None` means β = 0
     (plain GD): then 𝒯 = I and no Gram matrix or triangular solve is formed (`solve`, `erase` are None)."""
+    if k.shape[-2] == 1 and gamma is None:
+        return _one_token_operators(k, alpha, beta, q)
     D, D_prev, cum = _decays(alpha)  # [..., C, C], [..., C, C], [..., C]
     decay = cum.exp()[..., None]  # ᾱ_t  # [..., C, 1]
     gram = solve = erase = None
@@ -114,6 +116,17 @@ def chunk_operators(
         attn = D * (q @ k.transpose(-1, -2))  # [..., C, C]
     momentum = None if gamma is None else _momentum_operators(k, q, beta, gamma, D, gram)
     return ChunkOperators(k, solve, erase, k_end, decay_end, q_decay, attn, momentum)
+
+
+def _one_token_operators(k, alpha, beta, q) -> ChunkOperators:
+    """`chunk_operators` of a one-token chunk (generation) without the chunk machinery: D = [1], L = 0 so 𝒯 = I
+    (`solve` None, `erase` = β K since ᾱ_prev = 1), k_end = K, ᾱ_C = α."""
+    erase = None if beta is None else beta[..., None] * k  # [..., 1, K]
+    q_decay = attn = None
+    if q is not None:
+        q_decay = alpha[..., None] * q  # [..., 1, K]
+        attn = q @ k.transpose(-1, -2)  # [..., 1, 1]
+    return ChunkOperators(k, None, erase, k, alpha[..., 0], q_decay, attn, None)
 
 
 def _momentum_operators(k, q, beta, gamma, D, gram) -> tuple[torch.Tensor, ...]:
@@ -150,7 +163,7 @@ def chunk_step(
     """
     end = lambda c, s: c[..., None, None] * s
     if ops.momentum is None:
-        r = x if ops.solve is None else ops.solve @ (x - ops.erase @ state)  # R  # [..., C, V]
+        r = x if ops.erase is None else _solve(ops, x - ops.erase @ state)  # R  # [..., C, V]
         o = None if ops.q_decay is None else ops.q_decay @ state + ops.attn @ r  # [..., C, V]
         return o, end(ops.decay_end, state) + ops.k_end.transpose(-1, -2) @ r, None
     erase_z, erase_x, k_end_x, phi_end, k_end_z, mom_end, q_mom, attn_x = ops.momentum
@@ -158,12 +171,17 @@ def chunk_step(
         momentum = torch.zeros_like(state)
     o = None if ops.q_decay is None else ops.q_decay @ state + q_mom @ momentum + attn_x @ x  # [..., C, V]
     new_state = end(ops.decay_end, state) + end(phi_end, momentum) + k_end_x.transpose(-1, -2) @ x  # [..., K, V]
-    if ops.solve is not None:
-        e = -(ops.solve @ (ops.erase @ state + erase_z @ momentum + erase_x @ x))  # E  # [..., C, V]
+    if ops.erase is not None:
+        e = -_solve(ops, ops.erase @ state + erase_z @ momentum + erase_x @ x)  # E  # [..., C, V]
         o = None if o is None else o + ops.attn @ e
         new_state = new_state + ops.k_end.transpose(-1, -2) @ e
     new_momentum = end(mom_end, momentum) + k_end_z.transpose(-1, -2) @ x  # [..., K, V]
     return o, new_state, new_momentum
+
+
+def _solve(ops: ChunkOperators, x: torch.Tensor) -> torch.Tensor:
+    """𝒯 x (x itself where 𝒯 = I)."""
+    return x if ops.solve is None else ops.solve @ x
 
 
 def write_terms(
@@ -195,11 +213,11 @@ def linear_chunk(
     values x_t = y_t − P₀ᵀ z_t are taken at `state` itself (y = η·target, z = η·key as in `write_terms`; None
     is zero). Folds the write into R = 𝒯 y − 𝒯(diag(β ᾱ_prev) K + z) P₀: one state matmul fewer than
     `chunk_step`. Returns (o or None, P_C)."""
-    if ops.solve is None:
+    if ops.erase is None:
         r = chunk_write(y, z, state)
     else:
-        w = ops.solve @ (ops.erase if z is None else ops.erase + z)  # W'  # [..., C, K]
-        r = chunk_write(None if y is None else ops.solve @ y, w, state)  # [..., C, V]
+        w = _solve(ops, ops.erase if z is None else ops.erase + z)  # W'  # [..., C, K]
+        r = chunk_write(None if y is None else _solve(ops, y), w, state)  # [..., C, V]
     o = None if ops.q_decay is None else ops.q_decay @ state + ops.attn @ r
     return o, ops.decay_end[..., None, None] * state + ops.k_end.transpose(-1, -2) @ r
 
@@ -208,11 +226,11 @@ def _linear_pass(ops: ChunkOperators, y, z, state: torch.Tensor) -> tuple[torch.
     """All full chunks of a linear memory without momentum; ops and y, z carry a chunk dim N at position 2.
 
     The affine write folds into R = U − W' P_n, so only `R` and `P_{n+1}` are sequential."""
-    if ops.solve is None:  # β = 0: 𝒯 = I
+    if ops.erase is None:  # β = 0: 𝒯 = I
         u, w = y, z
     else:
-        u = None if y is None else ops.solve @ y  # U  # [B, H, N, C, V]
-        w = ops.solve @ (ops.erase if z is None else ops.erase + z)  # W'  # [B, H, N, C, K]
+        u = None if y is None else _solve(ops, y)  # U  # [B, H, N, C, V]
+        w = _solve(ops, ops.erase if z is None else ops.erase + z)  # W'  # [B, H, N, C, K]
     # unbind (not indexing) so that the backward of the sweep stacks gradients instead of scattering each
     # chunk's into a full-size zero tensor
     split = lambda t: [None] * ops.k.shape[2] if t is None else t.unbind(2)
