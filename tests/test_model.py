@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hope import CMSLevel, HopeConfig, HopeLM, preset
+from hope.layers import cms
 
 CORES = ["attention"]
 if importlib.util.find_spec("hope.layers.self_modifying") is not None:
@@ -110,16 +111,47 @@ def test_inference_defers_the_last_writes_then_cuts_the_graph(monkeypatch):
     ids = torch.randint(0, 23, (2, 24), generator=torch.Generator().manual_seed(3))
     events = []
     write, detach = HopeLM._write, HopeLM._detach_
-    monkeypatch.setattr(HopeLM, "_write", lambda self, C, st: (events.append(C), write(self, C, st)))
+    monkeypatch.setattr(HopeLM, "_write", lambda self, Cs, st: (events.append(sorted(Cs)), write(self, Cs, st)))
     monkeypatch.setattr(HopeLM, "_detach_", lambda self, st: (events.append("cut"), detach(self, st)))
     with torch.no_grad():
         first = model(ids[:, :16])
-        assert events == [4, 4, 8, "cut", 4]  # writes at 4, 8 (both periods, then the cut), 12; those at 16 wait
+        assert events == [[4], [4, 8], "cut", [4]]  # writes at 4, 8 (both periods, then the cut), 12; 16's wait
         assert first.state["due"] == [4, 8] and first.state["acc"][8].requires_grad
         second = model(ids[:, 16:], first.state)
-    assert events[5:] == [4, 8, "cut", 4]  # applied before the first token that needs them, then the cut
+    assert events[4:] == [[4, 8], "cut", [4]]  # applied before the first token that needs them, then the cut
     whole = model(ids).logits
     assert rel_err(torch.cat([first.logits, second.logits], dim=1), whole) < 1e-10
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_nested_periods_share_one_write_backward(core, monkeypatch):
+    """Where chunks of several periods end together, one backward of the largest chunk's loss writes them all: the
+    same logits, outer gradients and fast weights as one backward per period, recorded or replayed."""
+    ids = torch.randint(0, 23, (2, 24), generator=torch.Generator().manual_seed(4))
+
+    def separate(self, periods, state):
+        for C in sorted(periods):
+            cms.write_levels(self._levels_with_period(C, state), state["acc"].get(C))
+            self._end_chunk(C, state)
+
+    def run(model):
+        model.zero_grad()
+        out = model(ids)
+        exported = model.export_state(out.state)["layers"]  # makes the writes due at 24 (both periods)
+        out.logits.square().mean().backward()
+        with torch.no_grad():
+            stepped = run_pieces(model, ids, list(range(25)))  # one-token calls: replayed chunks
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        deltas = [st["delta"]["w_up"] for layer in exported for st in layer["cms"] if st is not None]
+        return [out.logits.detach(), stepped, *grads, *deltas]
+
+    model = tiny(core, fast_cms())
+    shared = run(model)
+    monkeypatch.setattr(HopeLM, "_write", separate)
+    reference = run(model)
+    assert len(shared) == len(reference)
+    for got, ref in zip(shared, reference):
+        assert rel_err(got, ref) < 1e-10
 
 
 def test_cms_write_is_per_sample_and_learns():
@@ -239,7 +271,7 @@ def test_inference_pieces_replay_their_chunks(core, cuts, monkeypatch):
     ids = torch.randint(0, 23, (2, 29), generator=torch.Generator().manual_seed(2))
     replays = []
     original = HopeLM._replay_write
-    monkeypatch.setattr(HopeLM, "_replay_write", lambda self, C, *a: (replays.append(C), original(self, C, *a)))
+    monkeypatch.setattr(HopeLM, "_replay_write", lambda self, C, *a: (replays.append(C), original(self, C, *a))[1])
     with torch.no_grad():
         whole = model(ids[:, :24])
         assert replays == []  # one 24-token call records its graph: nothing to replay

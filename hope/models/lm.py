@@ -185,23 +185,43 @@ class HopeLM(nn.Module):
         return logits
 
     def _write_due(self, state: dict[str, Any]) -> None:
-        for C in state.get("due", []):
+        """Make the writes due at the current position, largest period first: a replayed chunk also writes the
+        smaller periods that end with it (`_replay_write`), and the recorded ones share one backward (`_write`)."""
+        written, recorded = set(), []
+        for C in sorted(state.get("due", []), reverse=True):
             replay = state.get("replay", {}).pop(C, None)
+            if C in written:
+                continue
             if replay is not None and not replay["recorded"]:
-                self._replay_write(C, replay, state)
-                self._end_chunk(C, state)
+                written.update(self._replay_write(C, replay, state))
             else:
-                self._write(C, state)
+                recorded.append(C)
+        for C in written:
+            self._end_chunk(C, state)
+        if recorded:
+            self._write(recorded, state)
         state["due"] = []
         if state.pop("cut", False):
             self._detach_(state)
 
-    def _write(self, C: int, state: dict[str, Any]) -> None:
-        """Write the period-C levels from the recorded chunk loss (and, for the residual signal, the chunk's final
-        residual streams), then start the next chunk's bookkeeping."""
-        finals = state.get("finals", {}).get(C, []) if self.config.cms_signal == "residual" else None
-        cms.write_levels(self._levels_with_period(C, state), state["acc"].get(C), finals)
-        self._end_chunk(C, state)
+    def _write(self, periods: list[int], state: dict[str, Any]) -> None:
+        """Write the levels of `periods`, whose chunks all end here, from the recorded chunk losses, then start
+        their next chunks.
+
+        With the exact signal one backward serves them all, that of the largest period's chunk loss: a smaller
+        period's chunk is the tail of the larger one, and the larger chunk's losses before that tail were computed
+        before the tail's fast weights made any product, so they add nothing to its gradient (at context 512 with
+        periods 64 and 256 this saves the 64-token backward of the write at 256). The residual signal writes each
+        period from its own chunk's final residual streams."""
+        if self.config.cms_signal == "residual":
+            for C in periods:
+                finals = state.get("finals", {}).get(C, [])
+                cms.write_levels(self._levels_with_period(C, state), state["acc"].get(C), finals)
+        else:
+            levels = [level for C in periods for level in self._levels_with_period(C, state)]
+            cms.write_levels(levels, state["acc"].get(max(periods)))
+        for C in periods:
+            self._end_chunk(C, state)
 
     @staticmethod
     def _end_chunk(C: int, state: dict[str, Any]) -> None:
@@ -219,10 +239,11 @@ class HopeLM(nn.Module):
         pos = torch.full_like(state["pos"], start)
         return {"pos": pos, "layers": layers, "pending": None if pending is None else pending.detach()}
 
-    def _replay_write(self, C: int, replay: dict[str, Any], state: dict[str, Any]) -> None:
+    def _replay_write(self, C: int, replay: dict[str, Any], state: dict[str, Any]) -> list[int]:
         """Write the period-C levels of `state` by running their chunk again, in one call with a graph, from the
-        chunk's start state (smaller periods are written inside the replay as they were in the stream). Same
-        write as differentiating the recorded pieces, since pieces with state carried equal one call."""
+        chunk's start state (smaller periods are written inside the replay as they were in the stream), together
+        with the smaller periods whose chunks end here too. Same writes as differentiating the recorded pieces,
+        since pieces with state carried equal one call. Returns the periods written."""
         snap = replay["state"]
         local = self.import_state(snap)
         ids = torch.cat(replay["ids"], dim=1)  # [B, C]
@@ -230,11 +251,13 @@ class HopeLM(nn.Module):
         with torch.enable_grad():
             for s, e in self._segments(start, ids.shape[1]):
                 self._learn_segment(ids[:, s:e], start + s, local, keep_graph=True)
-        self._write(C, local)
+        periods = local["due"]  # C and every smaller period that divides the chunk's end
+        self._write(periods, local)
         for layer_state, local_layer, block in zip(state["layers"], local["layers"], self.blocks):
             for i, lvl in enumerate(block.levels):
-                if lvl.period == C:
+                if lvl.period in periods:
                     layer_state["cms"][i] = local_layer["cms"][i]
+        return periods
 
     def _levels_with_period(self, C: int, state: dict[str, Any]):
         return [
