@@ -173,7 +173,8 @@ def test_decode_tiny_hope_amortizes_whole_write_cycles(tmp_path):
 
 def test_decode_window_holds_the_writes_of_the_chunks_it_generates(monkeypatch):
     """The timed window [L, L + N) pays, once each, the writes of the chunks generated inside it, all replays of
-    one-token calls: not the prefill's last writes, which the model leaves due at L."""
+    one-token calls: not the prefill's last writes, which the model leaves due at L. A replay of the period-8 chunk
+    takes the period-4 write at its middle from the stream instead of making it again."""
     torch.manual_seed(0)
     cms = [CMSLevel(period=4, hidden=16), CMSLevel(period=8, hidden=16), CMSLevel(hidden=16)]
     model = HopeLM(HopeConfig(vocab_size=23, d_model=32, n_layers=2, n_heads=2, cms=cms, ffn_hidden=48)).eval()
@@ -181,8 +182,7 @@ def test_decode_window_holds_the_writes_of_the_chunks_it_generates(monkeypatch):
     write, replay, prefill = HopeLM._write, HopeLM._replay_write, decode.Stream.prefill
 
     def counted_write(self, periods, state):
-        if not replaying:
-            events.append(("write", *periods))
+        events.append(("write in replay" if replaying else "write", *periods))
         return write(self, periods, state)
 
     def counted_replay(self, C, *args):
@@ -204,7 +204,7 @@ def test_decode_window_holds_the_writes_of_the_chunks_it_generates(monkeypatch):
     decode.sweep_contexts([decode.Stream("hope", model, seed=0)], [16], n_new=8, chunk=16)
     window = events[events.index("window") + 1:]
     # due at 20; then at 24 (timed with the last step), where the period-8 replay also makes the period-4 write
-    assert window == [("replay", 4), ("replay", 8)]
+    assert window == [("replay", 4), ("write in replay", 4), ("replay", 8), ("write in replay", 4, 8)]
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -152,13 +152,20 @@ class HopeLM(nn.Module):
         A chunk that ends with this segment is written lazily, when the next segment (or `detach_state`) needs
         the new weights: the write at the end of a training sequence, whose result nobody reads, costs nothing.
         Every chunk also keeps its start state and token ids, so that a chunk not wholly recorded (`record` False:
-        no graph, no chunk loss) can be replayed when it is written.
+        no graph, no chunk loss) can be replayed when it is written; it also keeps the levels written at its inner
+        boundaries (other periods' writes), which its replay takes instead of making those writes again.
         """
         self._write_due(state)
         replays = state.setdefault("replay", {})
         for C in self.periods:
             if start % C == 0:
-                replays[C] = {"state": self._snapshot(state, start), "ids": [], "recorded": True}
+                replays[C] = {"state": self._snapshot(state, start), "ids": [], "recorded": True, "inner": {}}
+            elif C in replays and not keep_graph:
+                # a chunk that may be replayed keeps the levels written at its inner boundaries: its replay takes
+                # them instead of writing them again, and could not redo a write whose chunk began before its own
+                due_here = [c for c in self.periods if start % c == 0]
+                if due_here and (not (record and replays[C]["recorded"]) or any(c > start % C for c in due_here)):
+                    replays[C]["inner"][start] = self._levels_at(state, due_here)
         finals = [] if record and self.config.cms_signal == "residual" else None
         with torch.set_grad_enabled(record):
             logits = self._forward_segment(ids, state, finals)
@@ -248,8 +255,11 @@ class HopeLM(nn.Module):
         local = self.import_state(snap)
         ids = torch.cat(replay["ids"], dim=1)  # [B, C]
         start = first_position(snap["pos"])
+        inner = replay.get("inner", {})
         with torch.enable_grad():
             for s, e in self._segments(start, ids.shape[1]):
+                if start + s in inner:  # the stream made the smaller periods' writes due here: take its result
+                    self._set_levels(local, inner[start + s])
                 self._learn_segment(ids[:, s:e], start + s, local, keep_graph=True)
         periods = local["due"]  # C and every smaller period that divides the chunk's end
         self._write(periods, local)
@@ -258,6 +268,22 @@ class HopeLM(nn.Module):
                 if lvl.period in periods:
                     layer_state["cms"][i] = local_layer["cms"][i]
         return periods
+
+    def _levels_at(self, state: dict[str, Any], periods: list[int]) -> dict[str, Any]:
+        """The (Δ, optimizer memory) of the levels of `periods`, cut from the graph, keyed (block, level)."""
+        return {"periods": periods, "levels": {
+            (b, i): {k: _detach_tree(layer_state["cms"][i][k]) for k in ("delta", "opt")}
+            for b, (block, layer_state) in enumerate(zip(self.blocks, state["layers"]))
+            for i, lvl in enumerate(block.levels) if lvl.period in periods}}
+
+    def _set_levels(self, state: dict[str, Any], saved: dict[str, Any]) -> None:
+        """Put levels saved by `_levels_at` into `state` as the writes due now, which are then no longer due."""
+        for (b, i), st in saved["levels"].items():
+            state["layers"][b]["cms"][i] = {**st, "fast": cms.materialize(self.blocks[b].cms[i], st["delta"])}
+        for C in saved["periods"]:
+            self._end_chunk(C, state)
+            state.get("replay", {}).pop(C, None)
+        state["due"] = [C for C in state.get("due", []) if C not in saved["periods"]]
 
     def _levels_with_period(self, C: int, state: dict[str, Any]):
         return [
