@@ -83,6 +83,8 @@ class FastWeights:
         return self.weights[name]
 
     def matmul(self, x: torch.Tensor, name: str, theta: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # nothing to record (e.g. a one-token generation step): the bare product
+            return torch.matmul(x, self.weights[name])  # [B, T, F]
         y = _FastMatmul.apply(x, self._theta(theta), self.weights[name])
         if y.requires_grad:
             self.uses.append((name, x, y))
