@@ -157,15 +157,15 @@ class HopeLM(nn.Module):
         """
         self._write_due(state)
         replays = state.setdefault("replay", {})
+        written_here = [C for C in self.periods if start % C == 0]  # the periods whose chunks start here
         for C in self.periods:
-            if start % C == 0:
+            if C in written_here:
                 replays[C] = {"state": self._snapshot(state, start), "ids": [], "recorded": True, "inner": {}}
-            elif C in replays and not keep_graph:
+            elif written_here and C in replays and not keep_graph:
                 # a chunk that may be replayed keeps the levels written at its inner boundaries: its replay takes
                 # them instead of writing them again, and could not redo a write whose chunk began before its own
-                due_here = [c for c in self.periods if start % c == 0]
-                if due_here and (not (record and replays[C]["recorded"]) or any(c > start % C for c in due_here)):
-                    replays[C]["inner"][start] = self._levels_at(state, due_here)
+                if not (record and replays[C]["recorded"]) or any(c > start % C for c in written_here):
+                    replays[C]["inner"][start] = self._levels_at(state, written_here)
         finals = [] if record and self.config.cms_signal == "residual" else None
         with torch.set_grad_enabled(record):
             logits = self._forward_segment(ids, state, finals)
@@ -240,8 +240,7 @@ class HopeLM(nn.Module):
         """The stream state at position `start`, a chunk start, cut from the graph (new containers, shared tensors).
         `state["pos"]` still holds the position of the current call's first token."""
         layers = [{"core": _detach_tree(ls["core"]),
-                   "cms": [None if st is None else {k: _detach_tree(st[k]) for k in ("delta", "opt")}
-                           for st in ls["cms"]]} for ls in state["layers"]]
+                   "cms": [None if st is None else _level_memory(st) for st in ls["cms"]]} for ls in state["layers"]]
         pending = state.get("pending")
         pos = torch.full_like(state["pos"], start)
         return {"pos": pos, "layers": layers, "pending": None if pending is None else pending.detach()}
@@ -272,14 +271,14 @@ class HopeLM(nn.Module):
     def _levels_at(self, state: dict[str, Any], periods: list[int]) -> dict[str, Any]:
         """The (Δ, optimizer memory) of the levels of `periods`, cut from the graph, keyed (block, level)."""
         return {"periods": periods, "levels": {
-            (b, i): {k: _detach_tree(layer_state["cms"][i][k]) for k in ("delta", "opt")}
+            (b, i): _level_memory(layer_state["cms"][i])
             for b, (block, layer_state) in enumerate(zip(self.blocks, state["layers"]))
             for i, lvl in enumerate(block.levels) if lvl.period in periods}}
 
     def _set_levels(self, state: dict[str, Any], saved: dict[str, Any]) -> None:
         """Put levels saved by `_levels_at` into `state` as the writes due now, which are then no longer due."""
         for (b, i), st in saved["levels"].items():
-            state["layers"][b]["cms"][i] = {**st, "fast": cms.materialize(self.blocks[b].cms[i], st["delta"])}
+            state["layers"][b]["cms"][i] = cms.detach_level_state(st, self.blocks[b].cms[i])  # own containers
         for C in saved["periods"]:
             self._end_chunk(C, state)
             state.get("replay", {}).pop(C, None)
@@ -453,6 +452,11 @@ def sample_next(
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def _level_memory(st: dict[str, Any]) -> dict[str, Any]:
+    """A fast level's Δ and optimizer memory, cut from the graph, in new containers (what a snapshot keeps)."""
+    return {k: _detach_tree(st[k]) for k in ("delta", "opt")}
 
 
 def _detach_tree(tree: Any) -> Any:
