@@ -11,18 +11,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from hope._checks import check as _check
+
 CORES = ("attention", "self_modifying", "titans")
 CMS_SIGNALS = ("backprop", "residual")
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 @dataclass
 class CMSLevel:
-    """One level of the Continuum Memory System (DESIGN.md §5): a SwiGLU MLP whose weights change in context.
+    """One level of the Continuum Memory System (docs/design.md §5): a SwiGLU MLP whose weights change in context.
 
     Attributes:
         period: tokens between two in-context writes of this level's weights (C_ℓ). `None` never writes in
@@ -55,7 +52,7 @@ class CMSLevel:
 
 @dataclass
 class HopeConfig:
-    """Configuration of `hope.HopeLM` (DESIGN.md §2).
+    """Configuration of `hope.HopeLM` (docs/design.md §2).
 
     Attributes:
         vocab_size: number of token ids (256 for the byte tokenizer).
@@ -74,7 +71,7 @@ class HopeConfig:
         tie_embeddings: share the input embedding and the LM head.
         persist: keep CMS fast weights across calls that start a new state (streams, continual evaluation);
             the trainer then carries them from batch to batch, per batch row.
-        cms_signal: the error signal of an in-context CMS write (DESIGN.md §5). "backprop" (default): the exact
+        cms_signal: the error signal of an in-context CMS write (docs/design.md §5). "backprop" (default): the exact
             gradient of the chunk's next-token losses w.r.t. the level's weights, a backward through every layer
             above the level. "residual": the gradient w.r.t. the final residual stream δ = ∂ℓ/∂h_L (one backward
             through the final norm and head) stands in for ∂ℓ/∂(level output), as if the layers above passed the

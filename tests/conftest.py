@@ -1,9 +1,9 @@
-"""Test-suite settings.
+"""Test-suite settings and the helpers shared by the test files (`from conftest import rel_rms`).
 
 - One intra-op thread: the suite's tensors are small, and two threads spin-waiting on a 2-core machine make them
   slower, not faster.
-- Without CUDA, Triton runs under its interpreter. The flag must be set before anything imports triton, and
-  `transformers` (used by the tokenizer tests) may import a top-level `kernels` package, so it is set here, first.
+- Without CUDA, Triton runs under its interpreter. The flag must be set before anything imports triton, so it is
+  set here, first.
 """
 
 import os
@@ -13,3 +13,28 @@ import torch
 torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Root-mean-square error of `got` relative to the RMS of `ref`, computed in fp64 (0 when both are 0)."""
+    got, ref = got.detach().double(), ref.detach().double()
+    return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
+
+
+def memory_inputs(B: int, T: int, H: int, K: int, V: int, *, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """Inputs of the memory rule as HOPE makes them, for the `test_memory_*` files: q, k (unit rows) `[B, T, H, K]`,
+    v `[B, T, H, V]`, η = 0.5·sigmoid and α = sigmoid(· + 2) `[B, T, H]`, drawn in this order from one generator
+    seeded with `seed`. Returns (that dict, `draw(*shape)`, which draws more from the same generator)."""
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)
+    x = {"q": draw(B, T, H, K), "k": torch.nn.functional.normalize(draw(B, T, H, K), dim=-1), "v": draw(B, T, H, V),
+         "eta": 0.5 * torch.sigmoid(draw(B, T, H)), "alpha": torch.sigmoid(draw(B, T, H) + 2)}
+    return x, draw
+
+
+def gates(x: dict, draw, erase: str, momentum: bool) -> dict:
+    """`x` with β (erase "dgd": β = η; "gd": β = 0 as a tensor; "none": None) and γ = sigmoid (momentum) or None."""
+    zeros = torch.zeros_like(x["eta"])
+    x["beta"] = {"dgd": x["eta"].clone(), "gd": zeros, "none": None}[erase]
+    x["gamma"] = torch.sigmoid(draw(*x["eta"].shape)) if momentum else None
+    return x

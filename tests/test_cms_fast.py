@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hope import HopeLM
+from hope.cms import level as cms
 from hope.config import CMSLevel, HopeConfig
-from hope.layers import cms
 from hope.layers.mlp import FastWeights
 
 F64 = torch.float64

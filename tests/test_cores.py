@@ -1,5 +1,5 @@
 """The memory cores (`SelfModifyingCore`, `TitansCore`) and the causal conv: streaming, causality, batch
-independence, outer gradients and input checks, in fp64 (DESIGN.md §8).
+independence, outer gradients and input checks, in fp64 (docs/design.md §8).
 
 Legend: B batch, T time, D model width.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rel_rms
 
 from hope.config import HopeConfig
 from hope.layers.conv import CausalConv, _ShiftedConv
@@ -45,18 +46,12 @@ def inputs(B=2, T=21, seed=1) -> torch.Tensor:
     return torch.randn(B, T, D, dtype=DT, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (and OpenMP spin-waits on a busy CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach(), ref.detach()
-    return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
+def assert_same_state(state, ref, rows=slice(None)):
+    """The same tensors (to 1e-12) under the same saved-state keys; `rows` selects the rows of `ref`."""
+    flat, flat_ref = state.to_flat(), ref.to_flat()
+    assert flat.keys() == flat_ref.keys()
+    for key, t in flat_ref.items():
+        assert rel_rms(flat[key].to(DT), t[rows].to(DT)) < 1e-12, key
 
 
 def run_pieces(core, x, cuts):
@@ -74,10 +69,8 @@ def test_pieces_equal_one_call(name):
     for cuts in ([0, 1, 2, 9, 10, 17, 21], [0, 4, 8, 16, 21], [0, 3, 13, 21]):
         y2, state2 = run_pieces(core, x, cuts)
         assert rel_rms(y2, y) < 1e-12, cuts
-        assert state2.keys() == state.keys()
-        for key in state:
-            assert state[key].shape[0] == x.shape[0], key  # every state tensor is per sample
-            assert rel_rms(state2[key].to(DT), state[key].to(DT)) < 1e-12, (key, cuts)
+        assert all(t.shape[0] == x.shape[0] for t in state.to_flat().values())  # every state tensor is per sample
+        assert_same_state(state2, state)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -86,7 +79,7 @@ def test_one_token_steps_equal_parallel(name):
     y, _ = core(x)
     y2, state = run_pieces(core, x, list(range(14)))
     assert rel_rms(y2, y) < 1e-12
-    assert state["pos"].tolist() == [13, 13] and state["pos"].dtype == torch.long
+    assert state.pos.tolist() == [13, 13] and state.pos.dtype == torch.long
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -107,8 +100,7 @@ def test_batch_rows_are_independent(name):
     for b in range(3):
         y1, s1 = core(x[b : b + 1])
         assert rel_rms(y1, y[b : b + 1]) < 1e-12
-        for key in state:
-            assert rel_rms(s1[key].to(DT), state[key][b : b + 1].to(DT)) < 1e-12, key
+        assert_same_state(s1, state, rows=slice(b, b + 1))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -151,9 +143,7 @@ def test_fused_sweep_equals_the_oracle_backend(name):
     for cuts in ([0, 21], [0, 3, 4, 13, 21]):
         (y_ref, s_ref), (y, s) = run_pieces(ref, x, cuts), run_pieces(fused, x, cuts)
         assert rel_rms(y, y_ref) < 1e-12
-        assert s.keys() == s_ref.keys()
-        for key in s:
-            assert rel_rms(s[key].to(DT), s_ref[key].to(DT)) < 1e-12, key
+        assert_same_state(s, s_ref)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -167,6 +157,7 @@ def test_long_stream_stays_finite(name):
     x = torch.randn(1, 4096, 128, dtype=DT, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         y, state = module(x)
+    state = state.to_flat()
     assert torch.isfinite(y).all() and all(torch.isfinite(t.to(DT)).all() for t in state.values())
     assert all(state[k].abs().max() < 1e3 for k in state if k.startswith(("mem", "proj")))
 
@@ -183,7 +174,7 @@ def test_bad_inputs_raise(name):
     with pytest.raises(TypeError, match="got list"):
         core([[0.0] * 16])
     _, state = core(inputs(B=2, T=3))
-    state["pos"] = torch.tensor([3, 4])
+    state.pos = torch.tensor([3, 4])
     with pytest.raises(ValueError, match=r"same stream position, got \[3, 4\]"):
         core(inputs(B=2, T=2), state)
 
@@ -240,7 +231,7 @@ def test_plain_targets_are_normalised():
         core.proj_init[..., K:2 * K].mul_(50.0)  # the v columns: ‖v‖ ~ 50× its initial size
         y, state = core(inputs(B=1, T=256))
     assert torch.isfinite(y).all()
-    k_cols, k_init = state["proj.S"][..., :K], core.proj_init[..., :K]
+    k_cols, k_init = state.proj.S[..., :K], core.proj_init[..., :K]
     assert k_cols.abs().max() <= k_init.abs().max()
 
 
@@ -256,7 +247,7 @@ def test_titans_memory_stays_bounded_when_momentum_is_near_one():
         y, state = core(torch.randn(2, 512, 64))
     assert torch.isfinite(y).all()
     for name, init in (("w2", core.mem_w2), ("w1", core.mem_w1)):
-        w = state[f"mem.{name}"]  # [B, H, ·, ·]
+        w = getattr(state.mem, name)  # [B, H, ·, ·]
         assert torch.isfinite(w).all()
         change = ((w - init).norm() / init.norm()).item()
         assert 0.05 < change < 10, (name, change)  # it learned something, and did not blow up

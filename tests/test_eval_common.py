@@ -26,15 +26,6 @@ from experiments.common.train import Task, TrainConfig, evaluate, train_on_tasks
 V, T = 13, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second spinning thread only costs time on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `experiments` is a folder of scripts at the repo root
 
+from experiments.common import train as common_train  # noqa: E402
 from experiments.common.data import check_fits  # noqa: E402
 from experiments.common.models import build_model  # noqa: E402
 from experiments.continual import domain_incremental as di  # noqa: E402
@@ -79,7 +80,7 @@ def test_tiny_mode_end_to_end(tmp_path):
 def test_interrupted_run_resumes_without_redoing_finished_units(tmp_path, monkeypatch):
     """A run killed in its second (model, strategy) unit goes on with --resume: the first unit is read back from
     `domain_incremental.partial.json`, only the rest is trained, and the partial file is gone at the end."""
-    real = di.train_on_tasks
+    real = common_train.train_on_tasks
     calls = []
 
     def dies_on_second(*args, **kwargs):
@@ -89,7 +90,7 @@ def test_interrupted_run_resumes_without_redoing_finished_units(tmp_path, monkey
         return real(*args, **kwargs)
 
     argv = ["--tiny", "--models", "transformer", "--strategies", "sequential,replay", "--out", str(tmp_path)]
-    monkeypatch.setattr(di, "train_on_tasks", dies_on_second)
+    monkeypatch.setattr(common_train, "train_on_tasks", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         di.run(argv, corpora=fake_corpora())
     partial = json.loads((tmp_path / "domain_incremental.partial.json").read_text())
@@ -97,7 +98,7 @@ def test_interrupted_run_resumes_without_redoing_finished_units(tmp_path, monkey
     assert not (tmp_path / "domain_incremental.json").exists()
 
     calls.clear()
-    monkeypatch.setattr(di, "train_on_tasks", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(common_train, "train_on_tasks", lambda *a, **k: calls.append(k) or real(*a, **k))
     with pytest.raises(ValueError, match="steps"):  # another budget cannot mix with the saved units
         di.run([*argv, "--resume", "--steps", "5"], corpora=fake_corpora())
     doc = di.run([*argv, "--resume"], corpora=fake_corpora())
@@ -112,14 +113,14 @@ def test_interrupted_run_resumes_without_redoing_finished_units(tmp_path, monkey
 def test_a_diverged_run_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
     from experiments.common.train import Diverged
 
-    real = di.train_on_tasks
+    real = common_train.train_on_tasks
 
     def replay_diverges(model, tasks, cfg, **kwargs):
         if cfg.strategy == "replay":
             raise Diverged(tasks[1].name, 2, float("nan"), 2.5)
         return real(model, tasks, cfg, **kwargs)
 
-    monkeypatch.setattr(di, "train_on_tasks", replay_diverges)
+    monkeypatch.setattr(common_train, "train_on_tasks", replay_diverges)
     doc = di.run(["--tiny", "--models", "transformer", "--strategies", "sequential,replay", "--out", str(tmp_path)],
                  corpora=fake_corpora())
     runs = json.loads((tmp_path / "domain_incremental.json").read_text())["models"]["transformer"]["strategies"]

@@ -23,9 +23,17 @@ def fake_docs(n: int = 6, chars: int = 1200) -> list[Document]:
     return [Document("text", f"doc-{i}", "".join(rng.choice("abcdefgh \n") for _ in range(chars))) for i in range(n)]
 
 
+def read_in_turn(model, docs):
+    """Each document's loss when the documents are read one after another with the state carried."""
+    state, losses = None, []
+    for doc in docs:
+        loss, state = tt.read(model, doc, state)
+        losses.append(loss)
+    return losses
+
+
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
     return build_model("transformer", "tiny", seed=0).model.eval()
 
 
@@ -42,11 +50,7 @@ def test_build_stream_and_errors():
 def test_probes_do_not_disturb_the_stream(model):
     docs = tt.build_stream(fake_docs(), n_docs=3, doc_len=16)
     res = tt.probe_carried(model, docs)
-    state, plain = None, []
-    for k in range(3):
-        loss, state = tt.read(model, docs[k], state)
-        plain.append(loss)
-    assert res["stream_loss"] == pytest.approx(plain, rel=1e-6)
+    assert res["stream_loss"] == pytest.approx(read_in_turn(model, docs), rel=1e-6)
     assert res["distance"] == [0, 16, 32] and len(res["probe_loss"]) == 3
     assert res["memory_gain"][0] == pytest.approx(res["fresh_loss"] - res["probe_loss"][0])
 
@@ -61,11 +65,7 @@ def test_fork_keeps_cms_streams_intact():
         pytest.skip(str(err))
     docs = tt.build_stream(fake_docs(), n_docs=2, doc_len=64)  # 64 = a multiple of every CMS period of the preset
     res = tt.probe_carried(cms_model, docs)
-    state, plain = None, []
-    for k in range(2):
-        loss, state = tt.read(cms_model, docs[k], state)
-        plain.append(loss)
-    assert res["stream_loss"] == pytest.approx(plain, rel=1e-5)
+    assert res["stream_loss"] == pytest.approx(read_in_turn(cms_model, docs), rel=1e-5)
 
 
 def test_window_covering_everything_matches_carried_state(model):

@@ -1,60 +1,39 @@
-"""Triton memory-update kernels against the token-by-token PyTorch oracle (hope.memory.rule.recurrent).
+"""Triton memory-update kernels (`hope.memory.kernels`) against the token-by-token PyTorch oracle
+(hope.memory.rule.recurrent).
 
 Dimensions: B batch, T time, H heads, K key width, V value width, C chunk.
 
-Without CUDA the kernels run on CPU under the Triton interpreter (TRITON_INTERPRET=1, set here before triton
-and the kernels are imported; the interpreter cannot do bf16, so bf16 is tested only on GPU). Shapes stay small
+Without CUDA the kernels run on CPU under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py before
+anything imports triton; the interpreter cannot do bf16, so bf16 is tested only on GPU). Shapes stay small
 because the interpreter executes every kernel instruction in Python.
 """
 
 import itertools
 import json
-import os
 
 import pytest
 import torch
+from conftest import rel_rms
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[triton]')")
+from hope.memory.kernels import chunk_memory_update, recurrent_memory_update  # noqa: E402
+from hope.memory.kernels.common import interpreter_on  # noqa: E402
+from hope.memory.rule import recurrent as oracle  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-# Set before triton is imported: Triton picks the interpreter when a kernel is decorated, i.e. when `kernels` is
-# first imported. Restored afterwards (and set again around each test below) so other test modules are unaffected.
-_interpret_before = os.environ.get("TRITON_INTERPRET")
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[triton]')")
-from hope.memory.rule import recurrent as oracle  # noqa: E402
-from kernels import chunk_memory_update, recurrent_memory_update  # noqa: E402
-from kernels.common import interpreter_on  # noqa: E402
-
-if _interpret_before is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _interpret_before
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and not interpreter_on():
-    pytest.skip("kernels was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_env(monkeypatch):
-    """Triton also reads TRITON_INTERPRET while a kernel runs, so keep it set for the tests of this module only."""
-    if not HAS_CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.skip("hope.memory.kernels was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 GRAD_NAMES = ("q", "k", "v", "eta", "alpha", "beta", "initial_state")
 
 
-def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖x − ref‖ / ‖ref‖ in fp64 (root-mean-square error relative to the reference's RMS)."""
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
 def make_inputs(
     B: int, T: int, H: int, K: int, V: int, erase: str, dtype: torch.dtype, with_state: bool, seed: int = 0
 ) -> dict[str, torch.Tensor | None]:
-    """Inputs as HOPE produces them: unit q and k, η = 0.9·sigmoid (DESIGN §3 bound), α near 1, β = η or 0."""
+    """Inputs as HOPE produces them: unit q and k, η = 0.9·sigmoid (docs/design.md §3 bound), α near 1, β = η or 0."""
     gen = torch.Generator().manual_seed(seed)
     unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1)
     eta = 0.9 * torch.sigmoid(torch.randn(B, T, H, generator=gen))  # [B, T, H]
@@ -314,7 +293,7 @@ def test_wrong_types_raise_type_error(change):
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     if HAS_CUDA:
         pytest.skip("the CPU refusal is only reachable without CUDA")
-    monkeypatch.setattr("kernels.common.interpreter_on", lambda: False)
+    monkeypatch.setattr("hope.memory.kernels.common.interpreter_on", lambda: False)
     with pytest.raises(ValueError, match="need CUDA tensors"):
         chunk_memory_update(**_bad(lambda a: None))
 

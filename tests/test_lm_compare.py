@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `experiments` is
 
 from experiments.lm_compare import compare, decode, throughput, variants, worker  # noqa: E402
 from hope import CMSLevel, HopeConfig, HopeLM, preset  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from two threads, and spinning threads on a busy 2-core machine slow them down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from hope.cms import CMSSchedule  # noqa: E402
 
 
 def tiny_overrides(name: str, steps: int = 2) -> list[str]:
@@ -150,6 +143,48 @@ def test_throughput_refuses_a_model_with_non_finite_gradients():
         tr.step(check=True)
 
 
+def test_write_clock_charges_each_blocks_cms_writes_to_its_model():
+    """`WriteClock` reads the public profiler region: every write region entered inside `charge(name)` counts."""
+    from hope.cms.profile import write_region
+
+    clock = throughput.WriteClock()
+    with clock.charge("hope") as timer:
+        for _ in range(2):
+            with write_region():
+                time.sleep(0.01)
+    with clock.charge("transformer") as none:
+        pass  # no CMS, no write
+    with clock.charge("hope"):
+        with write_region():
+            time.sleep(0.01)
+    assert timer.writes == 2 and 0.02 <= timer.seconds < clock.seconds["hope"]
+    assert none.writes == 0 and clock.seconds["transformer"] == 0.0
+    with write_region():  # outside every charge: nobody pays
+        pass
+    assert clock.seconds.keys() == {"hope", "transformer"} and timer.writes == 2
+
+
+def test_measure_records_each_timed_steps_cms_writes():
+    from hope.cms.profile import write_region
+
+    class Stepper:
+        def __init__(self, name: str, writes: int) -> None:
+            self.name, self.writes, self.times, self.write_times = name, writes, [], []
+
+        def step(self) -> None:
+            for _ in range(self.writes):
+                with write_region():
+                    time.sleep(0.005)
+
+    trainees = [Stepper("transformer", 0), Stepper("hope", 2)]
+    clock = throughput.WriteClock()
+    throughput.measure(trainees, warmup=1, steps=2, clock=clock)
+    plain, hope = trainees
+    assert plain.write_times == [0.0, 0.0] and len(hope.write_times) == len(hope.times) == 2
+    assert all(0.01 <= w <= t for w, t in zip(hope.write_times, hope.times))
+    assert clock.seconds["hope"] >= sum(hope.write_times) + 0.01  # the warm-up round is charged too, not recorded
+
+
 def test_decode_tiny_state_is_flat_for_recurrent_cores_and_grows_for_the_transformer(tmp_path):
     decode.run(["--tiny", "--models", "transformer,titans", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "decode.json").read_text())
@@ -179,17 +214,17 @@ def test_decode_window_holds_the_writes_of_the_chunks_it_generates(monkeypatch):
     cms = [CMSLevel(period=4, hidden=16), CMSLevel(period=8, hidden=16), CMSLevel(hidden=16)]
     model = HopeLM(HopeConfig(vocab_size=23, d_model=32, n_layers=2, n_heads=2, cms=cms, ffn_hidden=48)).eval()
     events, replaying = [], []
-    write, replay, prefill = HopeLM._write, HopeLM._replay_write, decode.Stream.prefill
+    write, replay, prefill = CMSSchedule._write, CMSSchedule._replay_write, decode.Stream.prefill
 
     def counted_write(self, periods, state):
         events.append(("write in replay" if replaying else "write", *periods))
         return write(self, periods, state)
 
-    def counted_replay(self, C, *args):
+    def counted_replay(self, step, C, *args):
         events.append(("replay", C))
         replaying.append(C)
         try:
-            return replay(self, C, *args)
+            return replay(self, step, C, *args)
         finally:
             replaying.pop()
 
@@ -198,8 +233,8 @@ def test_decode_window_holds_the_writes_of_the_chunks_it_generates(monkeypatch):
         events.append("window")  # the timed steps start here
         return rate
 
-    monkeypatch.setattr(HopeLM, "_write", counted_write)
-    monkeypatch.setattr(HopeLM, "_replay_write", counted_replay)
+    monkeypatch.setattr(CMSSchedule, "_write", counted_write)
+    monkeypatch.setattr(CMSSchedule, "_replay_write", counted_replay)
     monkeypatch.setattr(decode.Stream, "prefill", marked_prefill)
     decode.sweep_contexts([decode.Stream("hope", model, seed=0)], [16], n_new=8, chunk=16)
     window = events[events.index("window") + 1:]

@@ -11,41 +11,19 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import gates, memory_inputs, rel_rms
 
 from hope.memory.chunked import chunk_operators, chunk_step, chunked
+from hope.memory.rule import RULE_OBJECTIVES as OBJECTIVES
 from hope.memory.rule import recurrent
 
 DT = torch.float64
-OBJECTIVES = ("l2", "dot", "self")
 ERASES = ("dgd", "gd", "none")  # β = η, β = 0 as a tensor, β = None (skips the solve)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (and OpenMP spin-waits on a busy CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach(), ref.detach()
-    return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
-
-
 def make_case(T, objective, erase, momentum, with_state, B=2, H=2, K=4, V=3, seed=0, dtype=DT):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
-    x = {
-        "q": r(B, T, H, K),
-        "k": F.normalize(r(B, T, H, K), dim=-1),
-        "v": r(B, T, H, K if objective == "self" else V),
-        "eta": 0.5 * torch.sigmoid(r(B, T, H)),
-        "alpha": torch.sigmoid(r(B, T, H) + 2),
-    }
-    x["beta"] = {"dgd": x["eta"].clone(), "gd": torch.zeros(B, T, H, dtype=dtype), "none": None}[erase]
-    x["gamma"] = torch.sigmoid(r(B, T, H)) if momentum else None
+    x, r = memory_inputs(B, T, H, K, K if objective == "self" else V, seed=seed, dtype=dtype)
+    x = gates(x, r, erase, momentum)
     x["S0"] = r(B, H, K, V) if with_state or objective == "self" else None
     x["Z0"] = r(B, H, K, V) if momentum and with_state else None
     return x
@@ -135,7 +113,7 @@ def long_run(erase, C, eta_max, T=4096, B=1, H=2, K=32, V=32, retention=True):
 
 @pytest.mark.parametrize("erase, C, eta_max", [("dgd", 64, 0.5), ("dgd", 16, 0.5), ("gd", 64, 1 / 64)])
 def test_long_sequence_stays_bounded(erase, C, eta_max):
-    """T = 4096 with η = η_max·sigmoid(·) bounded as DESIGN.md §3 (with GD the chunk's steps add up, see below)."""
+    """T = 4096 with η = η_max·sigmoid(·) bounded as docs/design.md §3 (with GD the chunk's steps add up, see below)."""
     o, S = long_run(erase, C, eta_max)
     K, V = S.shape[-2:]
     assert torch.isfinite(o).all() and torch.isfinite(S).all()

@@ -10,24 +10,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import gates, memory_inputs, rel_rms
 
 from hope.memory.deep import activation, deep_chunked, deep_recurrent, inner_grad, mlp
 
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (and OpenMP spin-waits on a busy CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach(), ref.detach()
-    return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu"])
@@ -54,12 +41,9 @@ def test_closed_form_inner_gradient_matches_torch_func_grad(act):
 
 
 def make_case(T, objective, erase, momentum, B=2, H=2, K=4, Fh=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=DT)
-    x = {"q": r(B, T, H, K), "k": F.normalize(r(B, T, H, K), dim=-1), "v": r(B, T, H, K),
-         "eta": 0.5 * torch.sigmoid(r(B, T, H)), "alpha": torch.sigmoid(r(B, T, H) + 2)}
-    x["beta"] = {"dgd": x["eta"].clone(), "gd": None}[erase]
-    x["gamma"] = torch.sigmoid(r(B, T, H)) if momentum else None
+    """erase "dgd" (β = η) or "gd" (β = None: W₂ without erase)."""
+    x, r = memory_inputs(B, T, H, K, K, seed=seed)
+    x = gates(x, r, "none" if erase == "gd" else erase, momentum)
     state = {"w2": 0.5 * r(B, H, K, Fh), "w1": 0.5 * r(B, H, Fh, K)}
     if momentum:
         state.update(m2=0.1 * r(B, H, K, Fh), m1=0.1 * r(B, H, Fh, K))

@@ -8,38 +8,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import memory_inputs, rel_rms
 
 from hope.memory.rule import recurrent, step
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (and OpenMP spin-waits on a busy CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach(), ref.detach()
-    return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
-
-
 def inputs(B=2, T=9, H=3, K=4, V=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=DT)
-    q, k, v = r(B, T, H, K), F.normalize(r(B, T, H, K), dim=-1), r(B, T, H, V)
-    eta = 0.5 * torch.sigmoid(r(B, T, H))
-    alpha = torch.sigmoid(r(B, T, H) + 2)
-    return q, k, v, eta, alpha
+    x, _ = memory_inputs(B, T, H, K, V, seed=seed)
+    return x["q"], x["k"], x["v"], x["eta"], x["alpha"]
 
 
 def test_gd_chunk1_is_the_gated_delta_rule():
     """β = 0, C = 1 is the gated delta rule in flash-linear-attention's form S_t = a_t S_{t−1}(I − b_t k kᵀ) +
-    b_t v' kᵀ with a = α, b = η/α, v' = α v (DESIGN.md §7), written here in the untransposed S [V, K]."""
+    b_t v' kᵀ with a = α, b = η/α, v' = α v (docs/design.md §7), written here in the untransposed S [V, K]."""
     q, k, v, eta, alpha = inputs()
     B, T, H, K = q.shape
     S = torch.randn(B, H, v.shape[-1], K, dtype=DT)

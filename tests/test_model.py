@@ -1,4 +1,4 @@
-"""HopeLM invariants of DESIGN.md §8 for every core, in fp64 on CPU."""
+"""HopeLM invariants of docs/design.md §8 for every core, in fp64 on CPU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hope import CMSLevel, HopeConfig, HopeLM, preset
-from hope.layers import cms
+from hope.cms import level as cms
+from hope.cms.schedule import CMSSchedule
 
 CORES = ["attention"]
 if importlib.util.find_spec("hope.layers.self_modifying") is not None:
@@ -83,20 +84,20 @@ def test_cms_weights_change_only_at_period_multiples():
     for t in range(13):
         state = model(ids[:, t : t + 1], state).state
         # the weights token t was processed with (a write due after token count t is applied before token t)
-        weights = state["layers"][0]["cms"][0]["fast"]["w_up"].detach().clone()
+        weights = state.layers[0].cms[0].fast["w_up"].detach().clone()
         if previous is not None:
             changed = not torch.equal(weights, previous)
             assert changed == (t % 4 == 0), f"weights for token {t}"
         previous = weights
-    assert state["due"] == [] and state["acc"][4] is not None  # 13 tokens: inside the 4th chunk
-    assert state["layers"][0]["cms"][1] is None  # frozen level keeps no fast state
+    assert state.schedule.due == [] and state.schedule.acc[4] is not None  # 13 tokens: inside the 4th chunk
+    assert state.layers[0].cms[1] is None  # frozen level keeps no fast state
 
 
 def test_write_at_end_of_call_is_deferred_not_lost():
     model = tiny("attention", [CMSLevel(period=4, hidden=16, lr=0.5), CMSLevel(hidden=16)])
     ids = torch.randint(0, 23, (1, 8))
     out = model(ids)
-    assert out.state["due"] == [4]  # the chunk ending at token count 8 is written when the weights are needed
+    assert out.state.schedule.due == [4]  # the chunk ending at token count 8 is written when the weights are needed
     exported = model.export_state(out.state)  # exporting applies it
     direct = model(ids[:, :4]).state
     assert not torch.equal(exported["layers"][0]["cms"][0]["delta"]["w_up"],
@@ -110,13 +111,13 @@ def test_inference_defers_the_last_writes_then_cuts_the_graph(monkeypatch):
     model = tiny(CORES[-1], fast_cms())
     ids = torch.randint(0, 23, (2, 24), generator=torch.Generator().manual_seed(3))
     events = []
-    write, detach = HopeLM._write, HopeLM._detach_
-    monkeypatch.setattr(HopeLM, "_write", lambda self, Cs, st: (events.append(sorted(Cs)), write(self, Cs, st)))
-    monkeypatch.setattr(HopeLM, "_detach_", lambda self, st: (events.append("cut"), detach(self, st)))
+    write, detach = CMSSchedule._write, CMSSchedule.detach_
+    monkeypatch.setattr(CMSSchedule, "_write", lambda self, Cs, st: (events.append(sorted(Cs)), write(self, Cs, st)))
+    monkeypatch.setattr(CMSSchedule, "detach_", lambda self, st: (events.append("cut"), detach(self, st)))
     with torch.no_grad():
         first = model(ids[:, :16])
         assert events == [[4], [4, 8], "cut", [4]]  # writes at 4, 8 (both periods, then the cut), 12; 16's wait
-        assert first.state["due"] == [4, 8] and first.state["acc"][8].requires_grad
+        assert first.state.schedule.due == [4, 8] and first.state.schedule.acc[8].requires_grad
         second = model(ids[:, 16:], first.state)
     assert events[4:] == [[4, 8], "cut", [4]]  # applied before the first token that needs them, then the cut
     whole = model(ids).logits
@@ -131,7 +132,7 @@ def test_nested_periods_share_one_write_backward(core, monkeypatch):
 
     def separate(self, periods, state):
         for C in sorted(periods):
-            cms.write_levels(self._levels_with_period(C, state), state["acc"].get(C))
+            cms.write_levels(self._levels_with_period(C, state), state.schedule.acc.get(C))
             self._end_chunk(C, state)
 
     def run(model):
@@ -147,7 +148,7 @@ def test_nested_periods_share_one_write_backward(core, monkeypatch):
 
     model = tiny(core, fast_cms())
     shared = run(model)
-    monkeypatch.setattr(HopeLM, "_write", separate)
+    monkeypatch.setattr(CMSSchedule, "_write", separate)
     reference = run(model)
     assert len(shared) == len(reference)
     for got, ref in zip(shared, reference):
@@ -277,8 +278,9 @@ def test_inference_pieces_replay_their_chunks(core, cuts, levels, monkeypatch):
     periods = {lvl.period for lvl in levels if lvl.period}
     ids = torch.randint(0, 23, (2, 29), generator=torch.Generator().manual_seed(2))
     replays = []
-    original = HopeLM._replay_write
-    monkeypatch.setattr(HopeLM, "_replay_write", lambda self, C, *a: (replays.append(C), original(self, C, *a))[1])
+    original = CMSSchedule._replay_write
+    monkeypatch.setattr(CMSSchedule, "_replay_write",
+                        lambda self, step, C, *a: (replays.append(C), original(self, step, C, *a))[1])
     with torch.no_grad():
         whole = model(ids[:, :24])
         assert replays == []  # one 24-token call records its graph: nothing to replay

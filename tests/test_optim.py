@@ -10,19 +10,13 @@ import copy
 
 import pytest
 import torch
+from conftest import rel_rms
 
 from hope.optim.build import OPTIMIZERS, build_optimizer
 from hope.optim.delta import DeepMomentumRule, deep_memory_grads, deep_memory_loss
 from hope.optim.optimizers import M3, AdamMemory, DeltaMomentum, Momentum, Muon, PreconditionedMomentum
 from hope.optim.orthogonal import newton_schulz
 from hope.optim.registry import RULES, memory_rule
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖_rms / ‖b‖_rms (0 when both are 0)."""
-    a, b = a.double(), b.double()
-    den = b.square().mean().sqrt().clamp_min(1e-300)
-    return ((a - b).square().mean().sqrt() / den).item()
 
 
 def random_params(dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.nn.Parameter]:

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from experiments.common.trainer import compose_train
 from experiments.optimizers import lm_compare_optimizers as lmo
 from experiments.optimizers.plot_lm import trailing_mean
 
@@ -66,12 +67,12 @@ def test_overrides_reproduce_the_settings_and_equalise_decay_and_fallback_lr(tmp
     from hope.training.run import build_module
 
     shared = [*lmo.shared_overrides("transformer", lmo.MODES["tiny"], seed=0), "model.lr_decay_steps=4"]
-    base = lmo.compose(shared)
+    base = compose_train(shared)
     for name in lmo.OPTIMIZERS:
         lr = 1e-4 if name == "m3" else 3e-2
         cfg = lmo.run_config(base, lmo.optimizer_settings(name, lr), tmp_path, tmp_path / "clock.json")
         assert cfg.callbacks.loss_clock.path == str(tmp_path / "clock.json") and "loss_clock" not in base.callbacks
-        recorded = lmo.compose([*shared, *lmo.optimizer_overrides(name, lr)])
+        recorded = compose_train([*shared, *lmo.optimizer_overrides(name, lr)])
         assert OmegaConf.to_container(recorded.model) == OmegaConf.to_container(cfg.model)
         assert cfg.model.optimizer == name and base.model.optimizer == "adamw"
         module = build_module(cfg, 256, torch.ones(256, dtype=torch.long))

@@ -74,12 +74,13 @@ def implementations(device: str) -> tuple[dict[str, Impl], dict[str, str]]:
         skipped.update(triton_chunk=reason, triton_recurrent=reason, fla_gated_delta=reason)
         return impls, skipped
     try:
-        import kernels
+        from hope.memory import kernels
 
         impls["triton_chunk"] = lambda x, c: kernels.chunk_memory_update(*[x[n] for n in NAMES], c)
         impls["triton_recurrent"] = lambda x, c: kernels.recurrent_memory_update(*[x[n] for n in NAMES], c)
     except ImportError as error:
-        skipped.update(triton_chunk=f"kernels not importable: {error}", triton_recurrent=f"kernels: {error}")
+        skipped.update(triton_chunk=f"hope.memory.kernels not importable: {error}",
+                       triton_recurrent=f"hope.memory.kernels: {error}")
     try:
         import fla.ops.gated_delta_rule  # noqa: F401
 

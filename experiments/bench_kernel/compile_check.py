@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of ``kernels/`` for NVIDIA GPUs on a machine without one; report registers, spills.
+"""Compile every Triton kernel of ``hope/memory/kernels/`` for NVIDIA GPUs without a GPU; report registers, spills.
 
     python experiments/bench_kernel/compile_check.py            # sm_90, a few representative shapes
     python experiments/bench_kernel/compile_check.py --full     # sm_80 and sm_90, all widths, dtypes, chunks
@@ -31,10 +31,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.chunk_bwd import chunk_bwd  # noqa: E402
-from kernels.chunk_fwd import chunk_fwd  # noqa: E402
-from kernels.common import plan_tiles  # noqa: E402
-from kernels.recurrent import recurrent_fwd  # noqa: E402
+from hope.memory.kernels.chunk_bwd import chunk_bwd  # noqa: E402
+from hope.memory.kernels.chunk_fwd import chunk_fwd  # noqa: E402
+from hope.memory.kernels.common import Inputs, plan_tiles  # noqa: E402
+from hope.memory.kernels.recurrent import recurrent_fwd  # noqa: E402
 
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory one block may use (A100, H100)
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -93,13 +93,9 @@ def host_calls(B: int, T: int, H: int, K: int, V: int, chunk_size: int, dtype: t
     v, do = torch.empty(B, T, H, V, dtype=dtype), torch.empty(B, T, H, V, dtype=dtype)
     eta, alpha, beta = (torch.empty(B, T, H, dtype=dtype) for _ in range(3))
     h0, dht = torch.empty(B, H, K, V), torch.empty(B, H, K, V)
-    tiling = plan_tiles(T, chunk_size)
+    tiling, x = plan_tiles(T, chunk_size), Inputs(q, k, v, eta, alpha, beta, h0)
     return capture_launches(
-        lambda: (
-            chunk_fwd(q, k, v, eta, alpha, beta, tiling, h0, True),
-            chunk_bwd(q, k, v, eta, alpha, beta, tiling, h0, do, dht),
-            recurrent_fwd(q, k, v, eta, alpha, beta, chunk_size, h0, True),
-        )
+        lambda: (chunk_fwd(x, tiling, True), chunk_bwd(x, tiling, do, dht), recurrent_fwd(x, chunk_size, True))
     )
 
 

@@ -6,6 +6,9 @@ Every benchmark has three budgets, chosen with `--mode`:
 - `cpu`: about an hour per benchmark on a 2-core CPU, the size of the results committed in this repository;
 - `full`: the intended scale, for a GPU (`--device cuda`).
 
+The speed benchmarks of `experiments/lm_compare` (throughput, decode) have two, `--tiny` or full: `speed_parser`,
+`speed_mode`, `out_dir` and `command_line` are theirs (the last two also serve compare and the optimizer runs).
+
 Dimensions: none (flags only).
 """
 
@@ -13,11 +16,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from experiments.common.models import MODEL_NAMES
+from experiments.common.train import STRATEGIES
 
 MODE_NAMES = ("tiny", "cpu", "full")
 
@@ -51,6 +58,27 @@ def parse_models(text: str) -> list[str]:
     return names
 
 
+def continual_flags(p: argparse.ArgumentParser, unit: str) -> argparse.ArgumentParser:
+    """Add the flags of a continual-learning benchmark: `--strategies`, `--steps` (per `unit`, e.g. "task") and
+    `--replot`; returns `p`."""
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"subset of {STRATEGIES}")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per {unit} (default: by mode)")
+    p.add_argument("--replot", metavar="JSON", default=None, help="only redraw the PNG beside this result file")
+    return p
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` torch CPU threads (None: as they are), then restore the thread count."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @contextlib.contextmanager
 def configured(args: argparse.Namespace) -> Iterator[None]:
     """Apply the process-wide flags (threads, seed) for the duration of a run, then restore the thread count.
@@ -58,12 +86,41 @@ def configured(args: argparse.Namespace) -> Iterator[None]:
     Tiny runs default to one thread: their matrices are too small to gain from more, and on a busy 2-core machine
     two spinning threads per process made them ~25x slower (measured 0.04 s vs 1.8 s per step).
     """
-    before = torch.get_num_threads()
-    threads = args.threads or (1 if mode_name(args) == "tiny" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(args.seed)
-    try:
+    with torch_threads(args.threads or (1 if mode_name(args) == "tiny" else None)):
+        torch.manual_seed(args.seed)
         yield
-    finally:
-        torch.set_num_threads(before)
+
+
+def speed_parser(description: str, models: str) -> argparse.ArgumentParser:
+    """The flags the speed benchmarks share: `--tiny`, `--models` (default `models`), `--size`, `--threads`,
+    `--seed` and `--out`; each benchmark adds its own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
+    p.add_argument("--models", default=models, help="comma-separated presets")
+    p.add_argument("--size", default=None, help="preset size (default: small; tiny with --tiny)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; 1 with --tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default: results/, results/tiny/ with --tiny)")
+    return p
+
+
+def speed_mode(modes: Mapping[str, dict[str, Any]], args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
+    """A copy of `modes["tiny"]` with `--tiny`, else of `modes["full"]`, with the flags named in `keys` laid over it
+    where the command line gives them (not None); a `size` of digits is a depth (an int)."""
+    mode = dict(modes["tiny" if args.tiny else "full"])
+    for key in keys:
+        if getattr(args, key) is not None:
+            mode[key] = getattr(args, key)
+    if isinstance(mode["size"], str) and mode["size"].isdigit():
+        mode["size"] = int(mode["size"])  # a depth
+    return mode
+
+
+def out_dir(args: argparse.Namespace, default: Path) -> Path:
+    """`--out` if given, else `default`, or `default/tiny` with `--tiny` (a smoke run never overwrites a result)."""
+    return Path(args.out) if args.out else default / ("tiny" if args.tiny else "")
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command of a run for its result file: `python -m <module>` and `argv` (None: this process's arguments)."""
+    return " ".join([f"python -m {module}", *(list(argv) if argv is not None else sys.argv[1:])])

@@ -15,7 +15,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,14 @@ class Partial:
         self.path.unlink(missing_ok=True)
 
 
+def replot(path: str | Path, plot: Callable[[dict[str, Any], Path], Any]) -> dict[str, Any]:
+    """`--replot`: redraw the PNG beside the result file `path` from its JSON alone (`plot(doc, png_path)`);
+    nothing is trained. Returns the document."""
+    doc = json.loads(Path(path).read_text())
+    plot(doc, Path(path).with_suffix(".png"))
+    return doc
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
     """A GitHub Markdown table; floats rounded to `digits`, None shown as '–'."""
 
@@ -152,13 +160,38 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits
     return "\n".join(lines)
 
 
-def _pyplot():
+def pyplot():
+    """`matplotlib.pyplot` on the headless Agg backend (benchmarks run on servers and in CI)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # headless: benchmarks run on servers and in CI
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120, **savefig: Any) -> Path:
+    """Lay out `fig`, save it as a PNG at `path` (its folder made if missing), close it; return the path.
+    `savefig` goes to `Figure.savefig` (e.g. `bbox_inches="tight"`)."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, **savefig)
+    pyplot().close(fig)
+    return Path(path)
+
+
+def publish(name: str, doc: dict[str, Any], out_dir: str | Path, plot: Callable[[Path], Any],
+            partial: Partial | None = None) -> Path:
+    """The outputs of a finished benchmark run: `<out_dir>/<name>.json` (`write_result`), the PNG beside it
+    (`plot(png_path)`), the Markdown table `doc["table"]` as `<name>.md`; then the run's `partial` file is dropped
+    and the table printed. Returns the JSON's path."""
+    path = write_result(name, doc, out_dir)
+    plot(path.with_suffix(".png"))
+    path.with_suffix(".md").write_text(doc["table"] + "\n")
+    if partial is not None:
+        partial.finish()
+    print(doc["table"])
+    return path
 
 
 def line_styles(labels: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -190,7 +223,7 @@ def plot_lines(
     Labels of the form "group / variant" (e.g. "HOPE / replay") get one colour per group and one line style per
     variant, so a dozen lines stay tellable apart; with more than six lines the legend sits beside the axes.
     """
-    plt = _pyplot()
+    plt = pyplot()
     styles = line_styles(list(series))
     wide = len(series) > 6
     fig, ax = plt.subplots(figsize=(8.5 if wide else 6, 4))
@@ -208,17 +241,13 @@ def plot_lines(
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_bars(path: str | Path, categories: Sequence[str], series: dict[str, Sequence[float]], title: str,
               ylabel: str) -> Path:
     """Grouped bars: one group per category, one bar per entry of `series` = {label: values per category}."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(categories) + 2), 4))
     width = 0.8 / max(len(series), 1)
     for k, (label, values) in enumerate(series.items()):
@@ -228,17 +257,13 @@ def plot_bars(path: str | Path, categories: Sequence[str], series: dict[str, Seq
     ax.set(title=title, ylabel=ylabel)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_matrices(path: str | Path, matrices: dict[str, Sequence[Sequence[float]]], tasks: Sequence[str],
                   title: str) -> Path:
     """Heat maps of score matrices R[i][j] (row: after training task i, column: task j), one panel per entry."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(matrices)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 0.8, 3.4), squeeze=False)
     for ax, (label, mat) in zip(axes[0], matrices.items()):
@@ -251,8 +276,4 @@ def plot_matrices(path: str | Path, matrices: dict[str, Sequence[Sequence[float]
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

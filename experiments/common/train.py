@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hope.eval.continual import EWC, IGNORE_INDEX, ReplayBuffer, lm_loss, logits_of
+from experiments.common.models import BuiltModel
+from experiments.common.results import Partial
+from hope.eval import EWC, IGNORE_INDEX, ReplayBuffer, continual_metrics, lm_loss, logits_of
 
 STRATEGIES = ("sequential", "replay", "ewc")
 
@@ -184,3 +187,31 @@ def train_on_tasks(
         curves.append(losses)
         log(f"  after {task.name}: " + " ".join(f"{t.name}={v:.3f}" for t, v in zip(tasks, R[-1])))
     return {"R": R, "baseline": baseline, "train_loss": curves, "seconds": time.perf_counter() - start}
+
+
+def strategy_config(mode: Mapping[str, Any], steps: int, strategy: str, seed: int) -> TrainConfig:
+    """The `TrainConfig` of `strategy` in a continual benchmark's `mode` (its `batch`, `lr`, `replay_capacity`,
+    `replay_batch`, `ewc_strength` and `ewc_batches`), with `steps` per task."""
+    return TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], strategy=strategy,
+                       replay_capacity=mode["replay_capacity"], replay_batch=mode["replay_batch"],
+                       ewc_strength=mode["ewc_strength"], ewc_batches=mode["ewc_batches"], seed=seed)
+
+
+def run_strategy(partial: Partial, key: str, label: str, build: Callable[[], BuiltModel], tasks: Sequence[Task],
+                 cfg: TrainConfig, candidates: Tensor | None = None, higher_is_better: bool = True) -> dict[str, Any]:
+    """One (model, strategy) unit of a continual benchmark: the unit `partial` holds under `key`, else the fresh
+    model of `build()` trained on `tasks` with `cfg` (`train_on_tasks`, announced as `label`) and saved under `key`:
+    its `train_on_tasks` result with `metrics` = `hope.eval.continual_metrics` of R, or `{"diverged": message}`
+    when the loss stopped being finite (the other units go on)."""
+    unit = partial.get(key)
+    if unit is not None:
+        return unit
+    print(label)
+    model = build().model
+    try:
+        out = train_on_tasks(model, tasks, cfg, candidates=candidates)
+    except Diverged as err:  # recorded and shown as such; the other runs go on
+        print(f"  {err}")
+        return partial.put(key, {"diverged": str(err)})
+    metrics = continual_metrics(out["R"], baseline=out["baseline"], higher_is_better=higher_is_better)
+    return partial.put(key, {**out, "metrics": metrics})

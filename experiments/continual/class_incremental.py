@@ -24,7 +24,7 @@ The paper's Figure 6 uses CLINC150, Banking77 and DBpedia14 with Llama-3 backbon
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 
-from experiments.common.cli import base_parser, configured, mode_name, parse_models
+from experiments.common.cli import base_parser, configured, continual_flags, mode_name, parse_models
 from experiments.common.data import check_fits, encode
 from experiments.common.models import LABELS, build_model, build_models
-from experiments.common.results import Partial, markdown_table, plot_lines, write_result
-from experiments.common.train import STRATEGIES, Diverged, Task, TrainConfig, train_on_tasks
-from hope.eval import IGNORE_INDEX, continual_metrics
+from experiments.common.results import Partial, markdown_table, plot_lines, publish, replot
+from experiments.common.train import Task, run_strategy, strategy_config
+from hope.eval import IGNORE_INDEX
 
 NAME = "class_incremental"
 PAD, SEP = 0, 1  # byte 0 and 1 never occur in the corpora's text
@@ -192,9 +192,7 @@ def run(argv: Sequence[str] | None = None, sources: Mapping[str, Sequence] | Non
     """
     args = parser().parse_args(argv)
     if args.replot:  # redraw the figure of a result file, nothing trained
-        doc = json.loads(Path(args.replot).read_text())
-        plot(doc, Path(args.replot).with_suffix(".png"))
-        return doc
+        return replot(args.replot, plot)
     with configured(args):
         return _run(args, sources)
 
@@ -219,23 +217,10 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
         for entry in built:
             runs = results[source]["models"][entry.name] = {"params": entry.params, "strategies": {}}
             for strategy in args.strategies.split(","):
-                key = f"{source}/{entry.name}/{strategy}"
-                unit = partial.get(key)
-                if unit is None:
-                    print(f"{source}: {entry.name} / {strategy}")
-                    model = build_model(entry.name, size, args.seed, args.device).model
-                    cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"],
-                                      strategy=strategy, replay_capacity=mode["replay_capacity"],
-                                      replay_batch=mode["replay_batch"], ewc_strength=mode["ewc_strength"],
-                                      ewc_batches=mode["ewc_batches"], seed=args.seed)
-                    try:
-                        out = train_on_tasks(model, tasks, cfg, candidates=candidates)
-                    except Diverged as err:  # recorded and shown as such; the other runs go on
-                        print(f"  {err}")
-                        unit = partial.put(key, {"diverged": str(err)})
-                    else:
-                        metrics = continual_metrics(out["R"], baseline=out["baseline"])
-                        unit = partial.put(key, {**out, "metrics": metrics})
+                unit = run_strategy(partial, f"{source}/{entry.name}/{strategy}",
+                                    f"{source}: {entry.name} / {strategy}",
+                                    functools.partial(build_model, entry.name, size, args.seed, args.device), tasks,
+                                    strategy_config(mode, steps, strategy, args.seed), candidates=candidates)
                 runs["strategies"][strategy] = unit
                 if "diverged" in unit:
                     rows.append([source, LABELS[entry.name], strategy, entry.params, unit["diverged"]] + [None] * 4)
@@ -249,11 +234,7 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
     doc = {"mode": mode_name(args), "size": size, "config": {**mode, "steps": steps},
            "score": "single-head accuracy over all label tokens", "sources": results, "skipped": skipped,
            "table": table}
-    path = write_result(NAME, doc, args.out)
-    plot(doc, path.with_suffix(".png"))
-    path.with_suffix(".md").write_text(table + "\n")
-    partial.finish()
-    print(table)
+    publish(NAME, doc, args.out, lambda png: plot(doc, png), partial)
     return doc
 
 
@@ -277,10 +258,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", default=None, help="comma-separated: bbc, kjv, shakespeare, file:<path.jsonl>, "
                    "hf:clinc150|banking77|dbpedia14 (default: bbc with --tiny, else bbc,kjv,shakespeare)")
     p.add_argument("--classes-per-task", type=int, default=None, help="default: 2 (BBC, KJV), 5 (plays), by HF set")
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"subset of {STRATEGIES}")
-    p.add_argument("--steps", type=int, default=None, help="training steps per task (default: by mode)")
-    p.add_argument("--replot", metavar="JSON", default=None, help="only redraw the PNG beside this result file")
-    return p
+    return continual_flags(p, "task")
 
 
 if __name__ == "__main__":

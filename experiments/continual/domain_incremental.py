@@ -19,17 +19,16 @@ Writes `<out>/domain_incremental.json`, `.png` (loss on the first domain after e
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.common.cli import base_parser, configured, mode_name, parse_models
+from experiments.common.cli import base_parser, configured, continual_flags, mode_name, parse_models
 from experiments.common.data import check_fits, lm_task
 from experiments.common.models import LABELS, build_model, build_models
-from experiments.common.results import Partial, markdown_table, plot_lines, write_result
-from experiments.common.train import STRATEGIES, Diverged, Task, TrainConfig, train_on_tasks
-from hope.eval import continual_metrics
+from experiments.common.results import Partial, markdown_table, plot_lines, publish, replot
+from experiments.common.train import Task, run_strategy, strategy_config
 
 NAME = "domain_incremental"
 DOMAINS = ("shakespeare", "kjv", "wikipedia", "bbc")
@@ -72,9 +71,7 @@ def run(argv: Sequence[str] | None = None, corpora: Mapping[str, Sequence] | Non
     """Parse flags, train every (model, strategy) pair, write the outputs; return the result document."""
     args = parser().parse_args(argv)
     if args.replot:  # redraw the figure of a result file, nothing trained
-        doc = json.loads(Path(args.replot).read_text())
-        plot(doc, Path(args.replot).with_suffix(".png"))
-        return doc
+        return replot(args.replot, plot)
     with configured(args):
         return _run(args, corpora)
 
@@ -95,21 +92,9 @@ def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> di
     for entry in built:
         results[entry.name] = {"params": entry.params, "strategies": {}}
         for strategy in args.strategies.split(","):
-            unit = partial.get(f"{entry.name}/{strategy}")
-            if unit is None:
-                print(f"{entry.name} / {strategy}")
-                model = build_model(entry.name, size, args.seed, args.device).model  # same init for all strategies
-                cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], strategy=strategy,
-                                  replay_capacity=mode["replay_capacity"], replay_batch=mode["replay_batch"],
-                                  ewc_strength=mode["ewc_strength"], ewc_batches=mode["ewc_batches"], seed=args.seed)
-                try:
-                    out = train_on_tasks(model, tasks, cfg)
-                except Diverged as err:  # recorded and shown as such; the other runs go on
-                    print(f"  {err}")
-                    unit = partial.put(f"{entry.name}/{strategy}", {"diverged": str(err)})
-                else:
-                    metrics = continual_metrics(out["R"], baseline=out["baseline"], higher_is_better=False)
-                    unit = partial.put(f"{entry.name}/{strategy}", {**out, "metrics": metrics})
+            unit = run_strategy(partial, f"{entry.name}/{strategy}", f"{entry.name} / {strategy}",
+                                functools.partial(build_model, entry.name, size, args.seed, args.device),  # same init
+                                tasks, strategy_config(mode, steps, strategy, args.seed), higher_is_better=False)
             results[entry.name]["strategies"][strategy] = unit
             if "diverged" in unit:
                 rows.append([LABELS[entry.name], strategy, entry.params, unit["diverged"]] + [None] * 5)
@@ -124,11 +109,7 @@ def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> di
     doc = {"mode": mode_name(args), "size": size, "tasks": [t.name for t in tasks],
            "config": {**mode, "steps": steps}, "score": "test loss per byte (nats), lower is better",
            "models": results, "skipped": skipped, "table": table}
-    path = write_result(NAME, doc, args.out)
-    plot(doc, path.with_suffix(".png"))
-    path.with_suffix(".md").write_text(table + "\n")
-    partial.finish()
-    print(table)
+    publish(NAME, doc, args.out, lambda png: plot(doc, png), partial)
     return doc
 
 
@@ -145,10 +126,7 @@ def plot(doc: Mapping[str, Any], path: str | Path) -> Path:
 def parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated corpora, in training order")
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"subset of {STRATEGIES}")
-    p.add_argument("--steps", type=int, default=None, help="training steps per domain (default: by mode)")
-    p.add_argument("--replot", metavar="JSON", default=None, help="only redraw the PNG beside this result file")
-    return p
+    return continual_flags(p, "domain")
 
 
 if __name__ == "__main__":

@@ -27,10 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.common.results import markdown_table, write_result
+from experiments.common.cli import command_line, out_dir
+from experiments.common.results import markdown_table, pyplot, save_figure, write_result
+from experiments.common.trainer import QUIET_OVERRIDES, ROOT
 from experiments.lm_compare.variants import Variant, select
 
-ROOT = Path(__file__).resolve().parents[2]
 NAME = "lm_compare"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 PARAM_TOLERANCE = 0.05  # a variant more than 5% off Transformer++'s parameter count is flagged in the table
@@ -60,9 +61,7 @@ def common_overrides(mode: dict[str, Any], seed: int) -> list[str]:
         f"seed={seed}", "logger=csv", "test=false", f"model.size={mode['size']}",
         f"data.seq_len={mode['seq_len']}", f"data.batch_size={mode['batch_size']}",
         f"trainer.max_steps={steps}", f"trainer.val_check_interval={eval_interval(steps)}",
-        f"trainer.log_every_n_steps={mode['log_every']}", "~callbacks.model_checkpoint", "~callbacks.progress_bar",
-        "+trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", *mode["extra"],
+        f"trainer.log_every_n_steps={mode['log_every']}", *QUIET_OVERRIDES, *mode["extra"],
     ]
 
 
@@ -126,12 +125,7 @@ def summary_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[An
 
 def plot_curves(path: Path, results: list[dict[str, Any]], title: str) -> Path:
     """Two panels against training step: training loss (nats/token) and validation bits per byte."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_bpb) = pyplot().subplots(1, 2, figsize=(11, 4))
     for r in results:
         if r["status"] != "ok":
             continue
@@ -146,11 +140,7 @@ def plot_curves(path: Path, results: list[dict[str, Any]], title: str) -> Path:
         ax.grid(alpha=0.3)
     ax_bpb.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def checks(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -178,7 +168,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mode["threads"] = args.threads
     variants = select(mode["size"], args.only)
     shared = common_overrides(mode, args.seed)
-    out = Path(args.out) if args.out else DEFAULT_OUT / ("tiny" if args.tiny else "")
+    out = out_dir(args, DEFAULT_OUT)
     load_start = list(os.getloadavg())
     results = []
     for v in variants:
@@ -195,9 +185,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results.append(r)
     headers, rows = summary_rows(results)
     table = markdown_table(headers, rows)
-    given = list(argv) if argv is not None else sys.argv[1:]
     doc = {
-        "command": " ".join(["python -m experiments.lm_compare.compare", *given]),
+        "command": command_line("experiments.lm_compare.compare", argv),
         "mode": "tiny" if args.tiny else "full",
         "config": {k: v for k, v in mode.items() if k != "extra"} | {"seed": args.seed, "shared_overrides": shared},
         "loadavg_start": load_start,

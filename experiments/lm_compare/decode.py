@@ -23,6 +23,7 @@ and `<out>/decode.png`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -56,12 +57,15 @@ def write_cycle(names: Sequence[str], size: str | int) -> int:
 
 
 def state_mib(state: Any) -> float:
-    """Bytes of the distinct tensors in a (nested) model state, in MiB."""
+    """Bytes of the distinct tensors in a (nested) model state (dataclasses, dicts, lists), in MiB."""
     seen: dict[int, int] = {}
 
     def visit(x: Any) -> None:
         if isinstance(x, torch.Tensor):
             seen[x.data_ptr()] = max(seen.get(x.data_ptr(), 0), x.numel() * x.element_size())
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            for f in dataclasses.fields(x):
+                visit(getattr(x, f.name))
         elif isinstance(x, dict):
             for v in x.values():
                 visit(v)

@@ -23,8 +23,8 @@ and the CMS writes stay eager); Titans and Hope-Attention stay eager (see there 
 None: no in-context writes, no segments), `hope[one level, period C]` (only the slowest fast level writes),
 `hope[residual signal]` (`HopeConfig.cms_signal="residual"`: writes without a backward through the layers above)
 and `hope_fast` (that signal with projection-memory chunks of 32, the lm_compare variant), and times the in-context
-CMS writes inside each HOPE step (`hope.layers.cms.write_levels`: the inner backward and the update), so the cost
-of the CMS can be read off one run.
+CMS writes inside each HOPE step (the inner backward and the update, as the public profiler region
+`hope.cms.profile.write_timer` counts them), so the cost of the CMS can be read off one run.
 """
 
 from __future__ import annotations
@@ -32,17 +32,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from experiments.common.cli import command_line, out_dir, speed_mode, speed_parser, torch_threads
 from experiments.common.models import LABELS, MODEL_NAMES, BuiltModel, build_models, count_params
 from experiments.common.results import markdown_table, write_result
+from hope.cms.profile import WriteTimer, write_timer
 
 NAME = "throughput"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -81,33 +83,21 @@ def breakdown_models(size: str | int, seed: int) -> list[BuiltModel]:
 
 
 class WriteClock:
-    """Seconds spent in `hope.layers.cms.write_levels` (the in-context CMS writes), charged to `current`."""
+    """Seconds spent in the in-context CMS writes (the inner backward and the update), per model name: the writes
+    made inside `with clock.charge(name)` are charged to `seconds[name]`. Built on the public profiler region
+    `hope.cms.profile.write_timer`; nothing is patched."""
 
     def __init__(self) -> None:
-        self.current: str | None = None
         self.seconds: dict[str, float] = {}
-        self._orig = None
 
-    def __enter__(self) -> WriteClock:
-        from hope.layers import cms
-
-        self._orig = cms.write_levels
-
-        def timed(*args: Any, **kwargs: Any) -> None:
-            t0 = time.perf_counter()
+    @contextmanager
+    def charge(self, name: str) -> Iterator[WriteTimer]:
+        """Charge the CMS writes of the block to `name`; yields the block's own timer (its writes alone)."""
+        with write_timer() as timer:
             try:
-                return self._orig(*args, **kwargs)
+                yield timer
             finally:
-                if self.current is not None:
-                    self.seconds[self.current] = self.seconds.get(self.current, 0.0) + time.perf_counter() - t0
-
-        cms.write_levels = timed
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        from hope.layers import cms
-
-        cms.write_levels = self._orig
+                self.seconds[name] = self.seconds.get(name, 0.0) + timer.seconds
 
 
 class Trainee:
@@ -143,17 +133,15 @@ def measure(trainees: list[Trainee], warmup: int, steps: int, clock: WriteClock 
     `clock`, the CMS-write time of every timed step is appended to the trainee's `write_times`."""
     for r in range(warmup + steps):
         for tr in trainees:
-            if clock is not None:
-                clock.current, clock.seconds = tr.name, {}
-            t0 = time.perf_counter()
-            tr.step()
+            with clock.charge(tr.name) if clock is not None else nullcontext() as writes:
+                t0 = time.perf_counter()
+                tr.step()
+                step_s = time.perf_counter() - t0
             if r >= warmup:
-                tr.times.append(time.perf_counter() - t0)
-                if clock is not None:
-                    tr.write_times.append(clock.seconds.get(tr.name, 0.0))
-            print(f"  round {r}: {tr.name} {time.perf_counter() - t0:.2f} s", flush=True)
-        if clock is not None:
-            clock.current = None
+                tr.times.append(step_s)
+                if writes is not None:
+                    tr.write_times.append(writes.seconds)
+            print(f"  round {r}: {tr.name} {step_s:.2f} s", flush=True)
 
 
 def summarize(trainees: list[Trainee], tokens_per_step: int) -> dict[str, dict[str, Any]]:
@@ -179,18 +167,11 @@ def summarize(trainees: list[Trainee], tokens_per_step: int) -> dict[str, dict[s
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
-    mode = dict(MODES["tiny" if args.tiny else "full"])
-    for key in ("size", "seq_len", "batch", "warmup", "steps", "threads"):
-        if getattr(args, key) is not None:
-            mode[key] = getattr(args, key)
-    if isinstance(mode["size"], str) and mode["size"].isdigit():
-        mode["size"] = int(mode["size"])  # a depth
+    mode = speed_mode(MODES, args, ("size", "seq_len", "batch", "warmup", "steps", "threads"))
     if mode["steps"] < 1 or mode["warmup"] < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {mode['steps']} and {mode['warmup']}")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    before = torch.get_num_threads()
-    torch.set_num_threads(mode["threads"])
-    try:
+    with torch_threads(mode["threads"]):
         built, skipped = build_models(names, mode["size"], args.seed)
         if args.cms_breakdown:
             built += breakdown_models(mode["size"], args.seed)
@@ -204,14 +185,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for tr in trainees:
             tr.step(check=True)  # untimed: also pays the one-off costs (allocations, AdamW state)
         load_start = list(os.getloadavg())
-        if args.cms_breakdown:
-            with WriteClock() as clock:
-                measure(trainees, mode["warmup"], mode["steps"], clock)
-        else:
-            measure(trainees, mode["warmup"], mode["steps"])
+        measure(trainees, mode["warmup"], mode["steps"], WriteClock() if args.cms_breakdown else None)
         load_end = list(os.getloadavg())
-    finally:
-        torch.set_num_threads(before)
     results = summarize(trainees, mode["batch"] * mode["seq_len"])
     headers = ["model", "params (M)", "median step (s)", "tokens/s", "vs Transformer++", "per round (min–max)"]
     spread = lambda r: f"{r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f}" if "ratio_range" in r else None
@@ -223,8 +198,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             row.append(round(r["median_cms_write_s"], 3) if "median_cms_write_s" in r else None)
     table = markdown_table(headers, rows)
     doc = {
-        "command": " ".join(["python -m experiments.lm_compare.throughput",
-                             *(list(argv) if argv is not None else sys.argv[1:])]),
+        "command": command_line("experiments.lm_compare.throughput", argv),
         "mode": "tiny" if args.tiny else "full", "config": mode, "dtype": "float32", "compiled": args.compile,
         "note": "random weights and random ids (speed only); models stepped round-robin; median of the timed steps; "
         "ratio_per_round pairs each step with Transformer++'s step of the same round; shared machine: see "
@@ -232,34 +206,26 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "loadavg_start": load_start, "loadavg_end": load_end,
         "results": results, "skipped": skipped, "table": table,
     }
-    out = Path(args.out) if args.out else DEFAULT_OUT / ("tiny" if args.tiny else "")
-    path = write_result(NAME, doc, out)
+    path = write_result(NAME, doc, out_dir(args, DEFAULT_OUT))
     print(table)
     print(f"wrote {path}")
     return doc
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
-    p.add_argument("--models", default=",".join(MODEL_NAMES), help="comma-separated presets")
-    p.add_argument("--size", default=None, help="preset size (default: small; tiny with --tiny)")
+    p = speed_parser(__doc__.splitlines()[0], models=",".join(MODEL_NAMES))
     p.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="context T (default 512)")
     p.add_argument("--batch", type=int, default=None, help="batch B (default 8)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed rounds after the checked one (default 1; 0 with --tiny)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed rounds; the median is reported (default 5; 2 with --tiny)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; 1 with --tiny)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cms-breakdown", dest="cms_breakdown", action="store_true",
                    help="also step HOPE with frozen CMS levels, with one fast level, with the residual write signal "
                    "and as hope_fast, and time the CMS writes")
     p.add_argument("--compile", action="store_true",
                    help="compile every model first as the trainer's compile: true does (hope.models.lm.compile_model); "
                    "the checked step and the warm-up rounds pay the compilation")
-    p.add_argument("--out", default=None, help="output directory (default: results/, results/tiny/ with --tiny)")
     return p
 
 

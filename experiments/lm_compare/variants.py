@@ -3,7 +3,7 @@
 Dimensions: none (configuration only).
 
 Every variant trains with the same data, seed, steps and tokens (the overrides that `compare.py` adds to all of
-them); a variant differs only in its model lines. The ablations are those of DESIGN.md §3–§5 and Table 6 of
+them); a variant differs only in its model lines. The ablations are those of docs/design.md §3–§5 and Table 6 of
 arXiv:2512.24695:
 
 | variant             | change from HOPE                                             | paper / design reference   |
@@ -12,14 +12,14 @@ arXiv:2512.24695:
 | hope_dgd_small_step | DGD at hope_gd's η_max (the control that separates β from η)  | eq. 88                     |
 | hope_no_cms         | one frozen SwiGLU level (period None), hidden = Σ CMS hiddens | eqs. 70–74; "w/o CMS"      |
 | hope_plain_targets  | M_k, M_v regress onto v̄_t = v_t/‖v_t‖, not M_□,c(t)(v̄_t)      | eqs. 84/87                 |
-| hope_mem_chunk16    | main-memory chunk C = 16 (MemoryConfig default: 64)          | eq. 90, DESIGN.md §4       |
-| hope_proj_chunk64   | projection-memory chunk 64 (MemoryConfig default: 16)        | eq. 90, DESIGN.md §4       |
+| hope_mem_chunk16    | main-memory chunk C = 16 (MemoryConfig default: 64)          | eq. 90, docs/design.md §4       |
+| hope_proj_chunk64   | projection-memory chunk 64 (MemoryConfig default: 16)        | eq. 90, docs/design.md §4       |
 | hope_small_step_c16 | hope_dgd_small_step + hope_mem_chunk16 (do they stack?)      | eqs. 88, 90                |
-| hope_residual       | CMS write signal δ = ∂ℓ/∂h_L (`HopeConfig.cms_signal`)        | eq. 71, DESIGN.md §5       |
+| hope_residual       | CMS write signal δ = ∂ℓ/∂h_L (`HopeConfig.cms_signal`)        | eq. 71, docs/design.md §5       |
 | hope_fast           | hope_residual + projection-memory chunk 32                   | eqs. 71, 90                |
 
 Plain GD adds a chunk's steps at the chunk-start state, so `MemoryConfig` only accepts η_max ≤ min(1, 2/C) for
-the largest chunk C (DESIGN.md §3); `hope_gd` therefore also sets η_max to that bound, the largest stable step.
+the largest chunk C (docs/design.md §3); `hope_gd` therefore also sets η_max to that bound, the largest stable step.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-ROOT = Path(__file__).resolve().parents[2]
+from experiments.common.trainer import compose_train, place_run
 
 
 class StepTimer(Callback):
@@ -58,24 +58,8 @@ def peak_rss_mib() -> float:
 
 def compose(overrides: Sequence[str], run_dir: Path):
     """The config of `python train.py <overrides>`, with outputs in `run_dir` and a `StepTimer` callback."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(run_dir)
-        cfg.paths.output_dir = str(run_dir)
-        cfg.paths.data_cache = str(ROOT / ".cache" / "data")  # one token cache for every run
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-        cfg.callbacks.step_timer = {"_target_": f"{__name__}.StepTimer", "path": str(run_dir / "step_times.json")}
-    HydraConfig().set_config(cfg)
-    return cfg
+    return place_run(compose_train(overrides), run_dir,
+                     step_timer={"_target_": f"{__name__}.StepTimer", "path": str(run_dir / "step_times.json")})
 
 
 def read_curves(run_dir: Path) -> dict[str, list[list[float]]]:

@@ -24,9 +24,9 @@ import torch
 
 from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.models import LABELS, available_models, build_model
-from experiments.common.results import Partial, markdown_table, plot_bars, write_result
+from experiments.common.results import Partial, markdown_table, plot_bars, publish
 from experiments.common.train import Diverged
-from experiments.memory_tasks.harness import score, train_on_synthetic
+from experiments.memory_tasks.harness import score, sweep_mode, train_on_synthetic
 
 NAME = "formal_languages"
 # arXiv:2512.24695 Table 5, accuracy (%) Bin0 / Bin1 (transcribed in /work/shared/paper_notes.md §5).
@@ -106,10 +106,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    mode = dict(MODES[mode_name(args)])
-    mode["size"] = args.size or mode["size"]
-    mode["steps"] = args.steps or mode["steps"]
-    mode["device"] = args.device
+    mode = sweep_mode(MODES, args)
     languages = [lang for lang in (args.languages or mode["languages"]).split(",") if lang]
     bad = [lang for lang in languages if lang not in TITLES]
     if not languages or bad:
@@ -120,13 +117,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     table = comparison_table(results, languages)
     doc = {"mode": mode_name(args), "config": mode, "score": "recognition accuracy (%) Bin0 / Bin1",
            "paper_table5": PAPER_TABLE5, "results": results, "skipped": skipped, "table": table}
-    path = write_result(NAME, doc, args.out)
     series = {f"{LABELS[m]} {b}": [results[lang][m][b] for lang in languages] for m in names for b in ("bin0", "bin1")}
-    plot_bars(path.with_suffix(".png"), [TITLES[lang] for lang in languages], series,
-              "Formal languages: trained on Bin0 (1-50), tested on Bin0 and Bin1 (51-100)", "accuracy (%)")
-    path.with_suffix(".md").write_text(table + "\n")
-    partial.finish()
-    print(table)
+    publish(NAME, doc, args.out, lambda png: plot_bars(
+        png, [TITLES[lang] for lang in languages], series,
+        "Formal languages: trained on Bin0 (1-50), tested on Bin0 and Bin1 (51-100)", "accuracy (%)"), partial)
     return doc
 
 

@@ -10,8 +10,9 @@ match exactly when greedy decoding would produce its whole answer, so no decodin
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from experiments.common.cli import base_parser, mode_name, parse_models
 from experiments.common.data import check_fits
-from experiments.common.models import build_model
+from experiments.common.models import available_models, build_model
 from experiments.common.results import Partial
 from experiments.common.train import Diverged, Task, TrainConfig, model_device, train_on_tasks
 from hope.eval import IGNORE_INDEX, logits_of
@@ -81,7 +83,7 @@ def sweep(
     names: list[str],
     make: Callable[[int, int, int], Any],
     train_setting: int,
-    test_settings: list[int],
+    test_settings: Sequence[int],
     vocab_size: int,
     candidates: Tensor | None,
     mode: dict[str, Any],
@@ -121,8 +123,37 @@ def sweep(
             print(f"{name:>15}: " + "  ".join(f"{s}: {v['exact_match']:.2f}" for s, v in zip(test_settings, scores)))
         if partial is not None:
             partial.put(name, out[name])
-        print(f"{name:>15}: " + "  ".join(f"{s}: {v['exact_match']:.2f}" for s, v in zip(test_settings, scores)))
     return out
+
+
+def sweep_parser(description: str) -> argparse.ArgumentParser:
+    """The flags of a length or load sweep (MQAR, passkey): the shared ones and `--steps`."""
+    p = base_parser(description)
+    p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    return p
+
+
+def sweep_mode(modes: Mapping[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """A copy of the budget of `--mode` with `--size`, `--steps` (where given) and `--device` applied."""
+    mode = dict(modes[mode_name(args)])
+    mode["size"] = args.size or mode["size"]
+    mode["steps"] = args.steps or mode["steps"]
+    mode["device"] = args.device
+    return mode
+
+
+def run_sweep(bench: str, args: argparse.Namespace, mode: dict[str, Any], make: Callable[[int, int, int], Any],
+              train_setting: int, test_settings: Sequence[int], vocab_size: int, candidates: Tensor | None,
+              xlabel: str, score: str) -> dict[str, Any]:
+    """A whole sweep benchmark: every model of `--models` that builds here trained at `train_setting` and scored
+    at each of `test_settings` (`sweep`, resumable with `--resume`), then its result files (`write_sweep`, the
+    settings on a log axis); `score` says what the numbers are. Returns the result document."""
+    names, skipped = available_models(parse_models(args.models))
+    partial = Partial(bench, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
+    results = sweep(names, make, train_setting, test_settings, vocab_size, candidates, mode, args.seed, partial)
+    doc = {"mode": mode_name(args), "config": mode, "train_setting": train_setting, "test_settings": test_settings,
+           "score": score, "results": results, "skipped": skipped}
+    return write_sweep(bench, doc, test_settings, xlabel, args.out, logx=True, partial=partial)
 
 
 def sweep_table(doc: dict[str, Any], xlabel: str) -> str:
@@ -141,9 +172,9 @@ def sweep_table(doc: dict[str, Any], xlabel: str) -> str:
 def plot_sweep(path: Path, doc: dict[str, Any], xlabel: str, logx: bool = False) -> Path:
     """Two panels against the test setting: exact match and per-token accuracy, one line per model."""
     from experiments.common.models import LABELS
-    from experiments.common.results import _pyplot
+    from experiments.common.results import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     settings = doc["test_settings"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, ylabel in zip(axes, ("exact_match", "token_accuracy"), ("exact match", "per-token accuracy")):
@@ -156,10 +187,7 @@ def plot_sweep(path: Path, doc: dict[str, Any], xlabel: str, logx: bool = False)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{doc['benchmark']}: trained at {xlabel} = {doc['train_setting']} ({doc['mode']} mode)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_sweep(bench: str, doc: dict[str, Any], settings: list[int], xlabel: str, out_dir: str,

@@ -20,10 +20,8 @@ from typing import Any
 
 import torch
 
-from experiments.common.cli import base_parser, configured, mode_name, parse_models
-from experiments.common.models import available_models
-from experiments.common.results import Partial
-from experiments.memory_tasks.harness import sweep, write_sweep
+from experiments.common.cli import configured
+from experiments.memory_tasks.harness import run_sweep, sweep_mode, sweep_parser
 
 NAME = "mqar"
 MODES: dict[str, dict[str, Any]] = {
@@ -41,28 +39,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with configured(args):
         from hope.data.synthetic import mqar_task
 
-        mode = dict(MODES[mode_name(args)])
-        mode["size"], mode["steps"] = args.size or mode["size"], args.steps or mode["steps"]
-        mode["device"] = args.device
-        names, skipped = available_models(parse_models(args.models))
+        mode = sweep_mode(MODES, args)
         vocab = mode["vocab"]
         values = torch.arange(1 + (vocab - 1) // 2, vocab)  # [K] the value tokens of mqar_task
 
         def make(pairs: int, n: int, seed: int):
             return mqar_task(n, n_pairs=pairs, vocab_size=vocab, seed=seed)
 
-        partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
-        results = sweep(names, make, mode["train_pairs"], mode["test_pairs"], vocab, values, mode, args.seed, partial)
-        doc = {"mode": mode_name(args), "config": mode, "train_setting": mode["train_pairs"],
-               "test_settings": mode["test_pairs"], "score": "exact match (all queries right) and token accuracy",
-               "results": results, "skipped": skipped}
-        return write_sweep(NAME, doc, mode["test_pairs"], "pairs", args.out, logx=True, partial=partial)
+        return run_sweep(NAME, args, mode, make, mode["train_pairs"], mode["test_pairs"], vocab, values, "pairs",
+                         "exact match (all queries right) and token accuracy")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=None, help="training steps per model")
-    return p
+    return sweep_parser(__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

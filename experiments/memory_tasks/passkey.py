@@ -21,10 +21,8 @@ from typing import Any
 
 import torch
 
-from experiments.common.cli import base_parser, configured, mode_name, parse_models
-from experiments.common.models import available_models
-from experiments.common.results import Partial
-from experiments.memory_tasks.harness import sweep, write_sweep
+from experiments.common.cli import configured
+from experiments.memory_tasks.harness import run_sweep, sweep_mode, sweep_parser
 
 NAME = "passkey"
 MODES: dict[str, dict[str, Any]] = {
@@ -42,28 +40,18 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with configured(args):
         from hope.data.synthetic import DIGIT0, passkey_task
 
-        mode = dict(MODES[mode_name(args)])
-        mode["size"], mode["steps"] = args.size or mode["size"], args.steps or mode["steps"]
-        mode["device"] = args.device
-        names, skipped = available_models(parse_models(args.models))
+        mode = sweep_mode(MODES, args)
         digits = torch.arange(DIGIT0, DIGIT0 + 10)  # [K] the ten digit tokens
 
         def make(length: int, n: int, seed: int):
             return passkey_task(n, context_len=length, n_digits=mode["digits"], vocab_size=mode["vocab"], seed=seed)
 
-        partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
-        results = sweep(names, make, mode["train_len"], mode["test_lens"], mode["vocab"], digits, mode, args.seed,
-                        partial)
-        doc = {"mode": mode_name(args), "config": mode, "train_setting": mode["train_len"],
-               "test_settings": mode["test_lens"], "score": "exact match (all digits right) and digit accuracy",
-               "results": results, "skipped": skipped}
-        return write_sweep(NAME, doc, mode["test_lens"], "tokens", args.out, logx=True, partial=partial)
+        return run_sweep(NAME, args, mode, make, mode["train_len"], mode["test_lens"], mode["vocab"], digits,
+                         "tokens", "exact match (all digits right) and digit accuracy")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=None, help="training steps per model")
-    return p
+    return sweep_parser(__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

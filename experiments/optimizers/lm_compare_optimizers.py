@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import statistics
-import sys
 import time
 import traceback
 import warnings
@@ -45,12 +44,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import Callback
 
+from experiments.common.cli import command_line, out_dir, torch_threads
 from experiments.common.results import markdown_table, write_result
+from experiments.common.trainer import QUIET_OVERRIDES, compose_train, place_run
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "lm_optimizers"
 
@@ -162,21 +161,8 @@ def shared_overrides(model: str, mode: dict[str, Any], seed: int) -> list[str]:
     return [
         f"experiment={model}_small", f"seed={seed}", f"model.size={mode['size']}", f"data.seq_len={mode['seq_len']}",
         f"data.batch_size={mode['batch_size']}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-        "trainer.log_every_n_steps=1", f"logger={mode['logger']}", "test=false", "~callbacks.model_checkpoint",
-        "~callbacks.progress_bar", "+trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", *mode["extra"],
+        "trainer.log_every_n_steps=1", f"logger={mode['logger']}", "test=false", *QUIET_OVERRIDES, *mode["extra"],
     ] + ([] if mode["val_tokens"] is None else [f"data.max_val_tokens={mode['val_tokens']}"])
-
-
-def compose(overrides: Sequence[str]):
-    """The config of `python train.py <overrides>` (Hydra's own node included, as `hope.training.run` needs)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
 
 def run_config(base, settings: dict[str, Any], run_dir: Path, clock_path: Path):
@@ -185,21 +171,13 @@ def run_config(base, settings: dict[str, Any], run_dir: Path, clock_path: Path):
     Composing once per model and copying saves Hydra's ~1 s per run (a tiny run takes about as long);
     `test_overrides_reproduce_the_settings` checks that this equals composing with `optimizer_overrides`.
     """
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     cfg = copy.deepcopy(base)
     with open_dict(cfg):
         for key, value in settings.items():
             cfg.model[key] = value
-        cfg.paths.root_dir = str(run_dir)
-        cfg.paths.output_dir = str(run_dir)
-        cfg.paths.data_cache = str(ROOT / ".cache" / "data")  # one token cache for every run (and the tests)
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-        cfg.callbacks.loss_clock = {"_target_": f"{__name__}.LossClock", "path": str(clock_path)}
-    HydraConfig().set_config(cfg)
-    return cfg
+    return place_run(cfg, run_dir, loss_clock={"_target_": f"{__name__}.LossClock", "path": str(clock_path)})
 
 
 def train_one(base, model: str, optimizer: str, lr: float, shared: list[str], run_dir: Path) -> dict[str, Any]:
@@ -342,7 +320,7 @@ def train_all(models: list[str], runs: list[tuple[str, float]], mode: dict[str, 
     results = []
     for model in models:
         shared = shared_overrides(model, mode, seed)
-        base = compose(shared)
+        base = compose_train(shared)
         for optimizer, lr in runs:
             tag = f"{model} / {optimizer} lr={lr:.3g}"
             print(f"[{tag}] training {mode['steps']} steps ...", flush=True)
@@ -358,22 +336,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mode, runs = plan(args)
     models, skipped = available(parse_names(args.models, MODELS, "--models"))
     name = f"{NAME}_sweep" if args.sweep else NAME
-    out = Path(args.out) if args.out else RESULTS / ("tiny" if args.tiny else "")
+    out = out_dir(args, RESULTS)
     threads = args.threads or mode["threads"]
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # per-run GPU/TPU banners, 8+ times over
     warnings.filterwarnings("ignore", module="lightning")
-    load_start, before = list(os.getloadavg()), torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
+    load_start = list(os.getloadavg())
+    with torch_threads(threads):  # restored after: the tests call main() in the pytest process
         results = train_all(models, runs, mode, args.seed, out)
-    finally:
-        torch.set_num_threads(before)  # the tests call main() in the pytest process
     for model, reason in skipped.items():
         results += [{"model": model, "optimizer": o, "lr": lr, "status": "skipped", "reason": reason, "curve": []}
                     for o, lr in runs]
     doc = {
         "mode": "tiny" if args.tiny else "full",
-        "command": " ".join(["python -m experiments.optimizers.lm_compare_optimizers", *(argv or sys.argv[1:])]),
+        "command": command_line("experiments.optimizers.lm_compare_optimizers", argv),
         "config": {k: v for k, v in mode.items() if k != "extra"} | {"seed": args.seed, "threads": threads,
                                                                     "sweep": args.sweep, "extra": mode["extra"]},
         "learning_rates": {o: {"lr": lr, "why": why} for o, (lr, why) in LEARNING_RATES.items()},

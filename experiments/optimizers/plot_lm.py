@@ -37,14 +37,11 @@ def trailing_mean(values: Sequence[float], window: int) -> list[float]:
 
 def plot_results(path: str | Path, results: list[dict[str, Any]], title: str) -> Path:
     """Two panels (loss vs step, loss vs training wall time) for every run with a curve; saved as a PNG at `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: runs on servers and in CI
-    import matplotlib.pyplot as plt
+    from experiments.common.results import pyplot, save_figure
 
     longest = max((len(r["curve"]) for r in results if r.get("curve")), default=1)
     window = max(1, longest // 50)
-    fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_step, ax_time) = pyplot().subplots(1, 2, figsize=(11, 4.2))
     drawn = [r for r in results if r.get("curve")]
     for r in drawn:
         steps, seconds, loss = zip(*r["curve"])
@@ -62,11 +59,7 @@ def plot_results(path: str | Path, results: list[dict[str, Any]], title: str) ->
         ax.grid(alpha=0.3)
     ax_time.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: a sweep has many lines
     fig.suptitle(f"{title}; trailing mean over {window} step(s)", fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

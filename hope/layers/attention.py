@@ -5,9 +5,12 @@ Legend: B batch, T new tokens, S cached tokens, H heads, K head width, D model w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import register_dataclass
 
 from hope.config import HopeConfig
 from hope.layers.mlp import residual_std
@@ -33,15 +36,37 @@ def first_position(pos: torch.Tensor) -> int:
     return int(pos[0]) if pos.numel() else 0
 
 
+@dataclass
+class KVCache:
+    """The attention core's state: stream position `[B]` and the rotated keys and values seen so far
+    `[B, H, S, K]`."""
+
+    pos: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def to_flat(self) -> dict[str, torch.Tensor]:
+        return {"pos": self.pos, "k": self.k, "v": self.v}
+
+    @classmethod
+    def from_flat(cls, saved: dict[str, torch.Tensor]) -> KVCache:
+        return cls(saved["pos"], saved["k"], saved["v"])
+
+
+register_dataclass(KVCache)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention with rotary positions and an explicit KV-cache state.
 
     ```
     x [B,T,D] ─► W_qkv ─► q,k,v [B,H,T,K] ─► RoPE(q,k @ pos..pos+T) ─┐
-    state["k"], state["v"] [B,H,S,K] ───────────── concat ───────────┴─► SDPA (causal) ─► W_o ─► y [B,T,D]
+    state.k, state.v [B,H,S,K] ─────────────────── concat ───────────┴─► SDPA (causal) ─► W_o ─► y [B,T,D]
                                                         └─► new state: k, v [B,H,S+T,K], pos + T
     ```
     """
+
+    State = KVCache
 
     def __init__(self, config: HopeConfig) -> None:
         super().__init__()
@@ -59,7 +84,7 @@ class CausalSelfAttention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=self.init_std)
         nn.init.normal_(self.out.weight, std=self.out_std)
 
-    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None):
+    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, K]
         if state is None:
@@ -67,7 +92,7 @@ class CausalSelfAttention(nn.Module):
             k_cache = v_cache = None
             start = 0
         else:
-            pos, k_cache, v_cache = state["pos"], state["k"], state["v"]
+            pos, k_cache, v_cache = state.pos, state.k, state.v
             start = first_position(pos)
         cos, sin = rope_cos_sin(torch.arange(start, start + T, device=x.device), self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -83,4 +108,4 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, S + T, dtype=torch.bool, device=x.device).tril(diagonal=S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.out(y.transpose(1, 2).reshape(B, T, D))
-        return y, {"pos": pos + T, "k": k, "v": v}
+        return y, KVCache(pos + T, k, v)

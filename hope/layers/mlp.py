@@ -60,7 +60,7 @@ class FastWeights:
     """Per-sample fast weights of one SwiGLU, `{name: [B, *θ.shape]}`, and the products computed with them.
 
     Each `matmul` records its input and output; `grads(loss)` then returns ∂loss/∂W per sample as
-    `Σ_uses x_bᵀ (∂loss/∂y_b)`, one backward for every level of a period (`hope.layers.cms.write_levels`).
+    `Σ_uses x_bᵀ (∂loss/∂y_b)`, one backward for every level of a period (`hope.cms.level.write_levels`).
     A SwiGLU call records three products, the last of which (`w_down`) is the level's output: `output_grads`
     differentiates ⟨δ, output⟩ from them (the residual write signal of `HopeConfig.cms_signal`).
     """

@@ -1,4 +1,4 @@
-"""Self-modifying Titans: HOPE's sequence core (DESIGN.md §4, arXiv:2512.24695 eqs. 83–97).
+"""Self-modifying Titans: HOPE's sequence core (docs/design.md §4, arXiv:2512.24695 eqs. 83–97).
 
 Legend: B batch, T time, D model width, H heads, K head width, F deep-memory hidden width, C chunk,
 P read width of the linear projection memory (K per vector memory, 1 per scalar read-out).
@@ -29,26 +29,61 @@ Defaults: linear memories (deep ones cost 1.3–2.3×), projection chunks of 16 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import register_dataclass
 
 from hope import ops
 from hope.config import HopeConfig
 from hope.layers.attention import first_position
 from hope.layers.conv import CausalConv
 from hope.layers.mlp import residual_std
+from hope.memory.bounds import cuts
+from hope.memory.state import DeepState, LinearState, flat, unflat
 
 Tensor = torch.Tensor
 
 
+@dataclass
+class SelfModifyingState:
+    """The self-modifying core's state: stream position `[B]`, the linear projection memory (Sᵀ with columns
+    [k | v | (q) | η | α]), the main memory M_mem (linear or deep), the deep projection memories by name ("k",
+    "v", "q"; only with `proj_depth="deep"`), and the convolution's cache (None before the first call)."""
+
+    pos: Tensor
+    proj: LinearState
+    mem: LinearState | DeepState
+    proj_deep: dict[str, DeepState] = field(default_factory=dict)
+    conv: Tensor | None = None
+
+    def to_flat(self) -> dict[str, Tensor]:
+        """Keys "pos", "conv", "proj.S[_start]", "proj_<k|v|q>.<w2|w1>[_start]", "mem.<S|S_start|Z>" or
+        "mem.<w2|w1|m2|m1|w2_start|w1_start>" (the saved-state format)."""
+        out = {"pos": self.pos, **flat(self.proj, "proj"), **flat(self.mem, "mem")}
+        for name, deep in self.proj_deep.items():
+            out.update(flat(deep, f"proj_{name}"))
+        return out if self.conv is None else {**out, "conv": self.conv}
+
+    @classmethod
+    def from_flat(cls, saved: dict[str, Tensor]) -> SelfModifyingState:
+        mem = unflat(LinearState if "mem.S" in saved else DeepState, saved, "mem")
+        names = [n for n in ("k", "v", "q") if f"proj_{n}.w2" in saved]
+        deep = {n: unflat(DeepState, saved, f"proj_{n}") for n in names}
+        return cls(saved["pos"], unflat(LinearState, saved, "proj"), mem, deep, saved.get("conv"))
+
+
+register_dataclass(SelfModifyingState)
+
+
 @torch.compiler.disable  # reads a value: eager inside a compiled core (the core is specialised per position)
-def stream_position(state: dict[str, Tensor], batch: int) -> int:
+def stream_position(state: SelfModifyingState, batch: int) -> int:
     """The common stream position of the batch (rows must advance together: chunk boundaries are shared)."""
-    pos = state["pos"]
+    pos = state.pos
     if tuple(pos.shape) != (batch,):
-        raise ValueError(f"state['pos'] must be an int64 [B={batch}] tensor, got shape {list(pos.shape)}")
+        raise ValueError(f"state.pos must be an int64 [B={batch}] tensor, got shape {list(pos.shape)}")
     if batch > 1 and not bool((pos == pos[0]).all()):
         raise ValueError(f"every row of a batch must be at the same stream position, got {pos.tolist()}")
     return first_position(pos)
@@ -61,15 +96,6 @@ def check_input(x: object, d_model: int) -> None:
         raise ValueError(f"core input must be [B, T ≥ 1, D={d_model}], got shape {list(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"core input must be floating point, got dtype {x.dtype}")
-
-
-def segments(T: int, pos: int, chunks: tuple[int, ...]) -> list[tuple[int, int]]:
-    """Cut [0, T) of a piece that starts at stream position `pos` at every boundary of each chunk size."""
-    cuts = {0, T}
-    for chunk in chunks:
-        cuts.update(range(-pos % chunk, T, chunk))
-    cuts = sorted(cuts)
-    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
 def retention_bias(n_heads: int) -> Tensor:
@@ -104,38 +130,48 @@ class MemoryOutput(nn.Module):
         return self.out(o)  # [B, T, D]
 
 
-class SelfModifyingCore(nn.Module):
+class MemoryCore(nn.Module):
+    """What the memory cores share: their config, `MemoryConfig` (`mc`), heads H, head width K and the hidden
+    width F of a deep memory."""
+
+    def __init__(self, config: HopeConfig) -> None:
+        super().__init__()
+        self.config, self.mc = config, config.memory
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.hidden = self.mc.hidden(self.head_dim)
+
+
+class SelfModifyingCore(MemoryCore):
     """Self-modifying Titans core: every projection is a memory that rewrites itself in context.
 
     ```
     x [B,T,D] ─► CausalConv(W) ─► SiLU ─► x̃ ─┬─► W_q (or M_q) ─► ℓ2 ─► q ──────────────────┐
-       state["conv"] ◄┘                       │                                             │
+        state.conv ◄┘                       │                                             │
                                               └─► M_k, M_v, M_η, M_α  (read at chunk start) │
-           state["proj.*"] ⇄ (write: regress k_t onto M_□,c(t)(v_t), DGD)                   │
+            state.proj ⇄ (write: regress k_t onto M_□,c(t)(v_t), DGD)                   │
                           k = ℓ2(M_k x̃), v = M_v x̃, η = η_max·σ(M_η x̃ + b_η), α = σ(M_α x̃ + b_α)
                                               │                                             │
                                               ▼                                             ▼
-                    state["mem.*"] ⇄ M_mem: write (k, v, η, α, β = η) then read o_t = M_mem,t(q_t)
+                      state.mem ⇄ M_mem: write (k, v, η, α, β = η) then read o_t = M_mem,t(q_t)
                                               │
     x ─► W_g ─► SiLU ─────────────────────── (⊙) ◄─ per-head RMSNorm ◄─ o [B,T,H,K]
                                               └─► W_o ─► y [B,T,D]
     ```
-    Two choices beyond the paper keep the self-referential writes bounded (DESIGN.md §3; see `MemoryConfig`):
+    Two choices beyond the paper keep the self-referential writes bounded (docs/design.md §3; see `MemoryConfig`):
     self-generated targets read the normalised value, M_□,c(v̄_t) with v̄ = v/‖v‖, and M_mem's momentum writes
     (1 − γ_t)η_t. `tests/test_cores.py::test_long_stream_stays_finite` fails without either.
 
     The four (five with `adaptive_q`) linear projection memories share keys and gates, so they are one
     linear memory whose read has P = 2K + 2 columns [k | v | (q) | η | α]. The scalar read-outs M_η, M_α are
-    always linear (d_h → 1); with `proj_depth="deep"` M_k, M_v (M_q) are residual MLPs. State keys: "pos",
-    "conv", "proj.S", "proj.S_start" (and "proj_<k|v|q>.<w2|w1>[_start]" when deep), "mem.S", "mem.S_start"
-    ("mem.Z" with momentum) or "mem.<w2|w1|m2|m1>", "mem.<w2|w1>_start" when M_mem is deep.
+    always linear (d_h → 1); with `proj_depth="deep"` M_k, M_v (M_q) are residual MLPs. State:
+    `SelfModifyingState`.
     """
 
+    State = SelfModifyingState
+
     def __init__(self, config: HopeConfig) -> None:
-        super().__init__()
-        self.config, self.mc = config, config.memory
-        D, H, K = config.d_model, config.n_heads, config.head_dim
-        self.n_heads, self.head_dim, self.hidden = H, K, self.mc.hidden(K)
+        super().__init__(config)
+        D, H, K = config.d_model, self.n_heads, self.head_dim
         self.vectors = ("k", "v", "q") if self.mc.adaptive_q else ("k", "v")
         self.conv = CausalConv(D, self.mc.conv_width)
         self.q_proj = None if self.mc.adaptive_q else nn.Linear(D, D, bias=False)
@@ -185,46 +221,45 @@ class SelfModifyingCore(nn.Module):
         for name, p in [*self.proj_deep.items(), *self.mem_init.items()]:
             nn.init.normal_(p, std=K**-0.5 if name.endswith("w2") else std)
 
-    def init_state(self, batch: int) -> dict[str, Tensor]:
+    def init_state(self, batch: int) -> SelfModifyingState:
         """A fresh stream: position 0, empty conv cache, every memory at its meta-learned initial state."""
         expand = lambda p: p.expand(batch, *p.shape)
-        state = {"pos": torch.zeros(batch, dtype=torch.long, device=self.proj_init.device)}
-        state["proj.S"] = state["proj.S_start"] = expand(self.proj_init)
+        pos = torch.zeros(batch, dtype=torch.long, device=self.proj_init.device)
+        proj = expand(self.proj_init)
+        deep = {}
         for name in self.vectors if self.proj_deep else ():
-            for layer in ("w2", "w1"):
-                w = expand(self.proj_deep[f"{name}_{layer}"])
-                state[f"proj_{name}.{layer}"] = state[f"proj_{name}.{layer}_start"] = w
+            w2, w1 = expand(self.proj_deep[f"{name}_w2"]), expand(self.proj_deep[f"{name}_w1"])
+            deep[name] = DeepState(w2, w1, w2, w1)
         if "S" in self.mem_init:
-            state["mem.S"] = state["mem.S_start"] = expand(self.mem_init["S"])
-            if self.mc.momentum:
-                state["mem.Z"] = torch.zeros_like(state["mem.S"])
+            S = expand(self.mem_init["S"])
+            mem = LinearState(S, S, torch.zeros_like(S) if self.mc.momentum else None)
         else:
-            for layer in ("w2", "w1"):
-                state[f"mem.{layer}"] = state[f"mem.{layer}_start"] = expand(self.mem_init[layer])
-        return state
+            w2, w1 = expand(self.mem_init["w2"]), expand(self.mem_init["w1"])
+            mem = DeepState(w2, w1, w2, w1)
+        return SelfModifyingState(pos, LinearState(proj, proj), mem, deep)
 
-    def forward(self, x: Tensor, state: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, state: SelfModifyingState | None = None) -> tuple[Tensor, SelfModifyingState]:
         check_input(x, self.config.d_model)
         B, T, _ = x.shape
         H, K, mc = self.n_heads, self.head_dim, self.mc
         state = self.init_state(B) if state is None else state
         pos = stream_position(state, B)
-        xc, conv_cache = self.conv(x, state.get("conv"))
+        xc, conv_cache = self.conv(x, state.conv)
         xs = F.silu(xc)  # x̃  # [B, T, D]
         q = None if self.q_proj is None else F.normalize(self.q_proj(xs).view(B, T, H, K), dim=-1)  # [B, T, H, K]
         gamma = None if self.momentum_proj is None else torch.sigmoid(self.momentum_proj(x))  # [B, T, H]
-        # On the PyTorch path a linear M_mem runs inside the projection sweep and shares its chunk operators
-        # (same k, α, β); the oracle and the Triton kernel take the whole piece afterwards.
-        fused = "S" in self.mem_init and (mc.backend == "torch" or (mc.backend == "auto" and not x.is_cuda))
-        reads, new = self._sweep(xs.view(B, T, H, K), q, gamma, state, pos, fused)
+        # The PyTorch backend runs a linear M_mem inside the projection sweep, sharing its chunk operators (same
+        # k, α, β), on every device; the oracle and the Triton kernel take the whole piece afterwards.
+        fused = isinstance(state.mem, LinearState) and ops.resolve_backend(
+            mc.backend, x, gamma, self.mem_objective) == "torch"
+        reads, proj, proj_deep, mem = self._sweep(xs.view(B, T, H, K), q, gamma, state, pos, fused)
         if not fused:
-            reads["o"], mem = self._main_memory(reads, q, gamma, state, pos)  # [B, T, H, K]
-            new.update(mem)
-        new.update(pos=state["pos"] + T, conv=conv_cache)
+            reads["o"], mem = self._main_memory(reads, q, gamma, state.mem, pos)  # [B, T, H, K]
+        new = SelfModifyingState(state.pos + T, proj, mem, proj_deep, conv_cache)
         return self.output(reads["o"].to(x.dtype), x), new
 
-    def _main_memory(self, r: dict[str, Tensor], q: Tensor | None, gamma: Tensor | None, state: dict[str, Tensor],
-                     pos: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _main_memory(self, r: dict[str, Tensor], q: Tensor | None, gamma: Tensor | None,
+                     mem: LinearState | DeepState, pos: int) -> tuple[Tensor, LinearState | DeepState]:
         """M_mem over the whole piece (oracle, Triton or a deep M_mem): write (k, v̂) with (η, α, β, γ), then read
         q after the write (eqs. 88–93). `r` holds the sweep's reads `[B, T, H, ·]`."""
         C, mc = self.mc.chunk_size, self.mc
@@ -232,53 +267,51 @@ class SelfModifyingCore(nn.Module):
         beta = r["eta"] if mc.erase == "dgd" else None
         eta = r["eta"] if gamma is None else r["eta"] * (1 - gamma)  # see `_mem_chunk`
         v = r["v_in"] if self.mem_objective == "self" else r["v"]
-        st = {name[4:]: t for name, t in state.items() if name.startswith("mem.")}
-        if "S" in self.mem_init:
-            o, st = ops.memory_stream(q, r["k"], v, eta, r["alpha"], beta, C, st, pos % C, mc.backend, gamma=gamma,
-                                      objective=self.mem_objective)
-        else:
-            o, st = ops.deep_memory(q, r["k"], v, eta, r["alpha"], beta, C, st, pos % C, gamma=gamma,
-                                    objective=self.mem_objective, act=mc.activation)
-        return o, {f"mem.{name}": t for name, t in st.items()}
+        if isinstance(mem, LinearState):
+            return ops.memory_stream(q, r["k"], v, eta, r["alpha"], beta, C, mem, pos % C, mc.backend, gamma=gamma,
+                                     objective=self.mem_objective)
+        return ops.deep_memory(q, r["k"], v, eta, r["alpha"], beta, C, mem, pos % C, gamma=gamma,
+                               objective=self.mem_objective, act=mc.activation)
 
     @property
     def mem_objective(self) -> str:
         return "self" if self.mc.self_target_mem else ("l2" if self.mc.mem_depth == "deep" else self.mc.objective)
 
     def _gates(self, eta_raw: Tensor, alpha_raw: Tensor) -> tuple[Tensor, Tensor]:
-        """η = η_max·σ(M_η x̃ + b_η) (bounded, DESIGN.md §3), α = σ(M_α x̃ + b_α); raw reads `[..., 1]` → `[...]`."""
+        """η = η_max·σ(M_η x̃ + b_η) (bounded, docs/design.md §3), α = σ(M_α x̃ + b_α); raw reads `[..., 1]` → `[...]`."""
         eta = self.mc.eta_max * torch.sigmoid(eta_raw[..., 0] + self.eta_bias[:, None])
         return eta, torch.sigmoid(alpha_raw[..., 0] + self.alpha_bias[:, None])
 
-    def _sweep(self, xh: Tensor, q: Tensor | None, gamma: Tensor | None, state: dict[str, Tensor], pos: int,
-               fused: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _sweep(self, xh: Tensor, q: Tensor | None, gamma: Tensor | None, state: SelfModifyingState, pos: int,
+               fused: bool) -> tuple[dict[str, Tensor], LinearState, dict[str, DeepState], LinearState | None]:
         """Sweep the projection memories over the piece, chunk by chunk (`proj_chunk_size`, aligned to the
         stream): read k, v, η, α (q) of a chunk from the chunk-start states, then write them (eq. 90). With
         `fused`, M_mem (linear) is written and read in the same sweep, in pieces cut at both chunk sizes.
-        Returns the reads `[B, T, H, ·]` (and "o" when fused) and the new memory states."""
+        Returns the reads `[B, T, H, ·]` (and "o" when fused), the new projection memories and, when fused, the new
+        M_mem (else None)."""
         Cp, Cm = self.mc.proj_chunk_size, self.mc.chunk_size
         T = xh.shape[1]
-        st = {name: t for name, t in state.items() if name.startswith("proj") or (fused and name.startswith("mem."))}
-        bounds = segments(T, pos, (Cp, Cm) if fused else (Cp,))
+        proj, deep, mem = state.proj, state.proj_deep, state.mem if fused else None
+        bounds = cuts(T, pos, (Cp, Cm) if fused else (Cp,))
         sizes = [b - a for a, b in bounds]
         pieces = lambda t: [None] * len(bounds) if t is None else t.movedim(1, 2).split(sizes, dim=2)
         outs = []
         for (a, _), x_n, q_n, g_n in zip(bounds, pieces(xh), pieces(q), pieces(gamma)):
             if (pos + a) % Cp == 0:  # a chunk boundary: later reads and inner gradients use the state reached here
-                st.update({f"{n}_start": st[n] for n in list(st) if n.startswith("proj") and not n.endswith("_start")})
-            reads, st, ops_n = self._projection_chunk(x_n, st, (pos + a) % Cp == 0, q_n, fused)
+                proj, deep = _chunk_start(proj, deep)
+            reads, proj, deep, ops_n = self._projection_chunk(x_n, proj, deep, (pos + a) % Cp == 0, q_n, fused)
             if fused:
-                reads["o"], st = self._mem_chunk(ops_n, st, reads, g_n, (pos + a) % Cm == 0)
+                reads["o"], mem = self._mem_chunk(ops_n, mem, reads, g_n, (pos + a) % Cm == 0)
             outs.append(reads)
         if (pos + T) % Cp == 0:
-            st.update({f"{n}_start": st[n] for n in list(st) if n.startswith("proj") and not n.endswith("_start")})
+            proj, deep = _chunk_start(proj, deep)
         if fused and (pos + T) % Cm == 0:
-            st["mem.S_start"] = st["mem.S"]
+            mem = LinearState(mem.S, mem.S, mem.Z)
         reads = {n: torch.cat([r[n] for r in outs], dim=2).movedim(2, 1) for n in outs[0]}
-        return reads, st
+        return reads, proj, deep, mem
 
-    def _mem_chunk(self, ops_n, st: dict[str, Tensor], r: dict[str, Tensor], gamma: Tensor | None,
-                   boundary: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    def _mem_chunk(self, ops_n, mem: LinearState, r: dict[str, Tensor], gamma: Tensor | None,
+                   boundary: bool) -> tuple[Tensor, LinearState]:
         """One piece of the linear M_mem inside the sweep; `boundary`: the piece starts one of M_mem's chunks."""
         beta, eta = (r["eta"] if self.mc.erase == "dgd" else None), r["eta"]
         if gamma is not None:  # the projection memories have no momentum: M_mem needs operators of its own
@@ -286,40 +319,36 @@ class SelfModifyingCore(nn.Module):
             # momentum writes (1 − γ)η: Z is then an average of the updates, whose step stays η, so the DGD bound
             # holds (with η itself the step grows to η/(1 − γ) and the memory blows up)
             eta = eta * (1 - gamma)
-        st = dict(st)
-        if boundary:
-            st["mem.S_start"] = st["mem.S"]
+        S, S_start, Z = mem.S, mem.S if boundary else mem.S_start, mem.Z
         v = r["v_in"] if self.mem_objective == "self" else r["v"]
         y, z = ops.write_terms(r["k"], v, eta, self.mem_objective)  # x_t = y_t − S_cᵀ z_t
         if boundary and gamma is None:
-            o, st["mem.S"] = ops.linear_chunk(ops_n, st["mem.S"], y, z)
+            o, S = ops.linear_chunk(ops_n, S, y, z)
         else:
-            x = ops.chunk_write(y, z, st["mem.S_start"])
-            o, st["mem.S"], Z = ops.chunk_step(ops_n, st["mem.S"], x, st.get("mem.Z"))
-            if Z is not None:
-                st["mem.Z"] = Z
-        return o, st
+            o, S, Z_new = ops.chunk_step(ops_n, S, ops.chunk_write(y, z, S_start), Z)
+            Z = Z if Z_new is None else Z_new
+        return o, LinearState(S, S_start, Z)
 
-    def _projection_chunk(self, x: Tensor, st: dict[str, Tensor], aligned: bool, q: Tensor | None,
-                          with_query: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], ops.ChunkOperators]:
+    def _projection_chunk(self, x: Tensor, proj: LinearState, deep: dict[str, DeepState], aligned: bool,
+                          q: Tensor | None, with_query: bool
+                          ) -> tuple[dict[str, Tensor], LinearState, dict[str, DeepState], ops.ChunkOperators]:
         """One (partial) chunk x̃ `[B, H, C, K]`: reads from the chunk-start states, then one chunk of writes.
         `aligned`: the chunk starts at a boundary, so the current states are the chunk-start states. Returns
         the reads, the new states and the chunk operators (with the query q when `with_query`)."""
         K, nv = self.head_dim, len(self.vectors)
-        start = st["proj.S_start"]
+        start = proj.S_start
         widths = [K] * ((start.shape[-1] - 2) // K) + [1, 1]  # [k | v | (q) | η | α]
         *vector_reads, eta_raw, alpha_raw = (x @ start).split(widths, dim=-1)  # reads at the chunk start
         reads = {}
         if self.proj_deep:
             for name in self.vectors:
-                w = {layer: st[f"proj_{name}.{layer}_start"] for layer in ("w2", "w1")}
-                reads[name] = ops.mlp(x, w["w2"], w["w1"], self.mc.activation)  # [B, H, C, K]
+                reads[name] = ops.mlp(x, deep[name].w2_start, deep[name].w1_start, self.mc.activation)  # [B, H, C, K]
         else:
             reads.update(zip(self.vectors, vector_reads))  # [B, H, C, K] each
         k = F.normalize(reads["k"], dim=-1)
         v = reads["v"]
         # A self-generated target reads the normalised value M_c(v̄), v̄ = v/‖v‖: along k a write then multiplies
-        # the memory by α − β − η + η kᵀv̄, which stays in [−1, 1] under the bound of DESIGN.md §3; with the raw v
+        # the memory by α − β − η + η kᵀv̄, which stays in [−1, 1] under the bound of docs/design.md §3; with the raw v
         # the factor grows with kᵀv and the self-referential memories blow up.
         v_in = F.normalize(v, dim=-1)
         q = F.normalize(reads["q"], dim=-1) if "q" in self.vectors else q
@@ -329,21 +358,27 @@ class SelfModifyingCore(nn.Module):
         plain = not self.mc.self_targets and not self.proj_deep
         # self-generated targets M_□,c(v): u = M_c(v) − M_c(k) = (v − k) S_c for a linear memory (eq. 93)
         if aligned and not plain:
-            _, new_S = ops.linear_chunk(ops_k, st["proj.S"], None, eta[..., None] * (k - v_in))
+            _, new_S = ops.linear_chunk(ops_k, proj.S, None, eta[..., None] * (k - v_in))
         else:
             write = -(k - v_in) @ start  # [B, H, C, P]
             if plain:  # u = v̄ − S_c k for M_k, M_v, M_q; the scalar read-outs keep their self-generated targets
                 write = torch.cat([v_in.repeat(1, 1, 1, nv) - k @ start[..., : nv * K], write[..., nv * K :]], dim=-1)
-            _, new_S, _ = ops.chunk_step(ops_k, st["proj.S"], eta[..., None] * write)
-        new = {**st, "proj.S": new_S}
+            _, new_S, _ = ops.chunk_step(ops_k, proj.S, eta[..., None] * write)
+        new_deep = {}
         for name in self.vectors if self.proj_deep else ():
-            w = {layer: st[f"proj_{name}.{layer}"] for layer in ("w2", "w1")}
-            w0 = {layer: st[f"proj_{name}.{layer}_start"] for layer in ("w2", "w1")}
-            target = ops.mlp(v_in, w0["w2"], w0["w1"], self.mc.activation) if self.mc.self_targets else v_in
-            _, w = ops.deep_write(ops_k, w, w0, k, target, eta, alpha, None, self.mc.activation,
-                                  self.mc.proj_chunk_size)
-            new.update({f"proj_{name}.{layer}": w[layer] for layer in ("w2", "w1")})
+            d = deep[name]
+            w0 = {"w2": d.w2_start, "w1": d.w1_start}
+            target = ops.mlp(v_in, d.w2_start, d.w1_start, self.mc.activation) if self.mc.self_targets else v_in
+            _, w = ops.deep_write(ops_k, {"w2": d.w2, "w1": d.w1}, w0, k, target, eta, alpha, None,
+                                  self.mc.activation, self.mc.proj_chunk_size)
+            new_deep[name] = DeepState(w["w2"], w["w1"], d.w2_start, d.w1_start)
         out = {"k": k, "v": v, "v_in": v_in, "eta": eta, "alpha": alpha}
         if q is not None:
             out["q"] = q
-        return out, new, ops_q
+        return out, LinearState(new_S, proj.S_start), new_deep, ops_q
+
+
+def _chunk_start(proj: LinearState, deep: dict[str, DeepState]) -> tuple[LinearState, dict[str, DeepState]]:
+    """The projection memories at a chunk boundary: the states reached here become the chunk-start states."""
+    return (LinearState(proj.S, proj.S, proj.Z),
+            {name: DeepState(d.w2, d.w1, d.w2, d.w1, d.m2, d.m1) for name, d in deep.items()})

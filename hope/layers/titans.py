@@ -9,28 +9,54 @@ learning rate θ_t (our η_t), gradients at the chunk-start weights (Titans eqs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import register_dataclass
 
 from hope import ops
 from hope.config import HopeConfig
 from hope.layers.conv import CausalConv
-from hope.layers.self_modifying import MemoryOutput, check_input, retention_bias, stream_position
+from hope.layers.self_modifying import MemoryCore, MemoryOutput, check_input, retention_bias, stream_position
+from hope.memory.state import DeepState, flat, unflat
 
 Tensor = torch.Tensor
 
 
-class TitansCore(nn.Module):
+@dataclass
+class TitansState:
+    """The Titans core's state: stream position `[B]`, the deep memory, and the convolution's cache (None
+    before the first call)."""
+
+    pos: Tensor
+    mem: DeepState
+    conv: Tensor | None = None
+
+    def to_flat(self) -> dict[str, Tensor]:
+        """Keys "pos", "conv", "mem.<w2|w1|m2|m1>", "mem.<w2|w1>_start" (the saved-state format)."""
+        out = {"pos": self.pos, **flat(self.mem, "mem")}
+        return out if self.conv is None else {**out, "conv": self.conv}
+
+    @classmethod
+    def from_flat(cls, saved: dict[str, Tensor]) -> TitansState:
+        return cls(saved["pos"], unflat(DeepState, saved, "mem"), saved.get("conv"))
+
+
+register_dataclass(TitansState)
+
+
+class TitansCore(MemoryCore):
     """Titans LMM core: fixed projections, a deep MLP memory trained in context by GD + momentum + retention.
 
     ```
     x [B,T,D] ─► W_qkv ─► CausalConv(W) ─► SiLU ─┬─► ℓ2 ─► q ─────────────────────────────┐
-         state["conv"] ◄──────────┘              ├─► ℓ2 ─► k ──┐                          │
+         state.conv ◄─────────────┘              ├─► ℓ2 ─► k ──┐                          │
                                                  └─────► v ────┤                          │
     x ─► W_gate ─► σ ─► α (retention), θ = (1−γ)η_max/C·σ, γ (momentum) ─┤                │
                                                                          ▼                ▼
-         state["mem.*"] ⇄ M(z) = z + W₁σ(W₂z): write ½‖M(k) − v‖² by GD + momentum, then read M_t(q_t)
+         state.mem    ⇄ M(z) = z + W₁σ(W₂z): write ½‖M(k) − v‖² by GD + momentum, then read M_t(q_t)
                                                                          │
     x ─► W_g ─► SiLU ─────────────────────────────────────── (⊙) ◄─ per-head RMSNorm ◄─ o [B,T,H,K]
                                                               └─► W_o ─► y [B,T,D]
@@ -44,14 +70,14 @@ class TitansCore(nn.Module):
     it. With θ_t = η_max/C · σ(·) and γ_t → 0.998 a Titans LM trained for 150 steps (context 512, lr 1e-3) wrote
     its memory ~20× larger in one chunk and overflowed within five chunks (NaN loss). The (1 − γ_t) factor keeps a
     write's total gain at most η_max/C, whatever the momentum (Titans eq. 14 leaves θ_t's form free).
-    State keys: "pos", "conv", "mem.w2", "mem.w1", "mem.m2", "mem.m1", "mem.w2_start", "mem.w1_start".
+    State: `TitansState`.
     """
 
+    State = TitansState
+
     def __init__(self, config: HopeConfig) -> None:
-        super().__init__()
-        self.config, self.mc = config, config.memory
-        D, H, K = config.d_model, config.n_heads, config.head_dim
-        self.n_heads, self.head_dim, self.hidden = H, K, self.mc.hidden(K)
+        super().__init__(config)
+        D, H, K = config.d_model, self.n_heads, self.head_dim
         self.qkv = nn.Linear(D, 3 * D, bias=False)
         self.conv = CausalConv(3 * D, self.mc.conv_width)
         self.gates = nn.Linear(D, 3 * H)  # [α | θ | γ] pre-activations per head
@@ -78,26 +104,22 @@ class TitansCore(nn.Module):
         nn.init.normal_(self.mem_w2, std=K**-0.5)
         nn.init.normal_(self.mem_w1, std=std)
 
-    def init_state(self, batch: int) -> dict[str, Tensor]:
+    def init_state(self, batch: int) -> TitansState:
         """A fresh stream: position 0, empty conv cache, the memory at its meta-learned initial weights."""
         w2, w1 = self.mem_w2.expand(batch, *self.mem_w2.shape), self.mem_w1.expand(batch, *self.mem_w1.shape)
-        return {"pos": torch.zeros(batch, dtype=torch.long, device=w2.device), "mem.w2": w2, "mem.w1": w1,
-                "mem.w2_start": w2, "mem.w1_start": w1}
+        return TitansState(torch.zeros(batch, dtype=torch.long, device=w2.device), DeepState(w2, w1, w2, w1))
 
-    def forward(self, x: Tensor, state: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
         check_input(x, self.config.d_model)
         B, T, _ = x.shape
         H, K, C = self.n_heads, self.head_dim, self.mc.chunk_size
         state = self.init_state(B) if state is None else state
         pos = stream_position(state, B)
-        qkv, conv_cache = self.conv(self.qkv(x), state.get("conv"))
+        qkv, conv_cache = self.conv(self.qkv(x), state.conv)
         q, k, v = F.silu(qkv).view(B, T, 3, H, K).unbind(2)  # [B, T, H, K]
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         a, lr, mom = torch.sigmoid(self.gates(x)).view(B, T, 3, H).unbind(2)  # [B, T, H]
         eta = self.mc.eta_max / C * lr * (1 - mom)  # θ_t: see the class docstring
-        mem = {name[4:]: t for name, t in state.items() if name.startswith("mem.")}
-        o, mem = ops.deep_memory(q, k, v, eta, a, None, C, mem, pos % C, gamma=mom, objective="l2",
+        o, mem = ops.deep_memory(q, k, v, eta, a, None, C, state.mem, pos % C, gamma=mom, objective="l2",
                                  act=self.mc.activation)  # [B, T, H, K]
-        new = {f"mem.{name}": t for name, t in mem.items()}
-        new.update(pos=state["pos"] + T, conv=conv_cache)
-        return self.output(o.to(x.dtype), x), new
+        return self.output(o.to(x.dtype), x), TitansState(state.pos + T, mem, conv_cache)

@@ -1,4 +1,4 @@
-"""Chunk-parallel form of the linear-memory rule (DESIGN.md §3), exact to round-off against `rule.recurrent`.
+"""Chunk-parallel form of the linear-memory rule (docs/design.md §3), exact to round-off against `rule.recurrent`.
 
 Legend: B batch, T time, H heads, K key width, V value width, C chunk, N chunks.
 
@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hope.memory.rule import State, compute_dtype, split_state
+from hope.memory.rule import RULE_OBJECTIVES, State, prepare
 
 
 class ChunkOperators(NamedTuple):
@@ -195,7 +195,7 @@ def write_terms(
         return eta * v, None
     if objective == "self":
         return None, eta * (k - v)
-    raise ValueError(f"objective must be one of ('l2', 'dot', 'self'), got {objective!r}")
+    raise ValueError(f"objective must be one of {RULE_OBJECTIVES}, got {objective!r}")
 
 
 def chunk_write(y: torch.Tensor | None, z: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
@@ -260,18 +260,9 @@ def _tail(x: torch.Tensor | None, start: int) -> torch.Tensor | None:
 
 
 def chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor | None,
-    chunk_size: int,
-    initial_state: State | None = None,
-    output_final_state: bool = False,
-    *,
-    gamma: torch.Tensor | None = None,
-    objective: str = "l2",
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
+    beta: torch.Tensor | None, chunk_size: int, initial_state: State | None = None, output_final_state: bool = False,
+    *, gamma: torch.Tensor | None = None, objective: str = "l2",
 ) -> tuple[torch.Tensor, State | None]:
     """Chunk-parallel `rule.recurrent` (same signature, shapes, dtypes and results to round-off; `beta=None`
     is β = 0 and skips the Gram matrix and the triangular solve).
@@ -280,15 +271,10 @@ def chunked(
     partial chunk (T not a multiple of `chunk_size`) gets its own operators, so nothing is padded and the
     final state is exactly the state after token T−1. Differentiable by autograd in every input.
     """
-    dtype, in_dtype = compute_dtype(q), q.dtype
-    B, T, H, K = q.shape
-    if objective == "self" and initial_state is None:
-        raise ValueError("objective 'self' needs initial_state: a zero memory generates zero targets forever")
-    V = v.shape[-1] if objective != "self" else (initial_state[0] if isinstance(initial_state, tuple)
-                                                   else initial_state).shape[-1]
-    state, momentum = split_state(initial_state, (B, H, K, V), dtype, q.device, gamma is not None)
-    cast = lambda x: None if x is None else x.to(dtype)
-    q, k, v, eta, alpha, beta, gamma = map(cast, (q, k, v, eta, alpha, beta, gamma))
+    in_dtype, (B, T, H, _) = q.dtype, q.shape
+    (q, k, v, eta, alpha, beta, gamma), state, momentum = prepare(q, k, v, eta, alpha, beta, gamma, initial_state,
+                                                                  objective)
+    V = state.shape[-1]
     y, z = write_terms(k, v, eta, objective)  # [B, T, H, V], [B, T, H, K]
     n_full, outputs = T // chunk_size, []
     if n_full > 0:
@@ -321,18 +307,9 @@ def _partial(q, k, alpha, beta, gamma, y, z, state, chunk_state, momentum):
 
 
 def partial_chunk(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor | None,
-    state: torch.Tensor,
-    chunk_state: torch.Tensor,
-    *,
-    gamma: torch.Tensor | None = None,
-    momentum: torch.Tensor | None = None,
-    objective: str = "l2",
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
+    beta: torch.Tensor | None, state: torch.Tensor, chunk_state: torch.Tensor, *, gamma: torch.Tensor | None = None,
+    momentum: torch.Tensor | None = None, objective: str = "l2",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Tokens `[B, T', H, ·]` that all lie in one chunk whose start state is `chunk_state` (Sᵀ at c(t)), run from
     the current `state` (and `momentum`), which may be mid-chunk: how a stream fed in pieces continues a chunk.

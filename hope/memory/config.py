@@ -1,7 +1,7 @@
 """`MemoryConfig`: the knobs of the inner-loop memories of the "self_modifying" and "titans" cores.
 
 Every field is validated in `__post_init__`; errors print the offending value. The defaults are HOPE's
-(DESIGN.md §3–4); the chunk sizes and depths were chosen by the speed measurements recorded in the module
+(docs/design.md §3–4); the chunk sizes and depths were chosen by the speed measurements recorded in the module
 docstring of `hope.layers.self_modifying`.
 """
 
@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hope._checks import check
+
+# The one definition of each knob's choices (the rule and the ops import them from here).
 ERASES = ("dgd", "gd")
-OBJECTIVES = ("l2", "dot")
+OBJECTIVES = ("l2", "dot")  # user-facing objectives of M_mem; the rule adds "self" (`rule.RULE_OBJECTIVES`)
 DEPTHS = ("linear", "deep")
-ACTIVATIONS = ("silu", "gelu")
-BACKENDS = ("auto", "torch", "recurrent", "triton")
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
+ACTIVATIONS = ("silu", "gelu")  # σ of a deep memory (`deep.activation`)
+BACKENDS = ("auto", "torch", "recurrent", "triton")  # `hope.memory.ops.resolve_backend`
 
 
 @dataclass
 class MemoryConfig:
-    """Inner-loop memories of a core (DESIGN.md §3–4, arXiv:2512.24695 eqs. 83–97).
+    """Inner-loop memories of a core (docs/design.md §3–4, arXiv:2512.24695 eqs. 83–97).
 
     Attributes:
         chunk_size: tokens per chunk of the main memory M_mem; inside a chunk every inner gradient is taken at
@@ -43,20 +41,21 @@ class MemoryConfig:
         hidden_mult: hidden width of a deep memory, as a multiple of the head width.
         activation: σ of a deep memory: "silu" or "gelu".
         eta_max: η_t = eta_max·sigmoid(·). Along k a C = 1 step multiplies S by α − β − η, which must stay in
-            [−1, 1] for every α in (0, 1] (DESIGN.md §3): eta_max ≤ 0.5 with DGD. With GD the steps of a chunk
+            [−1, 1] for every α in (0, 1] (docs/design.md §3): eta_max ≤ 0.5 with DGD. With GD the steps of a chunk
             add up (S_c is multiplied by I − Σ_t η_t k_t k_tᵀ), so eta_max ≤ min(1, 2/C) for the largest chunk C;
             `tests/test_memory_chunked.py` shows GD blowing up where DGD stays bounded.
         adaptive_q: q_t = M_{q,c(t)}(x_t), a projection memory, instead of a fixed linear W_q (Table 6).
         self_targets: projection memories regress k_t onto their self-generated targets M_{□,c(t)}(v̄_t)
             (eqs. 84/87), v̄ = v/‖v‖ (normalised like k, so that the self-referential write stays within the
-            bound of DESIGN.md §3); False uses the plain target v̄_t for M_k, M_v, M_q, normalised the same way
+            bound of docs/design.md §3); False uses the plain target v̄_t for M_k, M_v, M_q, normalised the same way
             so that the ablation changes only M_c(·) around it (with the raw v_t the self-referential write
             M_v ← v_t = M_v(x_t) grows without bound: a 600-step `hope_small` run had gradient norms up to 3e6
             and never left the unigram loss, see experiments/lm_compare/README.md).
         self_target_mem: M_mem also regresses onto its self-generated target M_{mem,c(t)}(v̄_t) (the literal
             reading of eq. 85) instead of v_t.
         conv_width: width of the causal depthwise convolution on the core's input (eq. 97 text: 4).
-        backend: kernel choice of `hope.ops.memory_update` for M_mem: "auto", "torch", "recurrent", "triton".
+        backend: kernel choice of `hope.ops.memory_update` for M_mem: "auto", "torch", "recurrent", "triton"
+            (`hope.ops.resolve_backend` says which one runs).
     """
 
     chunk_size: int = 64
@@ -79,25 +78,25 @@ class MemoryConfig:
         for name in ("chunk_size", "proj_chunk_size", "conv_width"):
             value = getattr(self, name)
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-            _check(ok, f"MemoryConfig.{name} must be an int >= 1, got {value!r}")
+            check(ok, f"MemoryConfig.{name} must be an int >= 1, got {value!r}")
         for name, allowed in (("erase", ERASES), ("objective", OBJECTIVES), ("mem_depth", DEPTHS),
                               ("proj_depth", DEPTHS), ("activation", ACTIVATIONS), ("backend", BACKENDS)):
             value = getattr(self, name)
-            _check(value in allowed, f"MemoryConfig.{name} must be one of {allowed}, got {value!r}")
+            check(value in allowed, f"MemoryConfig.{name} must be one of {allowed}, got {value!r}")
         for name in ("momentum", "adaptive_q", "self_targets", "self_target_mem"):
             value = getattr(self, name)
-            _check(isinstance(value, bool), f"MemoryConfig.{name} must be a bool, got {value!r}")
-        _check(self.hidden_mult > 0, f"MemoryConfig.hidden_mult must be > 0, got {self.hidden_mult!r}")
+            check(isinstance(value, bool), f"MemoryConfig.{name} must be a bool, got {value!r}")
+        check(self.hidden_mult > 0, f"MemoryConfig.hidden_mult must be > 0, got {self.hidden_mult!r}")
         # DGD: along k a token multiplies S by α − 2η ∈ [−1, 1] for every α ∈ (0, 1] iff η ≤ 1/2. GD: inside a chunk
         # every gradient is taken at S_c, so S_c is multiplied by I − Σ_t η_t k_t k_tᵀ (α = 1, equal keys): Cη ≤ 2.
         chunk = max(self.chunk_size, self.proj_chunk_size)
         bound = 0.5 if self.erase == "dgd" else min(1.0, 2 / chunk)
-        _check(
+        check(
             0 < self.eta_max <= bound,
             f"MemoryConfig.eta_max={self.eta_max!r} must be in (0, {bound:g}] with erase={self.erase!r} and chunks "
-            f"of up to {chunk} tokens: larger steps can make the memory blow up (DESIGN.md §3)",
+            f"of up to {chunk} tokens: larger steps can make the memory blow up (docs/design.md §3)",
         )
-        _check(
+        check(
             not (self.self_target_mem and self.objective == "dot"),
             "MemoryConfig.self_target_mem=True needs objective='l2' (a self-generated target is an ℓ2 regression "
             f"target), got objective={self.objective!r}",

@@ -6,7 +6,7 @@ State (a dict of batched tensors, weights stored input-major like the linear mem
     "w2" `[B, H, K, F]` = W₂ᵀ (the layer that reads k),  "w1" `[B, H, F, K]` = W₁ᵀ,
     "m2", "m1" (same shapes): the momentum memories, present when momentum is on.
 
-Rule (DESIGN.md §3, paper_notes A5; ℓ2 objective ℓ_t(W) = ½‖M_W(k_t) − v̂_t‖², gradients at the chunk-start
+Rule (docs/design.md §3, paper_notes A5; ℓ2 objective ℓ_t(W) = ½‖M_W(k_t) − v̂_t‖², gradients at the chunk-start
 weights W_c, read after write):
 
     W₂ ← W₂ (α_t I − β_t k_t k_tᵀ) − η_t ∇_{W₂} ℓ_t(W_c)          (DGD erase on the layer that reads k, eq. 88)
@@ -31,13 +31,16 @@ import math
 
 import torch
 
+from hope.memory.bounds import cuts, head_body_tail
 from hope.memory.chunked import ChunkOperators, chunk_operators, chunk_step
-from hope.memory.rule import compute_dtype
+from hope.memory.config import ACTIVATIONS
+from hope.memory.rule import RULE_OBJECTIVES, compute_dtype, in_compute_dtype
 
-ACTIVATIONS = ("silu", "gelu")
-DEEP_OBJECTIVES = ("l2", "self")
+DEEP_OBJECTIVES = tuple(o for o in RULE_OBJECTIVES if o != "dot")  # ("l2", "self"): −⟨M(k), v⟩ has no deep form here
 
-DeepState = dict[str, torch.Tensor]
+# weights (and momenta) by name, the working form inside this module; `hope.memory.state.DeepState` is the typed
+# state that a stream carries (`hope.memory.ops.deep_memory`)
+DeepWeights = dict[str, torch.Tensor]
 
 
 def activation(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +87,7 @@ def hidden_step(eta: torch.Tensor, h: torch.Tensor, chunk_size: int) -> torch.Te
     return eta / (1 + chunk_size * eta * h.pow(2).sum(-1))
 
 
-def _target(v: torch.Tensor, start: DeepState, objective: str, act: str) -> torch.Tensor:
+def _target(v: torch.Tensor, start: DeepWeights, objective: str, act: str) -> torch.Tensor:
     """v̂ = v ("l2") or the self-generated M_{W_c}(v) ("self", eqs. 84/87), held fixed by the inner gradient."""
     if objective == "l2":
         return v
@@ -93,7 +96,7 @@ def _target(v: torch.Tensor, start: DeepState, objective: str, act: str) -> torc
     raise ValueError(f"deep-memory objective must be one of {DEEP_OBJECTIVES}, got {objective!r}")
 
 
-def _cast_state(state: DeepState, dtype: torch.dtype, momentum: bool) -> DeepState:
+def _cast_state(state: DeepWeights, dtype: torch.dtype, momentum: bool) -> DeepWeights:
     if not {"w2", "w1"} <= state.keys():
         raise ValueError(f"deep-memory state needs keys 'w2' and 'w1', got {sorted(state)}")
     out = {name: t.to(dtype) for name, t in state.items()}
@@ -104,20 +107,10 @@ def _cast_state(state: DeepState, dtype: torch.dtype, momentum: bool) -> DeepSta
 
 
 def deep_step(
-    state: DeepState,
-    start: DeepState,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor | None,
-    *,
-    gamma: torch.Tensor | None = None,
-    objective: str = "l2",
-    act: str = "silu",
-    chunk_size: int = 1,
-) -> tuple[torch.Tensor, DeepState]:
+    state: DeepWeights, start: DeepWeights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
+    alpha: torch.Tensor, beta: torch.Tensor | None, *, gamma: torch.Tensor | None = None, objective: str = "l2",
+    act: str = "silu", chunk_size: int = 1,
+) -> tuple[torch.Tensor, DeepWeights]:
     """One token (the oracle's step): q, k, v `[B, H, K]`, gates `[B, H]`, `start` = chunk-start weights W_c.
 
     Symbols as in the module docstring and `inner_grad`; β = None is β = 0; `chunk_size` is the C of η̃.
@@ -142,19 +135,10 @@ def deep_step(
 
 
 def deep_recurrent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor | None,
-    chunk_size: int,
-    initial_state: DeepState,
-    *,
-    gamma: torch.Tensor | None = None,
-    objective: str = "l2",
-    act: str = "silu",
-) -> tuple[torch.Tensor, DeepState]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
+    beta: torch.Tensor | None, chunk_size: int, initial_state: DeepWeights, *,
+    gamma: torch.Tensor | None = None, objective: str = "l2", act: str = "silu",
+) -> tuple[torch.Tensor, DeepWeights]:
     """Token-by-token oracle of the deep memory, chunks aligned to position 0 of this call.
 
     q, k, v `[B, T, H, K]`, gates `[B, T, H]`, `initial_state` as in the module docstring (required: zero
@@ -162,8 +146,7 @@ def deep_recurrent(
     compute dtype, fp32 or fp64).
     """
     dtype, in_dtype = compute_dtype(q), q.dtype
-    cast = lambda x: None if x is None else x.to(dtype)
-    q, k, v, eta, alpha, beta, gamma = map(cast, (q, k, v, eta, alpha, beta, gamma))
+    q, k, v, eta, alpha, beta, gamma = in_compute_dtype(dtype, q, k, v, eta, alpha, beta, gamma)
     state = _cast_state(initial_state, dtype, gamma is not None)
     start, outputs = state, []
     pick = lambda x, t: None if x is None else x[:, t]
@@ -179,8 +162,8 @@ def deep_recurrent(
 
 def deep_write(
     ops2: ChunkOperators,
-    state: DeepState,
-    start: DeepState,
+    state: DeepWeights,
+    start: DeepWeights,
     k: torch.Tensor,
     target: torch.Tensor,
     eta: torch.Tensor,
@@ -188,7 +171,7 @@ def deep_write(
     gamma: torch.Tensor | None,
     act: str,
     chunk_size: int,
-) -> tuple[torch.Tensor | None, DeepState]:
+) -> tuple[torch.Tensor | None, DeepWeights]:
     """One (possibly partial) chunk `[B, H, C', ·]` of writes from `state`, inner gradients of ½‖M(k) − v̂‖² at
     the chunk-start weights `start`; `chunk_size` is the memory's C (of η̃), not the length C' of this piece.
     `ops2` = `chunk_operators(k, α, β, q, γ)` of the W₂ layer; with a query in `ops2` the reads after the
@@ -204,21 +187,11 @@ def deep_write(
 
 
 def deep_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor | None,
-    chunk_size: int,
-    initial_state: DeepState,
-    *,
-    gamma: torch.Tensor | None = None,
-    objective: str = "l2",
-    act: str = "silu",
-    offset: int = 0,
-    chunk_start: DeepState | None = None,
-) -> tuple[torch.Tensor, DeepState, DeepState]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
+    beta: torch.Tensor | None, chunk_size: int, initial_state: DeepWeights, *,
+    gamma: torch.Tensor | None = None, objective: str = "l2", act: str = "silu", offset: int = 0,
+    chunk_start: DeepWeights | None = None,
+) -> tuple[torch.Tensor, DeepWeights, DeepWeights]:
     """Chunk-parallel deep memory; equals `deep_recurrent` to round-off (same inputs and shapes).
 
     `offset` = tokens of the current chunk already consumed by earlier calls (0 ≤ offset < chunk_size), whose
@@ -229,19 +202,16 @@ def deep_chunked(
     start weights.
     """
     dtype, in_dtype = compute_dtype(q), q.dtype
-    cast = lambda x: None if x is None else x.to(dtype).movedim(1, 2)  # [B, H, T, ·]
-    q, k, v, eta, alpha, beta, gamma = map(cast, (q, k, v, eta, alpha, beta, gamma))
+    to_bh = lambda x: None if x is None else x.movedim(1, 2)  # [B, H, T, ·]
+    q, k, v, eta, alpha, beta, gamma = map(to_bh, in_compute_dtype(dtype, q, k, v, eta, alpha, beta, gamma))
     state = _cast_state(initial_state, dtype, gamma is not None)
     weights = lambda st: {"w2": st["w2"], "w1": st["w1"]}
     if offset and chunk_start is None:
         raise ValueError(f"offset={offset} > 0 needs the chunk-start weights (chunk_start=None)")
     start = {name: chunk_start[name].to(dtype) for name in ("w2", "w1")} if offset else weights(state)
     T, C = q.shape[2], chunk_size
-    head = min(T, (C - offset) % C)
-    n_full = (T - head) // C
-    bounds = ([(0, head)] if head else []) + [(head + i * C, head + (i + 1) * C) for i in range(n_full)]
-    if T > head + n_full * C:
-        bounds.append((head + n_full * C, T))
+    head, n_full, _ = head_body_tail(T, offset, C)
+    bounds = cuts(T, offset, (C,))  # the head, n_full whole chunks, then the tail (each only when non-empty)
     full_ops = []
     if n_full:  # the W₂ operators of all full chunks in one batched call
         body = lambda x: None if x is None else x[:, :, head : head + n_full * C].unflatten(2, (n_full, C))

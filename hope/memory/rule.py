@@ -1,4 +1,4 @@
-"""The inner-loop rule of a linear memory (DESIGN.md §3): one-token `step` and the token-by-token oracle.
+"""The inner-loop rule of a linear memory (docs/design.md §3): one-token `step` and the token-by-token oracle.
 
 Legend: B batch, T time, H heads, K key width, V value width, C chunk.
 
@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import torch
 
-OBJECTIVES = ("l2", "dot", "self")
+from hope.memory.config import OBJECTIVES
+
+# what the rule computes: the user-facing objectives plus the self-generated target "self" (eqs. 84/87) of the
+# projection memories (and of M_mem with `MemoryConfig.self_target_mem`)
+RULE_OBJECTIVES = (*OBJECTIVES, "self")
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -41,24 +45,15 @@ def write_value(
         return v - read(k)
     if objective == "self":
         return read(v - k)
-    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    raise ValueError(f"objective must be one of {RULE_OBJECTIVES}, got {objective!r}")
 
 
 def step(
-    state: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor | None,
-    chunk_state: torch.Tensor,
-    *,
-    gamma: torch.Tensor | None = None,
-    momentum: torch.Tensor | None = None,
-    objective: str = "l2",
+    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
+    beta: torch.Tensor | None, chunk_state: torch.Tensor, *, gamma: torch.Tensor | None = None,
+    momentum: torch.Tensor | None = None, objective: str = "l2",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One token of the rule, read after write (DESIGN.md §3; arXiv:2512.24695 eqs. 88, 90, 92–93).
+    """One token of the rule, read after write (docs/design.md §3; arXiv:2512.24695 eqs. 88, 90, 92–93).
 
     Without momentum (`gamma is None`):
 
@@ -99,6 +94,30 @@ def step(
     return o, new_state, momentum
 
 
+def value_width(v: torch.Tensor, initial_state: State | None, objective: str) -> int:
+    """V of a call: v's last dim, except for objective "self", whose v is an input `[..., K]` that the memory maps
+    to its own target, so V is the state's; "self" therefore needs `initial_state` (raises without it)."""
+    if objective != "self":
+        return v.shape[-1]
+    S0 = initial_state[0] if isinstance(initial_state, tuple) else initial_state
+    if S0 is None:
+        raise ValueError("objective 'self' needs initial_state: a zero memory generates zero targets forever")
+    return S0.shape[-1]
+
+
+def in_compute_dtype(dtype: torch.dtype, *xs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """xs cast to `dtype` (the compute dtype of the call, `compute_dtype(q)`); None stays None."""
+    return tuple(None if x is None else x.to(dtype) for x in xs)
+
+
+def check_pair(initial_state: tuple, momentum: bool) -> None:
+    """An `(Sᵀ, Zᵀ)` pair as initial state is for momentum only (`gamma` given), and holds two tensors."""
+    if not momentum:
+        raise ValueError("initial_state is an (S, Z) pair but gamma is None (momentum off); pass S alone")
+    if len(initial_state) != 2:
+        raise ValueError(f"initial_state pair must be (S, Z), got {len(initial_state)} tensors")
+
+
 def split_state(
     initial_state: State | None, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
     momentum: bool,
@@ -108,26 +127,27 @@ def split_state(
     if initial_state is None:
         return zeros(), (zeros() if momentum else None)
     if isinstance(initial_state, tuple):
-        if not momentum:
-            raise ValueError("initial_state is a (S, Z) pair but momentum is off (gamma is None); pass S alone")
+        check_pair(initial_state, momentum)
         s, z = initial_state
         return s.to(dtype), z.to(dtype)
     return initial_state.to(dtype), (zeros() if momentum else None)
 
 
+def prepare(q, k, v, eta, alpha, beta, gamma, initial_state: State | None, objective: str):
+    """The common start of `recurrent` and `chunked.chunked` (shapes as in `recurrent`): returns
+    ((q, k, v, eta, alpha, beta, gamma) in the compute dtype, Sᵀ `[B, H, K, V]`, Zᵀ or None), the states from
+    `initial_state` by `split_state`."""
+    dtype = compute_dtype(q)
+    B, _, H, K = q.shape
+    V = value_width(v, initial_state, objective)
+    state, momentum = split_state(initial_state, (B, H, K, V), dtype, q.device, gamma is not None)
+    return in_compute_dtype(dtype, q, k, v, eta, alpha, beta, gamma), state, momentum
+
+
 def recurrent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor | None,
-    chunk_size: int,
-    initial_state: State | None = None,
-    output_final_state: bool = False,
-    *,
-    gamma: torch.Tensor | None = None,
-    objective: str = "l2",
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
+    beta: torch.Tensor | None, chunk_size: int, initial_state: State | None = None, output_final_state: bool = False,
+    *, gamma: torch.Tensor | None = None, objective: str = "l2",
 ) -> tuple[torch.Tensor, State | None]:
     """Token-by-token oracle: `step` applied for t = 0 … T−1, chunks aligned to position 0 of this call.
 
@@ -137,15 +157,10 @@ def recurrent(
     Returns `o` `[B, T, H, V]` in q's dtype and the final state (None unless `output_final_state`; kept in the
     compute dtype, fp32 or fp64, like the state of the kernels). Differentiable with respect to every input.
     """
-    dtype, in_dtype = compute_dtype(q), q.dtype
-    B, T, H, K = q.shape
-    if objective == "self" and initial_state is None:
-        raise ValueError("objective 'self' needs initial_state: a zero memory generates zero targets forever")
-    V = v.shape[-1] if objective != "self" else (initial_state[0] if isinstance(initial_state, tuple)
-                                                   else initial_state).shape[-1]
-    state, momentum = split_state(initial_state, (B, H, K, V), dtype, q.device, gamma is not None)
-    cast = lambda x: None if x is None else x.to(dtype)
-    q, k, v, eta, alpha, beta, gamma = map(cast, (q, k, v, eta, alpha, beta, gamma))
+    in_dtype, (B, T, H, _) = q.dtype, q.shape
+    (q, k, v, eta, alpha, beta, gamma), state, momentum = prepare(q, k, v, eta, alpha, beta, gamma, initial_state,
+                                                                  objective)
+    V = state.shape[-1]
     outputs = []
     chunk_state = state
     for t in range(T):

@@ -1,4 +1,4 @@
-"""Optimizers as associative memories over gradients (DESIGN.md §6; arXiv:2512.24695 §4, App. B, Algorithm 1).
+"""Optimizers as associative memories over gradients (docs/design.md §6; arXiv:2512.24695 §4, App. B, Algorithm 1).
 
 Two entry points share one set of pure rules (`update(state, grad) -> (state, direction)`, then θ ← θ − lr·d):
 

@@ -1,4 +1,4 @@
-"""The memory-optimizer interface shared by every rule in `hope.optim` (DESIGN.md §6).
+"""The memory-optimizer interface shared by every rule in `hope.optim` (docs/design.md §6).
 
 Legend: B batch (leading dims of a batched state), R rows, K row width (last dim), H hidden width of a deep memory.
 

@@ -1,4 +1,4 @@
-"""`torch.optim.Optimizer`s built on the gradient memories of `hope.optim` (DESIGN.md §6).
+"""`torch.optim.Optimizer`s built on the gradient memories of `hope.optim` (docs/design.md §6).
 
 Legend: shapes are each parameter's own; R rows, K row width for matrix and row rules.
 

@@ -1,6 +1,6 @@
 """`memory_rule(name, **hparams)`: the names CMS levels (and the outer optimizers) select gradient memories by.
 
-Every rule returns a direction d and the caller applies θ ← θ − lr·d (CMS: θ_ℓ ← θ_ℓ − η_ℓ·d, DESIGN.md §5).
+Every rule returns a direction d and the caller applies θ ← θ − lr·d (CMS: θ_ℓ ← θ_ℓ − η_ℓ·d, docs/design.md §5).
 
 | name | rule | equations (arXiv:2512.24695) | layout |
 |---|---|---|---|

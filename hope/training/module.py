@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from hope.config import HopeConfig
 from hope.config import preset as make_preset
 from hope.models.lm import HopeLM, compile_model
+from hope.state import StreamState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,7 +82,7 @@ class LMModule(L.LightningModule):
             compile_model(self.model)  # in place: the state dict keeps its keys
         ones = torch.ones(self.model_config.vocab_size, dtype=torch.long)
         self.register_buffer("token_bytes", ones, persistent=False)
-        self._stream_state: dict[str, Any] | None = None
+        self._stream_state: StreamState | None = None
         self._eval_sums: dict[str, torch.Tensor] = {}
         self._t_last: float | None = None
 
@@ -92,10 +93,10 @@ class LMModule(L.LightningModule):
             )
         self.token_bytes = token_bytes.to(self.token_bytes.device, torch.long)
 
-    def forward(self, input_ids: torch.Tensor, state: dict[str, Any] | None = None):
+    def forward(self, input_ids: torch.Tensor, state: StreamState | None = None):
         return self.model(input_ids, state)
 
-    def _loss(self, batch: dict[str, torch.Tensor], state: dict[str, Any] | None):
+    def _loss(self, batch: dict[str, torch.Tensor], state: StreamState | None):
         out = self(batch["input_ids"], state)
         labels = batch["labels"]  # [B, T]; -100 marks unscored positions (synthetic tasks)
         scored = labels >= 0

@@ -44,9 +44,10 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_module(cfg: DictConfig, vocab_size: int, token_bytes: torch.Tensor) -> LMModule:
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.pop("_target_", None)
-    module = LMModule(vocab_size=vocab_size, **model_cfg)
+    """The module `cfg.model` names by its `_target_` (`hope.training.LMModule` in every `configs/model/*.yaml`),
+    built with the tokenizer's `vocab_size` and given its `[V]` UTF-8 byte lengths (`token_bytes`) for bits per
+    byte. Its arguments arrive as plain dicts and lists (`_convert_="all"`), as `OmegaConf.to_container` gives."""
+    module = instantiate(cfg.model, vocab_size=vocab_size, _convert_="all")
     module.set_token_bytes(token_bytes)
     return module
 

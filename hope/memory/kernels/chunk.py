@@ -5,53 +5,34 @@ Dimensions: B batch, T time, H heads, K key width, V value width, C chunk (``chu
 
 import torch
 
-from kernels.chunk_bwd import chunk_bwd
-from kernels.chunk_fwd import chunk_fwd
-from kernels.common import Tiling, check_inputs, plan_tiles
+from .chunk_bwd import chunk_bwd
+from .chunk_fwd import chunk_fwd
+from .common import Inputs, Tensor, Tiling, checked_inputs, plan_tiles
 
 
 class ChunkMemoryUpdateFunction(torch.autograd.Function):
-    """Forward saves only the inputs; backward recomputes tile-start states and pseudo-values (kernels/README.md)."""
+    """Forward saves only the inputs; backward recomputes tile-start states and pseudo-values (README.md)."""
 
     @staticmethod
-    def forward(
-        ctx,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        eta: torch.Tensor,
-        alpha: torch.Tensor,
-        beta: torch.Tensor,
-        tiling: Tiling,
-        initial_state: torch.Tensor | None,
-        output_final_state: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        o, final_state = chunk_fwd(q, k, v, eta, alpha, beta, tiling, initial_state, output_final_state)
-        ctx.save_for_backward(q, k, v, eta, alpha, beta, initial_state)
+    def forward(ctx, tiling: Tiling, output_final_state: bool, *inputs: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``inputs``: the fields of `Inputs` (q, k, v, eta, alpha, beta, initial_state)."""
+        o, final_state = chunk_fwd(Inputs(*inputs), tiling, output_final_state)
+        ctx.save_for_backward(*inputs)
         ctx.tiling = tiling
         return o, final_state
 
     @staticmethod
-    def backward(ctx, do: torch.Tensor, dht: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, eta, alpha, beta, initial_state = ctx.saved_tensors
+    def backward(ctx, do: Tensor, dht: Tensor | None) -> tuple[Tensor | None, ...]:
         # autograd may hand over broadcast (stride-0) gradients, e.g. from o.sum(): the kernels need dense ones
         dht = None if dht is None else dht.contiguous()
-        grads = chunk_bwd(q, k, v, eta, alpha, beta, ctx.tiling, initial_state, do.contiguous(), dht)
-        dq, dk, dv, deta, dalpha, dbeta, dh0 = grads
-        return dq, dk, dv, deta, dalpha, dbeta, None, dh0, None
+        grads = chunk_bwd(Inputs(*ctx.saved_tensors), ctx.tiling, do.contiguous(), dht)
+        return None, None, *grads  # dq, dk, dv, deta, dalpha, dbeta, d initial_state
 
 
 def chunk_memory_update(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor | None,
-    chunk_size: int,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor | None, chunk_size: int,
+    initial_state: Tensor | None = None, output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Linear-memory DGD update with chunk-start gradients, chunk-parallel (forward and backward in Triton).
 
     Per head, with Sᵀ stored as the state and c(t) the last token of the previous chunk (chunks of
@@ -61,7 +42,7 @@ def chunk_memory_update(
 
     i.e. eq. 93 of arXiv:2512.24695 (eq. 88's Delta Gradient Descent on ½‖S k − v‖² with the gradient taken
     at the chunk-start state, eq. 90) with the erase strength β_t separated from the learning rate η_t
-    (β = η is DGD as printed, β = 0 plain GD with retention; DESIGN.md §3). The read comes after the write.
+    (β = η is DGD as printed, β = 0 plain GD with retention; docs/design.md §3). The read comes after the write.
 
     ======  ================  ====================================================================
     symbol  argument          meaning
@@ -82,8 +63,5 @@ def chunk_memory_update(
     Gradients flow to q, k, v, eta, alpha, beta and initial_state; the backward recomputes the chunk-start
     states, so saved memory is the inputs only.
     """
-    if beta is None and isinstance(eta, torch.Tensor):
-        beta = torch.zeros_like(eta)  # plain GD; the kernels always read a β
-    check_inputs(q, k, v, eta, alpha, beta, chunk_size, initial_state, output_final_state)
-    tiling = plan_tiles(q.shape[1], chunk_size)
-    return ChunkMemoryUpdateFunction.apply(q, k, v, eta, alpha, beta, tiling, initial_state, output_final_state)
+    x = checked_inputs(q, k, v, eta, alpha, beta, chunk_size, initial_state, output_final_state)
+    return ChunkMemoryUpdateFunction.apply(plan_tiles(q.shape[1], chunk_size), output_final_state, *x)

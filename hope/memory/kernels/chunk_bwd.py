@@ -1,7 +1,7 @@
-"""Backward Triton kernels of the chunked memory update (derivation in kernels/README.md).
+"""Backward Triton kernels of the chunked memory update (derivation in README.md next to this file).
 
 Dimensions: B batch, T time, H heads, K key width, V value width, C chunk of the rule, NT tiles,
-BT/BK/BV block sizes along time / key / value. Symbols as in kernels/chunk_fwd.py: per tile, start
+BT/BK/BV block sizes along time / key / value. Symbols as in chunk_fwd.py: per tile, start
 state M, chunk-start state M_c, end state M', decays g, g⁻, UT transform T, pseudo-values W = T R with
 
     R = diag(η)(V − K M_c) − diag(β e^{g⁻}) K M,       P = Q Kᵀ ⊙ D.
@@ -15,15 +15,35 @@ Given dO and dM' (the gradient flowing into the tile's end state), reverse mode 
     dK  = (dO Wᵀ ⊙ D)ᵀ Q + diag(e^{g_n − g}) W dM'ᵀ + dG K + dGᵀ K
           − diag(η) dR M_cᵀ − diag(β e^{g⁻}) dR Mᵀ,          dG = dA ⊙ β_t e^{g⁻_t − g_i}
 plus the gate gradients of the tile kernel. Only the inputs are saved by the forward pass: the tile-start
-states and W are recomputed here (kernels.chunk_fwd.forward_states), which keeps saved memory O(T (K + V)).
+states and W are recomputed here (chunk_fwd.forward_states), which keeps saved memory O(T (K + V)).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.chunk_fwd import forward_states, loop_blocks, state_block_v
-from kernels.common import Tiling, dot_precision, gram, launch_options, tile_bounds
+from .chunk_fwd import forward_states
+from .common import (
+    Inputs,
+    Tiling,
+    block_cols,
+    buf_ptrs,
+    causal_decayed,
+    dot_precision,
+    fp32,
+    gate_offsets,
+    gram,
+    launch,
+    loop_blocks,
+    state_block,
+    state_block_v,
+    store_state,
+    tile_args,
+    tile_decays,
+    tile_rows,
+    tile_state,
+    token_ptrs,
+)
 
 
 @triton.jit
@@ -35,22 +55,16 @@ def _local_dw_kernel(
     """Per tile, in parallel: the part Pᵀ dO of dW that does not depend on later tiles."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    start, n, _ = tile_bounds(i_t, T, C, L, NSUB)
-    r = tl.arange(0, BT)
-    row_ok = r < n
-    rows = start + r  # [BT]
-    cv = i_v * BV + tl.arange(0, BV)
-    m_tv = row_ok[:, None] & (cv < V)[None, :]
-    p_qk = i_b.to(tl.int64) * T * H * K + i_h * K + rows[:, None] * (H * K)  # [BT, 1]
+    _, _, _, r, row_ok, rows = tile_rows(i_t, T, C, L, NSUB, BT)
+    cv, m_tv = block_cols(i_v, BV, V, row_ok)
+    p_qk = token_ptrs(0, i_b, i_h, T, H, K, rows)  # [BT, 1]
     qk = gram(q + p_qk, k + p_qk, row_ok, K, BT, BK, PREC)  # Q Kᵀ, [BT, BT]
     head = i_bh.to(tl.int64) * T
     g = tl.load(g_buf + head + rows, mask=row_ok, other=0.0)  # [BT]
-    causal = (r[:, None] >= r[None, :]) & row_ok[:, None]
-    p = tl.where(causal, qk * tl.exp(tl.where(causal, g[:, None] - g[None, :], 0.0)), 0.0)  # [BT, BT]
-    p_do = do + i_b.to(tl.int64) * T * H * V + i_h * V + rows[:, None] * (H * V) + cv[None, :]
-    b_do = tl.load(p_do, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+    p = causal_decayed(qk, g, r, row_ok)  # [BT, BT]
+    b_do = tl.load(token_ptrs(do, i_b, i_h, T, H, V, rows) + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)
     b_dw = tl.dot(tl.trans(p), b_do, input_precision=PREC)  # [BT, BV]
-    tl.store(dw_buf + (head + rows)[:, None] * V + cv[None, :], b_dw, mask=m_tv)
+    tl.store(buf_ptrs(dw_buf, head, rows, V, cv), b_dw, mask=m_tv)
 
 
 @triton.jit
@@ -63,52 +77,41 @@ def _state_bwd_kernel(
     """Sequential over tiles, last to first: store dM' of each tile, complete dW, carry dM to the previous tile."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    r = tl.arange(0, BT)
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    m_kv = (ck < K)[:, None] & (cv < V)[None, :]
-    p_kv = ck[:, None] * V + cv[None, :]  # [BK, BV] offsets inside one state
-    dm = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dm += tl.load(dht + i_bh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+    ck, cv, m_kv, p_kv, dm = state_block(dht, i_v, i_bh, K, V, BK, BV, HAS_DHT)  # dM [BK, BV]
     dm_c = tl.zeros([BK, BV], dtype=tl.float32)  # gradient owed to the current chunk's start state
     head = i_bh.to(tl.int64) * T
     p_qk = i_b.to(tl.int64) * T * H * K + i_h * K
     p_do = do + i_b.to(tl.int64) * T * H * V + i_h * V
     for i_rev in range(NT):
         i_t = NT - 1 - i_rev
-        start, n, i_s = tile_bounds(i_t, T, C, L, NSUB)
-        row_ok = r < n
-        rows = start + r  # [BT]
+        start, n, i_s, r, row_ok, rows = tile_rows(i_t, T, C, L, NSUB, BT)
         m_tk = row_ok[:, None] & (ck < K)[None, :]
         m_tv = row_ok[:, None] & (cv < V)[None, :]
-        tl.store(dh_buf + (i_bh.to(tl.int64) * NT + i_t) * K * V + p_kv, dm, mask=m_kv)
-        g = tl.load(g_buf + head + rows, mask=row_ok, other=0.0)  # [BT]
-        g_last = tl.load(g_buf + head + start + n - 1, mask=n > 0, other=0.0)
+        tl.store(tile_state(dh_buf, i_bh, i_t, NT, K, V) + p_kv, dm, mask=m_kv)
+        g, g_last = tile_decays(g_buf, head, start, n, rows, row_ok)  # [BT], []
         b_k = tl.load(k + p_qk + rows[:, None] * (H * K) + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)
         b_q = tl.load(q + p_qk + rows[:, None] * (H * K) + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)
         b_do = tl.load(p_do + rows[:, None] * (H * V) + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        p_dw = dw_buf + (head + rows)[:, None] * V + cv[None, :]
+        p_dw = buf_ptrs(dw_buf, head, rows, V, cv)
         b_dw = tl.load(p_dw, mask=m_tv, other=0.0)  # [BT, BV]
         b_dw += tl.dot(b_k * tl.exp(g_last - g)[:, None], dm, input_precision=PREC)
         tl.store(p_dw, b_dw, mask=m_tv)
-        b_wc = tl.load(wc_buf + (head + rows)[:, None] * K + ck[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+        b_wc = tl.load(buf_ptrs(wc_buf, head, rows, K, ck), mask=m_tk, other=0.0)  # [BT, BK]
         dm = dm * tl.exp(g_last) + tl.dot(tl.trans(b_q * tl.exp(g)[:, None]), b_do, input_precision=PREC)
         if MULTI:
-            b_wb = tl.load(wb_buf + (head + rows)[:, None] * K + ck[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+            b_wb = tl.load(buf_ptrs(wb_buf, head, rows, K, ck), mask=m_tk, other=0.0)  # [BT, BK]
             dm -= tl.dot(tl.trans(b_wb), b_dw, input_precision=PREC)
             dm_c -= tl.dot(tl.trans(b_wc), b_dw, input_precision=PREC)
             dm += tl.where(i_s == 0, dm_c, 0.0)  # first tile of the chunk: its start state is M_c
             dm_c = tl.where(i_s == 0, 0.0, dm_c)
         else:  # M_c = M, and W_c + W_b is stored in wc_buf
             dm -= tl.dot(tl.trans(b_wc), b_dw, input_precision=PREC)  # [BK, BV]
-    if STORE_DH0:
-        tl.store(dh0 + i_bh.to(tl.int64) * K * V + p_kv, dm, mask=m_kv)
+    store_state(dh0, dm, i_bh, p_kv, m_kv, K, V, STORE_DH0)
 
 
 @triton.jit
 def _log_alpha_grad(s_o, s_a, g, g_prev, g_last, b_beta, terms, n, BT: tl.constexpr):
-    """d(log α_t) inside one tile, collecting every place the decays appear (kernels/README.md, "Backward").
+    """d(log α_t) inside one tile, collecting every place the decays appear (README.md, "Backward").
 
     dg_t is the gradient of g_t = Σ_{j≤t} a_j and dg⁻_t that of g⁻_t = Σ_{j<t} a_j, so d a_j = Σ_{t≥j} dg_t +
     Σ_{t>j} dg⁻_t. s_o = dS ⊙ QKᵀ (the decays D of P), s_a = dG ⊙ KKᵀ (the decays inside A); ``terms`` holds
@@ -133,24 +136,20 @@ def _tile_grads_kernel(
     """Per tile, in parallel: dV, the gate gradients, and the [BT, BT] factors dS = dO Wᵀ ⊙ D and dG for dq/dk."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    start, n, i_s = tile_bounds(i_t, T, C, L, NSUB)
-    r = tl.arange(0, BT)
-    row_ok = r < n
-    rows = start + r  # [BT]
+    start, n, i_s, r, row_ok, rows = tile_rows(i_t, T, C, L, NSUB, BT)
     head = i_bh.to(tl.int64) * T
-    p_gate = i_b.to(tl.int64) * T * H + i_h + rows * H  # [BT]
+    p_gate = gate_offsets(i_b, i_h, T, H, rows)  # [BT]
     b_alpha = tl.load(alpha + p_gate, mask=row_ok, other=1.0).to(tl.float32)  # [BT]
     b_eta = tl.load(eta + p_gate, mask=row_ok, other=0.0).to(tl.float32)  # [BT]
     b_beta = tl.load(beta + p_gate, mask=row_ok, other=0.0).to(tl.float32)  # [BT]
-    g = tl.load(g_buf + head + rows, mask=row_ok, other=0.0)  # [BT]
+    g, g_last = tile_decays(g_buf, head, start, n, rows, row_ok)  # [BT], []
     g_prev = g - tl.log(b_alpha)  # [BT]
-    g_last = tl.load(g_buf + head + start + n - 1, mask=n > 0, other=0.0)
-    tm = tl.load(tm_buf + (head + rows)[:, None] * BT + r[None, :], mask=row_ok[:, None], other=0.0)  # [BT, BT]
-    p_s = h_buf + (i_bh.to(tl.int64) * NT + i_t) * K * V  # tile-start state M
+    tm = tl.load(buf_ptrs(tm_buf, head, rows, BT, r), mask=row_ok[:, None], other=0.0)  # [BT, BT]
+    p_s = tile_state(h_buf, i_bh, i_t, NT, K, V)  # tile-start state M
     p_c = h_buf + (i_bh.to(tl.int64) * NT + i_t - i_s) * K * V  # chunk-start state M_c
-    p_dh = dh_buf + (i_bh.to(tl.int64) * NT + i_t) * K * V  # dM'
-    p_qk = i_b.to(tl.int64) * T * H * K + i_h * K + rows[:, None] * (H * K)  # [BT, 1]
-    p_v = i_b.to(tl.int64) * T * H * V + i_h * V + rows[:, None] * (H * V)  # [BT, 1]
+    p_dh = tile_state(dh_buf, i_bh, i_t, NT, K, V)  # dM'
+    p_qk = token_ptrs(0, i_b, i_h, T, H, K, rows)  # [BT, 1]
+    p_v = token_ptrs(0, i_b, i_h, T, H, V, rows)  # [BT, 1]
 
     dow = tl.zeros([BT, BT], dtype=tl.float32)  # dO Wᵀ
     drw = tl.zeros([BT, BT], dtype=tl.float32)  # dR Wᵀ
@@ -160,12 +159,11 @@ def _tile_grads_kernel(
     kdm_w = tl.zeros([BT], dtype=tl.float32)  # Σ_v (K dM') ⊙ W
     frob = tl.zeros([BV], dtype=tl.float32)  # ⟨dM', M⟩ summed over keys, one entry per value column
     for i_v in range(tl.cdiv(V, BV)):
-        cv = i_v * BV + tl.arange(0, BV)
-        m_tv = row_ok[:, None] & (cv < V)[None, :]
+        cv, m_tv = block_cols(i_v, BV, V, row_ok)
         b_do = tl.load(do + p_v + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
         b_v = tl.load(v + p_v + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
-        b_w = tl.load(w_buf + (head + rows)[:, None] * V + cv[None, :], mask=m_tv, other=0.0)  # [BT, BV]
-        b_dw = tl.load(dw_buf + (head + rows)[:, None] * V + cv[None, :], mask=m_tv, other=0.0)  # [BT, BV]
+        b_w = tl.load(buf_ptrs(w_buf, head, rows, V, cv), mask=m_tv, other=0.0)  # [BT, BV]
+        b_dw = tl.load(buf_ptrs(dw_buf, head, rows, V, cv), mask=m_tv, other=0.0)  # [BT, BV]
         b_dr = tl.dot(tl.trans(tm), b_dw, input_precision=PREC)  # dR, [BT, BV]
         tl.store(dv + p_v + cv[None, :], (b_eta[:, None] * b_dr).to(dv.dtype.element_ty), mask=m_tv)
         dow += tl.dot(b_do, tl.trans(b_w), input_precision=PREC)
@@ -175,8 +173,7 @@ def _tile_grads_kernel(
         qm = tl.zeros([BT, BV], dtype=tl.float32)  # Q M
         kdm = tl.zeros([BT, BV], dtype=tl.float32)  # K dM'
         for i_k in range(tl.cdiv(K, BK)):
-            ck = i_k * BK + tl.arange(0, BK)
-            m_tk = row_ok[:, None] & (ck < K)[None, :]
+            ck, m_tk = block_cols(i_k, BK, K, row_ok)
             m_kv = (ck < K)[:, None] & (cv < V)[None, :]
             b_q = tl.load(q + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
             b_k = tl.load(k + p_qk + ck[None, :], mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
@@ -198,14 +195,13 @@ def _tile_grads_kernel(
 
     qk = gram(q + p_qk, k + p_qk, row_ok, K, BT, BK, PREC)  # Q Kᵀ, [BT, BT]
     kk = gram(k + p_qk, k + p_qk, row_ok, K, BT, BK, PREC)  # K Kᵀ, [BT, BT]
-    causal = (r[:, None] >= r[None, :]) & row_ok[:, None]
     strict = (r[:, None] > r[None, :]) & row_ok[:, None]
-    ds = tl.where(causal, dow * tl.exp(tl.where(causal, g[:, None] - g[None, :], 0.0)), 0.0)  # dS, [BT, BT]
+    ds = causal_decayed(dow, g, r, row_ok)  # dS, [BT, BT]
     e_prev = tl.where(strict, tl.exp(tl.where(strict, g_prev[:, None] - g[None, :], 0.0)), 0.0)  # [BT, BT]
     da = -drw * e_prev  # dA ⊙ e^{g⁻_t − g_i}, zero off the strict lower triangle
     dgk = da * b_beta[:, None]  # dG, [BT, BT]
-    tl.store(ds_buf + (head + rows)[:, None] * BT + r[None, :], ds, mask=row_ok[:, None])
-    tl.store(dgk_buf + (head + rows)[:, None] * BT + r[None, :], dgk, mask=row_ok[:, None])
+    tl.store(buf_ptrs(ds_buf, head, rows, BT, r), ds, mask=row_ok[:, None])
+    tl.store(buf_ptrs(dgk_buf, head, rows, BT, r), dgk, mask=row_ok[:, None])
     d_beta = tl.sum(da * kk, 1) - tl.exp(g_prev) * dr_km  # [BT]
 
     terms = (do_qm, dr_km, kdm_w, tl.sum(frob, 0))
@@ -224,20 +220,15 @@ def _dqk_kernel(
     """Per tile and key block, in parallel: dQ and dK (formulas in the module docstring)."""
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    start, n, i_s = tile_bounds(i_t, T, C, L, NSUB)
-    r = tl.arange(0, BT)
-    row_ok = r < n
-    rows = start + r  # [BT]
-    ck = i_k * BK + tl.arange(0, BK)
-    m_tk = row_ok[:, None] & (ck < K)[None, :]
+    start, n, i_s, r, row_ok, rows = tile_rows(i_t, T, C, L, NSUB, BT)
+    ck, m_tk = block_cols(i_k, BK, K, row_ok)
     head = i_bh.to(tl.int64) * T
-    p_gate = i_b.to(tl.int64) * T * H + i_h + rows * H  # [BT]
+    p_gate = gate_offsets(i_b, i_h, T, H, rows)  # [BT]
     b_eta = tl.load(eta + p_gate, mask=row_ok, other=0.0).to(tl.float32)  # [BT]
     b_beta = tl.load(beta + p_gate, mask=row_ok, other=0.0).to(tl.float32)  # [BT]
-    g = tl.load(g_buf + head + rows, mask=row_ok, other=0.0)  # [BT]
+    g, g_last = tile_decays(g_buf, head, start, n, rows, row_ok)  # [BT], []
     g_prev = g - tl.log(tl.load(alpha + p_gate, mask=row_ok, other=1.0).to(tl.float32))  # [BT]
-    g_last = tl.load(g_buf + head + start + n - 1, mask=n > 0, other=0.0)
-    p_qk = i_b.to(tl.int64) * T * H * K + i_h * K + rows[:, None] * (H * K) + ck[None, :]  # [BT, BK]
+    p_qk = token_ptrs(0, i_b, i_h, T, H, K, rows) + ck[None, :]  # [BT, BK]
     b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
     b_k = tl.load(k + p_qk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
     p_tt = (head + rows)[:, None] * BT + r[None, :]  # [BT, BT]
@@ -247,21 +238,20 @@ def _dqk_kernel(
     b_dq = tl.dot(ds, b_k, input_precision=PREC)  # [BT, BK]
     b_dk = tl.dot(tl.trans(ds), b_q, input_precision=PREC) + tl.dot(dgk + tl.trans(dgk), b_k, input_precision=PREC)
 
-    p_s = h_buf + (i_bh.to(tl.int64) * NT + i_t) * K * V
+    p_s = tile_state(h_buf, i_bh, i_t, NT, K, V)
     p_c = h_buf + (i_bh.to(tl.int64) * NT + i_t - i_s) * K * V
-    p_dh = dh_buf + (i_bh.to(tl.int64) * NT + i_t) * K * V
-    p_v = i_b.to(tl.int64) * T * H * V + i_h * V + rows[:, None] * (H * V)  # [BT, 1]
+    p_dh = tile_state(dh_buf, i_bh, i_t, NT, K, V)
+    p_v = token_ptrs(0, i_b, i_h, T, H, V, rows)  # [BT, 1]
     do_m = tl.zeros([BT, BK], dtype=tl.float32)  # dO Mᵀ
     w_dm = tl.zeros([BT, BK], dtype=tl.float32)  # W dM'ᵀ
     dr_m = tl.zeros([BT, BK], dtype=tl.float32)  # dR Mᵀ
     dr_mc = tl.zeros([BT, BK], dtype=tl.float32)  # dR M_cᵀ
     for i_v in range(tl.cdiv(V, BV)):
-        cv = i_v * BV + tl.arange(0, BV)
-        m_tv = row_ok[:, None] & (cv < V)[None, :]
+        cv, m_tv = block_cols(i_v, BV, V, row_ok)
         m_kv = (ck < K)[:, None] & (cv < V)[None, :]
         b_do = tl.load(do + p_v + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
-        b_w = tl.load(w_buf + (head + rows)[:, None] * V + cv[None, :], mask=m_tv, other=0.0)  # [BT, BV]
-        b_dw = tl.load(dw_buf + (head + rows)[:, None] * V + cv[None, :], mask=m_tv, other=0.0)  # [BT, BV]
+        b_w = tl.load(buf_ptrs(w_buf, head, rows, V, cv), mask=m_tv, other=0.0)  # [BT, BV]
+        b_dw = tl.load(buf_ptrs(dw_buf, head, rows, V, cv), mask=m_tv, other=0.0)  # [BT, BV]
         b_dr = tl.dot(tl.trans(tm), b_dw, input_precision=PREC)  # dR, [BT, BV]
         b_m = tl.load(p_s + ck[:, None] * V + cv[None, :], mask=m_kv, other=0.0)  # [BK, BV]
         b_dm = tl.load(p_dh + ck[:, None] * V + cv[None, :], mask=m_kv, other=0.0)  # [BK, BV]
@@ -281,52 +271,31 @@ def _dqk_kernel(
     tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
 
 
-def chunk_bwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor,
-    tiling: Tiling,
-    initial_state: torch.Tensor | None,
-    do: torch.Tensor,
-    dht: torch.Tensor | None,
-) -> tuple[torch.Tensor, ...]:
+def chunk_bwd(x: Inputs, tiling: Tiling, do: torch.Tensor, dht: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """Gradients (dq, dk, dv, deta, dalpha, dbeta, d initial_state or None) given dO and d final_state."""
-    batch, seq_len, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    n_tiles, block_t = tiling.n_tiles, tiling.block_t
-    fwd = forward_states(k, v, eta, alpha, beta, tiling, initial_state, False)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    prec = dot_precision(q.dtype)
-    tiles = (seq_len, heads, key_dim, value_dim, tiling.chunk_size, tiling.tile_len, tiling.n_sub)
+    batch, seq_len, heads, key_dim, value_dim = x.dims
+    n_tiles, block_t, bh = tiling.n_tiles, tiling.block_t, batch * heads
+    fwd = forward_states(x, tiling, False)
+    prec, tiles = dot_precision(x.q.dtype), tile_args(x, tiling)
     bk, bv = loop_blocks(key_dim, value_dim)
-    dw = torch.empty(batch, heads, seq_len, value_dim, **f32)
-    _local_dw_kernel[(triton.cdiv(value_dim, bv), n_tiles, batch * heads)](
-        q, k, fwd["g"], do, dw, *tiles, BT=block_t, BK=bk, BV=bv, PREC=prec, **launch_options(False, block_t)
-    )
-    dh = torch.empty(batch, heads, n_tiles, key_dim, value_dim, **f32)
-    dh0 = torch.empty(batch, heads, key_dim, value_dim, **f32) if initial_state is not None else None
+    dw = fp32(x, batch, heads, seq_len, value_dim)
+    launch(_local_dw_kernel, (triton.cdiv(value_dim, bv), n_tiles, bh), x.q, x.k, fwd["g"], do, dw, *tiles,
+           block_t=block_t, BK=bk, BV=bv, PREC=prec)  # fmt: skip
+    dh = fp32(x, batch, heads, n_tiles, key_dim, value_dim)
+    dh0 = fp32(x, batch, heads, key_dim, value_dim) if x.initial_state is not None else None
     sk, sv = state_block_v(key_dim, value_dim)
-    _state_bwd_kernel[(triton.cdiv(value_dim, sv), batch * heads)](
-        q, k, fwd["g"], fwd["wc"], fwd["wb"], do, dht, dh, dw, dh0, *tiles, n_tiles, BT=block_t, BK=sk, BV=sv,
-        MULTI=tiling.multi, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
-        **launch_options(True, block_t),
-    )  # fmt: skip
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    ds = torch.empty(batch, heads, seq_len, block_t, **f32)
-    dgk = torch.empty(batch, heads, seq_len, block_t, **f32)
-    deta, dalpha, dbeta = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (eta, alpha, beta))
-    _tile_grads_kernel[(n_tiles, batch * heads)](
-        q, k, v, eta, alpha, beta, do, fwd["g"], fwd["tm"], fwd["w"], dw, fwd["h"], dh,
-        dv, ds, dgk, deta, dalpha, dbeta, *tiles, n_tiles, BT=block_t, BK=bk, BV=bv, MULTI=tiling.multi, PREC=prec,
-        **launch_options(False, block_t),
-    )  # fmt: skip
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    _dqk_kernel[(triton.cdiv(key_dim, bk), n_tiles, batch * heads)](
-        q, k, eta, alpha, beta, do, fwd["g"], fwd["tm"], fwd["w"], dw, fwd["h"], dh, ds, dgk, dq, dk,
-        *tiles, n_tiles, BT=block_t, BK=bk, BV=bv, MULTI=tiling.multi, PREC=prec, **launch_options(False, block_t),
-    )  # fmt: skip
+    launch(_state_bwd_kernel, (triton.cdiv(value_dim, sv), bh), x.q, x.k, fwd["g"], fwd["wc"], fwd["wb"], do, dht,
+           dh, dw, dh0, *tiles, n_tiles, block_t=block_t, sequential=True, BK=sk, BV=sv, MULTI=tiling.multi,
+           HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec)  # fmt: skip
+    dv = torch.empty(x.v.shape, device=x.v.device, dtype=x.v.dtype)
+    ds, dgk = fp32(x, batch, heads, seq_len, block_t), fp32(x, batch, heads, seq_len, block_t)
+    deta, dalpha, dbeta = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (x.eta, x.alpha, x.beta))
+    launch(_tile_grads_kernel, (n_tiles, bh), *x[:6], do, fwd["g"], fwd["tm"], fwd["w"], dw, fwd["h"], dh,
+           dv, ds, dgk, deta, dalpha, dbeta, *tiles, n_tiles, block_t=block_t, BK=bk, BV=bv, MULTI=tiling.multi,
+           PREC=prec)  # fmt: skip
+    dq = torch.empty(x.q.shape, device=x.q.device, dtype=x.q.dtype)
+    dk = torch.empty(x.k.shape, device=x.k.device, dtype=x.k.dtype)
+    launch(_dqk_kernel, (triton.cdiv(key_dim, bk), n_tiles, bh), x.q, x.k, x.eta, x.alpha, x.beta, do, fwd["g"],
+           fwd["tm"], fwd["w"], dw, fwd["h"], dh, ds, dgk, dq, dk, *tiles, n_tiles, block_t=block_t, BK=bk, BV=bv,
+           MULTI=tiling.multi, PREC=prec)  # fmt: skip
     return dq, dk, dv, deta, dalpha, dbeta, dh0

@@ -1,4 +1,4 @@
-"""Shared pieces of the memory-update kernels: input checks, the tiling plan and small Triton helpers.
+"""Shared pieces of the memory-update kernels: input checks, the tiling plan, launches and small Triton helpers.
 
 Dimensions: B batch, T time, H heads, K key width, V value width, C chunk of the rule (``chunk_size``),
 L tokens per kernel tile, BT/BK/BV block sizes (powers of two) along time / key / value.
@@ -10,15 +10,37 @@ processed one after the other, each knowing both its own start state and its chu
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from hope._checks import check_tensor
+
+Tensor = torch.Tensor
+
 MAX_WIDTH = 256  # largest K or V: the state kernels hold a [K, BV] block of Sᵀ in registers
 MAX_TILE = 64  # longest tile along time; longer chunks are cut into several tiles
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Inputs(NamedTuple):
+    """The checked inputs of one call (β filled with zeros when None), in the order of the kernels' gradients."""
+
+    q: Tensor  # [B, T, H, K]
+    k: Tensor  # [B, T, H, K]
+    v: Tensor  # [B, T, H, V]
+    eta: Tensor  # [B, T, H]
+    alpha: Tensor  # [B, T, H]
+    beta: Tensor  # [B, T, H]
+    initial_state: Tensor | None  # [B, H, K, V] fp32
+
+    @property
+    def dims(self) -> tuple[int, int, int, int, int]:
+        """(B, T, H, K, V)."""
+        return (*self.q.shape, self.v.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -45,6 +67,33 @@ def plan_tiles(seq_len: int, chunk_size: int) -> Tiling:
     return Tiling(chunk_size, tile_len, block_t, n_sub, triton.cdiv(seq_len, chunk_size) * n_sub)
 
 
+def tile_args(x: Inputs, tiling: Tiling) -> tuple[int, ...]:
+    """(T, H, K, V, C, L, NSUB): the leading scalar arguments of every tile kernel."""
+    _, seq_len, heads, key_dim, value_dim = x.dims
+    return seq_len, heads, key_dim, value_dim, tiling.chunk_size, tiling.tile_len, tiling.n_sub
+
+
+def state_block_v(key_dim: int, value_dim: int) -> tuple[int, int]:
+    """(BK, BV) for kernels that keep a whole-K block of the state in registers: BK · BV ≤ 4096."""
+    block_k = max(16, triton.next_power_of_2(key_dim))
+    return block_k, max(16, min(triton.next_power_of_2(value_dim), 4096 // block_k))
+
+
+def loop_blocks(key_dim: int, value_dim: int) -> tuple[int, int]:
+    """(BK, BV) for kernels that loop over the key and value widths in blocks of at most 64."""
+    return min(64, max(16, triton.next_power_of_2(key_dim))), min(64, max(16, triton.next_power_of_2(value_dim)))
+
+
+def fp32(x: Inputs, *shape: int) -> Tensor:
+    """An uninitialised fp32 buffer on the inputs' device."""
+    return torch.empty(*shape, device=x.q.device, dtype=torch.float32)
+
+
+def launch(kernel, grid: tuple[int, ...], *args, block_t: int, sequential: bool = False, **constexprs) -> None:
+    """``kernel[grid](*args, BT=block_t, **constexprs)`` with the num_warps / num_stages of `launch_options`."""
+    kernel[grid](*args, BT=block_t, **constexprs, **launch_options(sequential, block_t))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot precision: full fp32 for fp32 inputs (TF32 would cost ~1e-3 relative error), TF32 for 16-bit ones."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -63,41 +112,33 @@ def launch_options(sequential: bool, block_t: int) -> dict[str, int]:
 
 def interpreter_on() -> bool:
     """Whether these kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when first imported)."""
-    return isinstance(tile_bounds, InterpretedFunction)
+    return isinstance(tile_rows, InterpretedFunction)
 
 
 def _check_tensor(name: str, x: object, device: torch.device, ndim: int) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(name, x, device)
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but q is on {device}")
     if not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (got strides {x.stride()} for shape {tuple(x.shape)})")
     return x
 
 
-def check_inputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor,
-    chunk_size: int,
-    initial_state: torch.Tensor | None,
-    output_final_state: bool,
-) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the offending value unless the inputs fit the kernel contract.
+def checked_inputs(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor | None, chunk_size: int,
+    initial_state: Tensor | None, output_final_state: bool,
+) -> Inputs:
+    """The inputs (``beta=None`` as zeros: plain GD, the kernels always read a β); raise ``TypeError``/``ValueError``
+    naming the offending value unless they fit the kernel contract.
 
     Contract: q, k ``[B, T, H, K]``, v ``[B, T, H, V]`` of one dtype in {fp32, fp16, bf16}; eta, alpha, beta
     ``[B, T, H]`` in that dtype or fp32; initial_state ``[B, H, K, V]`` fp32; all contiguous, on one CUDA device
     (or on CPU under ``TRITON_INTERPRET=1``); 1 ≤ K, V ≤ 256; chunk_size ≥ 1. Values are not inspected (that
     would synchronise with the GPU): alpha must lie in (0, 1] — its logarithm is taken — or the result is NaN.
     """
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if beta is None and isinstance(eta, torch.Tensor):
+        beta = torch.zeros_like(eta)
+    check_tensor("q", q, getattr(q, "device", None))
     device = q.device
     _check_tensor("q", q, device, 4)
     if device.type != "cuda" and not interpreter_on():
@@ -143,15 +184,89 @@ def check_inputs(
             raise ValueError(f"initial_state has dtype {initial_state.dtype}; the state is float32")
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {output_final_state!r}")
+    return Inputs(q, k, v, eta, alpha, beta, initial_state)
 
 
 @triton.jit
-def tile_bounds(i_t, T, C, L, NSUB):
-    """First token (int64), token count and index within its chunk of tile ``i_t``."""
+def tile_rows(i_t, T, C, L, NSUB, BT: tl.constexpr):
+    """Tile ``i_t``: its first token (int64), token count n, index within its chunk, the row indices r = 0 … BT−1,
+    which rows hold a token (r < n) and their token indices."""
     i_s = i_t % NSUB
     start = (i_t // NSUB).to(tl.int64) * C + i_s * L
-    n = tl.minimum(tl.minimum(L, C - i_s * L), T - start)
-    return start, tl.maximum(n, 0).to(tl.int32), i_s
+    n = tl.maximum(tl.minimum(tl.minimum(L, C - i_s * L), T - start), 0).to(tl.int32)
+    r = tl.arange(0, BT)
+    return start, n, i_s, r, r < n, start + r
+
+
+@triton.jit
+def block_cols(i_c, BC: tl.constexpr, W: tl.constexpr, row_ok):
+    """Columns i_c·BC … i_c·BC + BC − 1 of a width-W block, and the mask [BT, BC] of the tile's rows × the columns
+    inside W."""
+    c = i_c * BC + tl.arange(0, BC)
+    return c, row_ok[:, None] & (c < W)[None, :]
+
+
+@triton.jit
+def tile_decays(g_buf, head, start, n, rows, row_ok):
+    """The tile's log-decays g [BT] (zero on empty rows) and g at its last token (zero for an empty tile)."""
+    g = tl.load(g_buf + head + rows, mask=row_ok, other=0.0)
+    g_last = tl.load(g_buf + head + start + n - 1, mask=n > 0, other=0.0)
+    return g, g_last
+
+
+@triton.jit
+def gate_offsets(i_b, i_h, T, H: tl.constexpr, rows):
+    """Offsets [BT] of the tile's rows in a [B, T, H] gate."""
+    return i_b.to(tl.int64) * T * H + i_h + rows * H
+
+
+@triton.jit
+def token_ptrs(base, i_b, i_h, T, H: tl.constexpr, W: tl.constexpr, rows):
+    """``base`` + the offsets [BT, 1] of the tile's rows in a [B, T, H, W] input (add the column offsets); base 0
+    gives the offsets themselves, for inputs that share them."""
+    return base + i_b.to(tl.int64) * T * H * W + i_h * W + rows[:, None] * (H * W)
+
+
+@triton.jit
+def buf_ptrs(buf, head, rows, W: tl.constexpr, cols):
+    """Pointers [BT, BW] to rows ``head + rows`` and columns ``cols`` of a head-major [B·H·T, W] fp32 buffer."""
+    return buf + (head + rows)[:, None] * W + cols[None, :]
+
+
+@triton.jit
+def tile_state(h_buf, i_bh, i_t, NT, K: tl.constexpr, V: tl.constexpr):
+    """Pointer to state i_t of head i_bh in a [B, H, NT, K, V] buffer (tile-start states or their gradients)."""
+    return h_buf + (i_bh.to(tl.int64) * NT + i_t) * K * V
+
+
+@triton.jit
+def state_block(h0, i_v, i_bh, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                HAS_H0: tl.constexpr):  # fmt: skip
+    """Value block i_v of a [K, V] state held in registers: key / value indices, the [BK, BV] mask and offsets,
+    and that block of state i_bh of ``h0`` (fp32 zeros without one)."""
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    m_kv = (ck < K)[:, None] & (cv < V)[None, :]
+    p_kv = ck[:, None] * V + cv[None, :]  # [BK, BV] offsets inside one state
+    m = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        m += tl.load(h0 + i_bh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+    return ck, cv, m_kv, p_kv, m
+
+
+@triton.jit
+def store_state(ht, m, i_bh, p_kv, m_kv, K: tl.constexpr, V: tl.constexpr, STORE: tl.constexpr):
+    """Write the register block ``m`` of state i_bh to ``ht`` when STORE."""
+    if STORE:
+        tl.store(ht + i_bh.to(tl.int64) * K * V + p_kv, m, mask=m_kv)
+
+
+@triton.jit
+def causal_decayed(x, g, r, row_ok):
+    """x ⊙ D [BT, BT] with D[t, i] = e^{g_t − g_i} on the causal part i ≤ t of the tile's rows, zero elsewhere
+    (the exponent is masked first, so no ratio above 1 is formed)."""
+    causal = (r[:, None] >= r[None, :]) & row_ok[:, None]
+    return tl.where(causal, x * tl.exp(tl.where(causal, g[:, None] - g[None, :], 0.0)), 0.0)
 
 
 @triton.jit

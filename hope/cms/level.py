@@ -1,4 +1,4 @@
-"""Continuum Memory System (DESIGN.md §5, arXiv:2512.24695 eqs. 70–74): MLP levels that rewrite their own weights.
+"""Continuum Memory System (docs/design.md §5, arXiv:2512.24695 eqs. 70–74): MLP levels that rewrite their own weights.
 
 Level ℓ is a SwiGLU MLP with period C_ℓ. Its weights for the tokens of one chunk are fixed; at every multiple of
 C_ℓ (absolute stream position) they are written once with the sum of the next-token-loss gradients of the chunk:
@@ -21,7 +21,7 @@ last block and approximates it below (measured in `experiments/lm_compare`).
 
 Fast weights are per sample: `fast = θ_0 − Δ` with Δ `[B, *θ.shape]` detached (first-order: outer gradients treat
 applied writes as constants and reach θ_0 through every chunk, as one flat matmul per product; see
-`hope.layers.mlp.FastWeights`, which also records the products a write differentiates). The language model owns
+`hope.layers.mlp.FastWeights`, which also records the products a write differentiates). `hope.cms.schedule` owns
 the segment loop; this module holds what one fast level needs: its state, the inner-loss bookkeeping and the write.
 
 Legend: B batch, T time, V vocabulary, P number of predictions in a segment.
@@ -29,17 +29,18 @@ Legend: B batch, T time, V vocabulary, P number of predictions in a segment.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from hope.config import CMSLevel
 from hope.layers.mlp import FastWeights, SwiGLU
+from hope.state import LevelState
+
+Level = tuple[SwiGLU, CMSLevel, LevelState]  # a fast level: its MLP (θ_0), its config and its state
 
 
-def init_level_state(mlp: SwiGLU, level: CMSLevel, batch_size: int) -> dict[str, Any]:
+def init_level_state(mlp: SwiGLU, level: CMSLevel, batch_size: int) -> LevelState:
     """Fresh per-sample state of one fast level: zero write Δ, a fresh optimizer memory, fast = θ_0."""
     from hope.optim import memory_rule
 
@@ -48,7 +49,7 @@ def init_level_state(mlp: SwiGLU, level: CMSLevel, batch_size: int) -> dict[str,
     for name, w in mlp.weights().items():
         delta[name] = w.detach().new_zeros((batch_size, *w.shape))
         opt[name] = rule.init_state(delta[name])
-    return {"delta": delta, "opt": opt, "fast": materialize(mlp, delta)}
+    return LevelState(delta, opt, materialize(mlp, delta))
 
 
 def materialize(mlp: SwiGLU, delta: dict[str, torch.Tensor]) -> FastWeights:
@@ -84,7 +85,7 @@ def chunk_loss(ce: torch.Tensor, positions: torch.Tensor, period: int) -> torch.
     return (ce * inside).sum()
 
 
-def write_levels(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: torch.Tensor | None,
+def write_levels(levels: list[Level], acc: torch.Tensor | None,
                  finals: list[torch.Tensor] | None = None) -> None:
     """Apply one write to every level of one period from the accumulated chunk loss `acc` (in place on states).
 
@@ -99,7 +100,7 @@ def write_levels(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: tor
     """
     from hope.optim import memory_rule
 
-    targets = [st["fast"].grad_targets() for _, _, st in levels]
+    targets = [st.fast.grad_targets() for _, _, st in levels]
     flat = [t for level_targets in targets for t in level_targets]
     if acc is None or not acc.requires_grad or not flat:
         grads_y = [None] * len(flat)
@@ -109,26 +110,36 @@ def write_levels(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: tor
         grads_y = residual_grads(levels, acc, finals)
     for (mlp, level, st), level_targets in zip(levels, targets):
         n = len(level_targets)
-        grads, grads_y = st["fast"].grads(grads_y[:n]), grads_y[n:]
+        grads, grads_y = st.fast.grads(grads_y[:n]), grads_y[n:]
         rule = memory_rule(level.optimizer, **level.optimizer_kwargs)
-        for name in st["delta"]:
-            g = grads[name].to(st["delta"][name].dtype)
-            st["opt"][name], direction = rule.update(st["opt"][name], g)
-            st["delta"][name] = torch.add(st["delta"][name], direction, alpha=level.lr)
-        st["fast"] = materialize(mlp, st["delta"])
+        for name in st.delta:
+            g = grads[name].to(st.delta[name].dtype)
+            st.opt[name], direction = rule.update(st.opt[name], g)
+            st.delta[name] = torch.add(st.delta[name], direction, alpha=level.lr)
+        st.fast = materialize(mlp, st.delta)
 
 
-def residual_grads(levels: list[tuple[SwiGLU, CMSLevel, dict[str, Any]]], acc: torch.Tensor,
+def residual_grads(levels: list[Level], acc: torch.Tensor,
                    finals: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """The residual write signal (see `write_levels`): δ_s = ∂acc/∂h_L,s for each segment s of the chunk, then
     ∂/∂y of Σ_s ⟨δ_s, level output_s⟩ through each level's own MLP (`FastWeights.output_grads`), flattened in
     level order like the levels' `grad_targets()`."""
     deltas = torch.autograd.grad(acc, finals, retain_graph=True, allow_unused=True)
-    return [g for _, _, st in levels for g in st["fast"].output_grads(list(deltas))]
+    return [g for _, _, st in levels for g in st.fast.output_grads(list(deltas))]
 
 
-def detach_level_state(st: dict[str, Any], mlp: SwiGLU) -> dict[str, Any]:
-    """The savable part of a level's state (Δ and optimizer memory, detached) with fast weights rebuilt."""
-    delta = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, st["delta"])
-    opt = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, st["opt"])
-    return {"delta": delta, "opt": opt, "fast": materialize(mlp, delta)}
+def detach_tree(tree):
+    """`tree` (tensors in dicts, lists, tuples and registered dataclasses) with every tensor cut from the graph."""
+    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def level_memory(st: LevelState) -> LevelState:
+    """A level's Δ and optimizer memory cut from the graph, in new containers, without fast weights (what a
+    snapshot or an export keeps)."""
+    return LevelState(detach_tree(st.delta), detach_tree(st.opt))
+
+
+def detach_level_state(st: LevelState, mlp: SwiGLU) -> LevelState:
+    """`level_memory` with the fast weights rebuilt: the level ready to continue the stream, cut from the graph."""
+    saved = level_memory(st)
+    return LevelState(saved.delta, saved.opt, materialize(mlp, saved.delta))

@@ -8,8 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.chunk_fwd import state_block_v
-from kernels.common import check_inputs
+from .common import Inputs, Tensor, checked_inputs, state_block, state_block_v, store_state
 
 
 @triton.jit
@@ -25,13 +24,8 @@ def _recurrent_kernel(
     """
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
+    ck, cv, m_kv, p_kv, m = state_block(h0, i_v, i_bh, K, V, BK, BV, HAS_H0)  # M [BK, BV]
     m_k, m_v = ck < K, cv < V
-    p_kv = ck[:, None] * V + cv[None, :]  # [BK, BV] offsets inside one state
-    m = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        m += tl.load(h0 + i_bh.to(tl.int64) * K * V + p_kv, mask=m_k[:, None] & m_v[None, :], other=0.0)
     m_c = m
     # per-token pointers, advanced by one token each step (64-bit pointer arithmetic: no int32 overflow in T·H·K)
     p_q = q + i_b.to(tl.int64) * T * H * K + i_h * K + ck  # [BK]
@@ -55,22 +49,14 @@ def _recurrent_kernel(
         tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
         p_q, p_k, p_v, p_o = p_q + H * K, p_k + H * K, p_v + H * V, p_o + H * V
         p_eta, p_alpha, p_beta = p_eta + H, p_alpha + H, p_beta + H
-    if STORE_HT:
-        tl.store(ht + i_bh.to(tl.int64) * K * V + p_kv, m, mask=m_k[:, None] & m_v[None, :])
+    store_state(ht, m, i_bh, p_kv, m_kv, K, V, STORE_HT)
 
 
 def recurrent_memory_update(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor | None,
-    chunk_size: int,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The rule of ``kernels.chunk_memory_update`` one token at a time: for decoding and as a second oracle.
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor | None, chunk_size: int,
+    initial_state: Tensor | None = None, output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The rule of ``chunk_memory_update`` one token at a time: for decoding and as a second oracle.
 
         S_t = S_{t−1} (α_t I − β_t k_t k_tᵀ) + η_t (v_t − S_{c(t)} k_t) k_tᵀ,      o_t = S_t q_t
 
@@ -80,41 +66,27 @@ def recurrent_memory_update(
     the chunk kernel, whose backward recomputes chunk-start states. Raises ``ValueError`` when an input
     requires grad while grad mode is on, rather than returning outputs that silently carry no gradient.
     """
-    if beta is None and isinstance(eta, torch.Tensor):
-        beta = torch.zeros_like(eta)
-    check_inputs(q, k, v, eta, alpha, beta, chunk_size, initial_state, output_final_state)
+    x = checked_inputs(q, k, v, eta, alpha, beta, chunk_size, initial_state, output_final_state)
     if torch.is_grad_enabled():
-        named = dict(q=q, k=k, v=v, eta=eta, alpha=alpha, beta=beta, initial_state=initial_state)
-        needing = [name for name, x in named.items() if x is not None and x.requires_grad]
+        needing = [name for name, t in x._asdict().items() if t is not None and t.requires_grad]
         if needing:
             raise ValueError(
                 f"recurrent_memory_update is forward-only but {needing} require grad; use chunk_memory_update "
                 "for training or call it under torch.no_grad()"
             )
-    return recurrent_fwd(q, k, v, eta, alpha, beta, chunk_size, initial_state, output_final_state)
+    return recurrent_fwd(x, chunk_size, output_final_state)
 
 
-def recurrent_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eta: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor,
-    chunk_size: int,
-    initial_state: torch.Tensor | None,
-    output_final_state: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def recurrent_fwd(x: Inputs, chunk_size: int, output_final_state: bool) -> tuple[Tensor, Tensor | None]:
     """Host side of ``recurrent_memory_update`` (inputs already checked): allocate and launch."""
-    batch, seq_len, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    o = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    batch, seq_len, heads, key_dim, value_dim = x.dims
+    o = torch.empty(x.v.shape, device=x.v.device, dtype=x.v.dtype)
     final = None
     if output_final_state:
-        final = torch.empty(batch, heads, key_dim, value_dim, device=q.device, dtype=torch.float32)
+        final = torch.empty(batch, heads, key_dim, value_dim, device=x.q.device, dtype=torch.float32)
     bk, bv = state_block_v(key_dim, value_dim)
     _recurrent_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
-        q, k, v, eta, alpha, beta, initial_state, o, final, seq_len, heads, key_dim, value_dim, chunk_size,
-        BK=bk, BV=bv, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
+        *x[:6], x.initial_state, o, final, seq_len, heads, key_dim, value_dim, chunk_size,
+        BK=bk, BV=bv, HAS_H0=x.initial_state is not None, STORE_HT=output_final_state,
     )  # fmt: skip
     return o, final

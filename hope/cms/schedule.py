@@ -1,0 +1,253 @@
+"""The CMS write schedule (docs/design.md §5): when each level writes, from which loss, and how a stream fed in
+pieces (down to one token at a time) makes exactly the writes of one call.
+
+The language model hands `CMSSchedule.run` one function, `step(ids, state, finals) -> logits`, that runs the
+network on a piece whose CMS fast weights are fixed; the schedule does the rest:
+
+- **Segments.** A call is cut at every multiple of a CMS period (absolute stream position), because a level's
+  weights for one chunk depend on the whole network's loss on the previous chunk.
+- **Chunk losses.** Each segment adds its next-token losses to the loss of every period's current chunk.
+- **Lazy writes.** A chunk that ends is written when the next segment (or `detach`) needs the new weights, so
+  the write at the end of a training sequence, whose result nobody reads, costs nothing.
+- **Shared backward.** With the exact signal the writes of nested periods that end together share one
+  backward, that of the largest chunk's loss (`_write`).
+- **Replays.** Inner gradients need autograd, so the schedule computes them even under `torch.no_grad()`. There,
+  pieces shorter than the smallest period (token-by-token generation) run without a graph; a chunk seen that way
+  is replayed in one call from its start state when it is written (`_replay_write`), which costs far less than
+  differentiating hundreds of one-token graphs.
+
+The schedule keeps its bookkeeping in `StreamState.schedule` and reads the levels by attribute; it never imports
+the model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from hope.cms.level import (
+    Level,
+    chunk_loss,
+    detach_level_state,
+    detach_tree,
+    init_level_state,
+    level_memory,
+    materialize,
+    prediction_losses,
+    write_levels,
+)
+from hope.cms.profile import write_region
+from hope.config import CMSLevel
+from hope.layers.mlp import SwiGLU
+from hope.memory.bounds import cuts
+from hope.state import ChunkRecord, LayerState, LevelState, SavedLevels, StreamState
+
+Step = Callable[[torch.Tensor, StreamState, "list[torch.Tensor] | None"], torch.Tensor]
+
+
+class CMSSchedule:
+    """The write schedule of a model's CMS levels. `levels[b]` lists block b's levels as (MLP, config) pairs,
+    fastest first; `signal` is `HopeConfig.cms_signal`."""
+
+    def __init__(self, levels: list[list[tuple[SwiGLU, CMSLevel]]], signal: str) -> None:
+        self.levels = levels
+        self.signal = signal
+        self.periods = sorted({lvl.period for block in levels for _, lvl in block if lvl.period is not None})
+
+    # ---- state ---------------------------------------------------------------------------------------------
+
+    def init_levels(self, batch_size: int) -> list[list[LevelState | None]]:
+        """Fresh fast-level states per block (None for a level that never writes in context)."""
+        return [[None if lvl.period is None else init_level_state(mlp, lvl, batch_size) for mlp, lvl in block]
+                for block in self.levels]
+
+    def restore_levels(self, saved: list[list[LevelState | None]]) -> list[list[LevelState | None]]:
+        """Saved levels (Δ and optimizer memory) with their fast weights rebuilt, in new containers."""
+        return [[None if st is None else LevelState(dict(st.delta), dict(st.opt), materialize(mlp, st.delta))
+                 for st, (mlp, _) in zip(block_saved, block)] for block_saved, block in zip(saved, self.levels)]
+
+    def detach_(self, state: StreamState) -> None:
+        """Cut `state` from the autograd graph in place (new level containers, fast weights rebuilt)."""
+        for layer, block in zip(state.layers, self.levels):
+            layer.core = detach_tree(layer.core)
+            layer.cms = [None if st is None else detach_level_state(st, mlp) for st, (mlp, _) in zip(layer.cms, block)]
+        if state.pending is not None:
+            state.pending = state.pending.detach()
+
+    def detach(self, step: Step, state: StreamState) -> StreamState:
+        """A copy of `state` cut from the autograd graph, after the writes that are due (what the next call would
+        make first). Chunk losses not yet written (the stream stopped inside a chunk) are dropped, with a warning."""
+        with torch.enable_grad():
+            self._write_due(step, state)
+        sched = state.schedule
+        if any(v is not None for v in sched.acc.values()) or any(r.ids for r in sched.replay.values()):
+            warnings.warn(
+                f"state detached at position {int(state.pos[0])}, inside a CMS chunk of periods {self.periods}: "
+                "the partial chunk's inner loss is dropped",
+                stacklevel=3,
+            )
+        out = StreamState(state.pos.clone(), [LayerState(ls.core, list(ls.cms)) for ls in state.layers],
+                          state.pending)
+        self.detach_(out)
+        return out
+
+    # ---- the segment loop ------------------------------------------------------------------------------------
+
+    def run(self, step: Step, ids: torch.Tensor, state: StreamState, start: int) -> torch.Tensor:
+        """Logits `[B, T, V]` of `ids` `[B, T]` at stream position `start`, with the CMS writes of the stream."""
+        grad_enabled = torch.is_grad_enabled()
+        record = grad_enabled or ids.shape[1] >= self.periods[0]
+        with torch.enable_grad():
+            logits = torch.cat([self._learn_segment(step, ids[:, s:e], start + s, state, grad_enabled, record)
+                                for s, e in cuts(ids.shape[1], start, self.periods)], dim=1)
+        return logits if grad_enabled else logits.detach()
+
+    def _learn_segment(self, step: Step, ids: torch.Tensor, start: int, state: StreamState, keep_graph: bool,
+                       record: bool = True) -> torch.Tensor:
+        """Forward one segment and add its next-token losses to each period's chunk loss.
+
+        Every chunk also keeps its start state and token ids, so that a chunk not wholly recorded (`record`
+        False: no graph, no chunk loss) can be replayed when it is written; it also keeps the levels written at
+        its inner boundaries (other periods' writes), which its replay takes instead of making those writes again.
+        """
+        self._write_due(step, state)
+        sched = state.schedule
+        written_here = [C for C in self.periods if start % C == 0]  # the periods whose chunks start here
+        for C in self.periods:
+            if C in written_here:
+                sched.replay[C] = ChunkRecord(self._snapshot(state, start))
+            elif written_here and C in sched.replay and not keep_graph:
+                # a chunk that may be replayed keeps the levels written at its inner boundaries: its replay takes
+                # them instead of writing them again, and could not redo a write whose chunk began before its own
+                if not (record and sched.replay[C].recorded) or any(c > start % C for c in written_here):
+                    sched.replay[C].inner[start] = self._levels_at(state, written_here)
+        finals = [] if record and self.signal == "residual" else None
+        with torch.set_grad_enabled(record):
+            logits = step(ids, state, finals)
+        for C in self.periods:
+            replay = sched.replay.get(C)
+            if replay is not None:
+                replay.ids.append(ids)
+                replay.recorded = replay.recorded and record
+        if record:
+            ce, positions = prediction_losses(logits, ids, start, state.pending)
+            for C in self.periods:
+                loss = chunk_loss(ce, positions, C)
+                sched.acc[C] = loss if sched.acc.get(C) is None else sched.acc[C] + loss
+                if finals is not None:
+                    sched.finals.setdefault(C, []).extend(finals)
+        state.pending = logits[:, -1] if record else logits[:, -1].detach()
+        end = start + ids.shape[1]
+        sched.due = [C for C in self.periods if end % C == 0]
+        if not keep_graph and record and end % math.lcm(*self.periods) == 0:
+            # every chunk loss is spent with the writes now due: the graph is cut right after them (so inference
+            # memory stays bounded), and they too wait until the weights are needed, so an evaluation that drops
+            # its state never pays for the last writes
+            sched.cut = True
+        return logits
+
+    # ---- writes ------------------------------------------------------------------------------------------------
+
+    def _write_due(self, step: Step, state: StreamState) -> None:
+        """Make the writes due at the current position, largest period first: a replayed chunk also writes the
+        smaller periods that end with it (`_replay_write`), and the recorded ones share one backward (`_write`)."""
+        sched = state.schedule
+        written, recorded = set(), []
+        for C in sorted(sched.due, reverse=True):
+            replay = sched.replay.pop(C, None)
+            if C in written:
+                continue
+            if replay is not None and not replay.recorded:
+                written.update(self._replay_write(step, C, replay, state))
+            else:
+                recorded.append(C)
+        for C in written:
+            self._end_chunk(C, state)
+        if recorded:
+            self._write(recorded, state)
+        sched.due = []
+        if sched.cut:
+            sched.cut = False
+            self.detach_(state)
+
+    def _write(self, periods: list[int], state: StreamState) -> None:
+        """Write the levels of `periods`, whose chunks all end here, from the recorded chunk losses, then start
+        their next chunks.
+
+        With the exact signal one backward serves them all, that of the largest period's chunk loss: a smaller
+        period's chunk is the tail of the larger one, and the larger chunk's losses before that tail were computed
+        before the tail's fast weights made any product, so they add nothing to its gradient (at context 512 with
+        periods 64 and 256 this saves the 64-token backward of the write at 256). The residual signal writes each
+        period from its own chunk's final residual streams."""
+        sched = state.schedule
+        with write_region():
+            if self.signal == "residual":
+                for C in periods:
+                    write_levels(self._levels_with_period(C, state), sched.acc.get(C), sched.finals.get(C, []))
+            else:
+                levels = [level for C in periods for level in self._levels_with_period(C, state)]
+                write_levels(levels, sched.acc.get(max(periods)))
+        for C in periods:
+            self._end_chunk(C, state)
+
+    @staticmethod
+    def _end_chunk(C: int, state: StreamState) -> None:
+        """Drop the period-C chunk's loss and final residual streams: the next chunk starts empty."""
+        state.schedule.acc[C] = None
+        state.schedule.finals.pop(C, None)
+
+    def _levels_with_period(self, C: int, state: StreamState) -> list[Level]:
+        return [(mlp, lvl, layer.cms[i]) for block, layer in zip(self.levels, state.layers)
+                for i, (mlp, lvl) in enumerate(block) if lvl.period == C]
+
+    # ---- replays ---------------------------------------------------------------------------------------------
+
+    def _snapshot(self, state: StreamState, start: int) -> StreamState:
+        """The stream state at position `start`, a chunk start, cut from the graph (new containers, shared tensors).
+        `state.pos` still holds the position of the current call's first token."""
+        layers = [LayerState(detach_tree(ls.core), [None if st is None else level_memory(st) for st in ls.cms])
+                  for ls in state.layers]
+        pending = None if state.pending is None else state.pending.detach()
+        return StreamState(torch.full_like(state.pos, start), layers, pending)
+
+    def _replay_write(self, step: Step, C: int, replay: ChunkRecord, state: StreamState) -> list[int]:
+        """Write the period-C levels of `state` by running their chunk again, in one call with a graph, from the
+        chunk's start state (smaller periods are written inside the replay as they were in the stream), together
+        with the smaller periods whose chunks end here too. Same writes as differentiating the recorded pieces,
+        since pieces with state carried equal one call. Returns the periods written."""
+        snap = replay.start
+        saved_levels = self.restore_levels([ls.cms for ls in snap.layers])
+        local = StreamState(snap.pos, [LayerState(ls.core, cms) for ls, cms in zip(snap.layers, saved_levels)],
+                            snap.pending)
+        ids = torch.cat(replay.ids, dim=1)  # [B, C]
+        start = int(snap.pos[0]) if snap.pos.numel() else 0
+        with torch.enable_grad():
+            for s, e in cuts(ids.shape[1], start, self.periods):
+                if start + s in replay.inner:  # the stream made the smaller periods' writes due here: take its result
+                    self._set_levels(local, replay.inner[start + s])
+                self._learn_segment(step, ids[:, s:e], start + s, local, keep_graph=True)
+        periods = local.schedule.due  # C and every smaller period that divides the chunk's end
+        self._write(periods, local)
+        for layer, local_layer, block in zip(state.layers, local.layers, self.levels):
+            for i, (_, lvl) in enumerate(block):
+                if lvl.period in periods:
+                    layer.cms[i] = local_layer.cms[i]
+        return periods
+
+    def _levels_at(self, state: StreamState, periods: list[int]) -> SavedLevels:
+        """The (Δ, optimizer memory) of the levels of `periods`, cut from the graph, keyed (block, level)."""
+        return SavedLevels(periods, {(b, i): level_memory(layer.cms[i])
+                                     for b, (block, layer) in enumerate(zip(self.levels, state.layers))
+                                     for i, (_, lvl) in enumerate(block) if lvl.period in periods})
+
+    def _set_levels(self, state: StreamState, saved: SavedLevels) -> None:
+        """Put levels saved by `_levels_at` into `state` as the writes due now, which are then no longer due."""
+        for (b, i), st in saved.levels.items():
+            state.layers[b].cms[i] = detach_level_state(st, self.levels[b][i][0])  # own containers
+        for C in saved.periods:
+            self._end_chunk(C, state)
+            state.schedule.replay.pop(C, None)
+        state.schedule.due = [C for C in state.schedule.due if C not in saved.periods]
