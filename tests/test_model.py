@@ -205,6 +205,20 @@ def test_export_import_state_roundtrip(tmp_path):
     assert rel_err(cont, ref) < 1e-10
 
 
+def test_saved_state_format_is_versioned():
+    """A saved state without a "version" key (written before the typed state) loads as version 1; an unknown
+    version is refused by name."""
+    model = tiny(CORES[-1], fast_cms())
+    ids = torch.randint(0, 23, (2, 24))
+    saved = model.export_state(model(ids[:, :16]).state)
+    assert saved["version"] == 1
+    legacy = {k: v for k, v in saved.items() if k != "version"}
+    cont = model(ids[:, 16:], model.import_state(legacy)).logits
+    assert rel_err(cont, model(ids).logits[:, 16:]) < 1e-10
+    with pytest.raises(ValueError, match="format version 2"):
+        model.import_state({**saved, "version": 2})
+
+
 def test_detach_inside_chunk_warns():
     model = tiny("attention", fast_cms())
     out = model(torch.randint(0, 23, (1, 6)))
