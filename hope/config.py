@@ -66,11 +66,16 @@ class HopeConfig:
         ffn_hidden: default SwiGLU hidden width; `None` = 8/3·d_model rounded up to a multiple of 64.
         rope_theta: RoPE base of the attention core.
         max_seq_len: longest context the model accepts in one stream (None = unbounded; recurrent cores).
+        kv_cache: attention core only: the number of most recent tokens whose keys and values are kept in the
+            state between calls (Transformer-XL's memory of the previous segment when it equals the window
+            length); None keeps every token. Ignored by the "self_modifying" and "titans" cores, whose state
+            is already of fixed size.
         norm_eps: RMSNorm epsilon.
         init_std: standard deviation of the normal init of embeddings and projections.
         tie_embeddings: share the input embedding and the LM head.
-        persist: keep CMS fast weights across calls that start a new state (streams, continual evaluation);
-            the trainer then carries them from batch to batch, per batch row.
+        persist: stream training: the trainer carries each batch row's whole state (core memories, KV cache, CMS
+            fast weights) from one batch to the next, cut from the graph between them (truncated backpropagation
+            through time). Meant for `data.stream=true`, where each batch row is one continuing stream.
         cms_signal: the error signal of an in-context CMS write (docs/design.md §5). "backprop" (default): the exact
             gradient of the chunk's next-token losses w.r.t. the level's weights, a backward through every layer
             above the level. "residual": the gradient w.r.t. the final residual stream δ = ∂ℓ/∂h_L (one backward
@@ -90,6 +95,7 @@ class HopeConfig:
     ffn_hidden: int | None = None
     rope_theta: float = 10000.0
     max_seq_len: int | None = None
+    kv_cache: int | None = None
     norm_eps: float = 1e-6
     init_std: float = 0.02
     tie_embeddings: bool = True
@@ -115,6 +121,9 @@ class HopeConfig:
         self.cms = [lvl if isinstance(lvl, CMSLevel) else CMSLevel(**dict(lvl)) for lvl in self.cms]
         if self.max_seq_len is not None:
             _check(self.max_seq_len > 0, f"HopeConfig.max_seq_len must be > 0 or None, got {self.max_seq_len!r}")
+        if self.kv_cache is not None:
+            _check(isinstance(self.kv_cache, int) and not isinstance(self.kv_cache, bool) and self.kv_cache >= 1,
+                   f"HopeConfig.kv_cache must be an int >= 1 or None, got {self.kv_cache!r}")
         _check(self.norm_eps > 0, f"HopeConfig.norm_eps must be > 0, got {self.norm_eps!r}")
         _check(self.init_std > 0, f"HopeConfig.init_std must be > 0, got {self.init_std!r}")
         if self.core != "attention" or self.memory is not None:

@@ -9,7 +9,8 @@ StreamState
 │   └── cms[i]  LevelState of the block's i-th CMS level (None for a level that never writes in context)
 │       ├── delta  {name: [B, *θ.shape]}  the writes so far: fast weights are θ_0 − Δ
 │       ├── opt    {name: ...}            the level optimizer's memory (e.g. momentum)
-│       └── fast   FastWeights            θ_0 − Δ, recording the products a write differentiates
+│       ├── fast   FastWeights            θ_0 − Δ, recording the products a write differentiates
+│       └── grad   {name: [B, *θ.shape]}  the chunk's gradient from earlier windows (stream training), or None
 └── schedule    WriteSchedule: the CMS engine's bookkeeping between calls (chunk losses, due writes, replays)
 ```
 
@@ -34,11 +35,14 @@ STATE_VERSION = 1  # the format of `HopeLM.export_state`; files without a "versi
 @dataclass
 class LevelState:
     """One fast CMS level of one block, per sample. `fast` is None in a saved copy (a snapshot or an export),
-    whose fast weights are rebuilt from Δ when it is used again."""
+    whose fast weights are rebuilt from Δ when it is used again. `grad` is the gradient of the current chunk's
+    loss carried over from earlier windows when the stream was cut from the graph inside the chunk (truncated
+    backpropagation through time; `hope.cms.schedule`), None when nothing is carried."""
 
     delta: dict[str, Tensor]
     opt: dict[str, Any]
     fast: FastWeights | None = None
+    grad: dict[str, Tensor] | None = None
 
 
 @dataclass

@@ -14,6 +14,8 @@ torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from hope.layers.mlp import FastWeights  # noqa: E402  (after the flag: nothing may import triton before it)
+
 
 def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Root-mean-square error of `got` relative to the RMS of `ref`, computed in fp64 (0 when both are 0)."""
@@ -38,3 +40,17 @@ def gates(x: dict, draw, erase: str, momentum: bool) -> dict:
     x["beta"] = {"dgd": x["eta"].clone(), "gd": zeros, "none": None}[erase]
     x["gamma"] = torch.sigmoid(draw(*x["eta"].shape)) if momentum else None
     return x
+
+
+class TextbookFast(FastWeights):
+    """Reference CMS fast weights: products with `W + (θ − θ.detach())` (value W, gradient to θ summed from
+    per-sample grads), and writes that differentiate W itself (monkeypatch `hope.cms.level.FastWeights` with it)."""
+
+    def matmul(self, x, name, theta):
+        return x @ (self.weights[name] + (theta - theta.detach()))
+
+    def grad_targets(self):
+        return list(self.weights.values())
+
+    def grads(self, grads_w):
+        return {name: torch.zeros_like(w) if g is None else g for (name, w), g in zip(self.weights.items(), grads_w)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TextbookFast
 
 from hope import HopeLM
 from hope.cms import level as cms
@@ -15,20 +16,6 @@ from hope.config import CMSLevel, HopeConfig
 from hope.layers.mlp import FastWeights
 
 F64 = torch.float64
-
-
-class TextbookFast(FastWeights):
-    """Reference: products with `W + (θ − θ.detach())` (value W, gradient to θ summed from per-sample grads),
-    and writes that differentiate W itself."""
-
-    def matmul(self, x, name, theta):
-        return x @ (self.weights[name] + (theta - theta.detach()))
-
-    def grad_targets(self):
-        return list(self.weights.values())
-
-    def grads(self, grads_w):
-        return {name: torch.zeros_like(w) if g is None else g for (name, w), g in zip(self.weights.items(), grads_w)}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

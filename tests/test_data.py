@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from hope.data.datamodule import (
     LMDataModule,
     ResumableSampler,
     ShardSampler,
+    StreamWindows,
     TrainWindows,
 )
 from hope.data.tokenizers import BPETokenizer, HFTokenizer, build_tokenizer
@@ -265,6 +267,8 @@ def test_bad_tokenizer_spec() -> None:
         ({"max_val_tokens": 64, "seq_len": 64}, "max_val_tokens must be None or > seq_len=64, got 64"),
         ({"hf_limit": 0}, "hf_limit must be None or an int >= 1, got 0"),
         ({"val_fraction": 0.0}, "val_fraction must be in \\(0, 0.5\\), got 0.0"),
+        ({"stream": "yes"}, "stream must be a bool, got 'yes'"),
+        ({"source": "synthetic", "task": "parity", "stream": True}, "stream=True needs a text source .*'synthetic'"),
     ],
 )
 def test_data_config_rejects_bad_values(kwargs: dict, match: str) -> None:
@@ -375,6 +379,118 @@ def test_ranks_read_their_share_of_the_global_stream(text_corpus, tmp_path, monk
                 assert torch.equal(batch["input_ids"][k], expected)
 
 
+def _as_rank(monkeypatch, rank: int, world: int) -> None:
+    """Simulated DDP: the datamodule (and its samplers) see this rank and world size."""
+    monkeypatch.setattr(datamodule, "dist_rank_world", lambda r=None, w=None: (rank, world))
+
+
+def _stream_row(tokens: torch.Tensor, row: int, rows: int, n: int, seq_len: int) -> torch.Tensor:
+    """The documented window n of stream row ρ: tokens (ρ·⌊N/R⌋ + n·T + j) mod N, j = 0 … T, as int64 `[T+1]`."""
+    n_tok = tokens.numel()
+    return tokens[(row * (n_tok // rows) + n * seq_len + torch.arange(seq_len + 1)) % n_tok].long()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_stream_rows_continue_from_batch_to_batch(text_corpus, tmp_path, monkeypatch, world: int) -> None:
+    """Batch row k on rank r is always stream row ρ = k·W + r, and batch n is its window n: the windows of a row
+    overlap by one token (labels[:, -1] of batch n == input_ids[:, 0] of batch n + 1), so no token is skipped."""
+    b_size, seq_len, n_batches = 4, 32, 4
+    rows = b_size * world
+    seen = set()
+    for rank in range(world):
+        _as_rank(monkeypatch, rank, world)
+        dm = _dm(text_corpus, tmp_path, stream=True)
+        batches = _batches(dm.train_dataloader(), n_batches)
+        tokens = dm.stream("train")
+        for n, batch in enumerate(batches):
+            assert set(batch) == {"input_ids", "labels", "stream_pos"}
+            assert batch["input_ids"].shape == batch["labels"].shape == (b_size, seq_len)
+            assert batch["stream_pos"].dtype == torch.int64 and batch["stream_pos"].tolist() == [n * seq_len] * b_size
+            assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
+            for k in range(b_size):
+                window = _stream_row(tokens, k * world + rank, rows, n, seq_len)
+                assert torch.equal(batch["input_ids"][k], window[:-1]) and torch.equal(batch["labels"][k], window[1:])
+        for prev, nxt in zip(batches, batches[1:]):
+            assert torch.equal(prev["labels"][:, -1], nxt["input_ids"][:, 0])
+        row_text = torch.cat([b["input_ids"] for b in batches], dim=1)  # [B, n·T]: each row one contiguous stretch
+        for k in range(b_size):
+            o = (k * world + rank) * (tokens.numel() // rows)
+            assert torch.equal(row_text[k], tokens[o : o + n_batches * seq_len].long())
+            seen.add(o)
+    assert len(seen) == rows  # every row read, on exactly one rank and batch row
+
+
+@pytest.mark.parametrize(("world", "num_workers"), [(1, 2), (2, 0)])
+def test_stream_resume_continues_every_row(text_corpus, tmp_path, monkeypatch, world: int, num_workers: int) -> None:
+    for rank in range(world):
+        _as_rank(monkeypatch, rank, world)
+        full = _batches(_dm(text_corpus, tmp_path, stream=True, num_workers=num_workers).train_dataloader(), 6)
+        dm = _dm(text_corpus, tmp_path, stream=True, num_workers=num_workers)
+        dm.set_resume_batch(3)
+        resumed = _batches(dm.train_dataloader(), 3)
+        for x, y in zip(full[3:], resumed, strict=True):
+            assert all(torch.equal(x[key], y[key]) for key in ("input_ids", "labels", "stream_pos"))
+
+
+def test_stream_rows_start_at_their_offsets_and_wrap(text_corpus, tmp_path, monkeypatch) -> None:
+    tokens = torch.arange(50, dtype=torch.int32)  # N = 50, R = 3: rows start at 0, 16, 32
+    windows = StreamWindows(tokens, seq_len=4, rows=3)
+    assert [windows.row_offset(r) for r in range(3)] == [0, 16, 32]
+    assert [windows[r]["input_ids"][0].item() for r in range(3)] == [0, 16, 32]
+    assert windows[3 * 4 + 2]["input_ids"].tolist() == [48, 49, 0, 1]  # row 2, window 4 wraps: 48, 49, 0, 1, 2
+    assert windows[14]["labels"].tolist() == [49, 0, 1, 2]
+    assert windows[3 * 5 + 2]["input_ids"].tolist() == [2, 3, 4, 5] and windows[17]["stream_pos"].item() == 20
+    # the datamodule: resume far enough that the last row wraps past the end of the train split
+    world, b_size, seq_len = 2, 4, 32
+    _as_rank(monkeypatch, 1, world)
+    dm = _dm(text_corpus, tmp_path, stream=True)
+    dm.setup()
+    n_tok, rows = dm.stream("train").numel(), b_size * world
+    last = rows - 1  # batch row 3 on rank 1
+    wrap_at = (n_tok - last * (n_tok // rows)) // seq_len  # the first window of the last row that reaches past N
+    dm.set_resume_batch(wrap_at)
+    batch = _batches(dm.train_dataloader(), 2)[0]
+    expected = _stream_row(dm.stream("train"), last, rows, wrap_at, seq_len)
+    assert torch.equal(batch["input_ids"][-1], expected[:-1]) and torch.equal(batch["labels"][-1], expected[1:])
+    start = last * (n_tok // rows) + wrap_at * seq_len
+    assert start < n_tok < start + seq_len + 1  # this window does wrap: ends with the split's first tokens
+    assert torch.equal(expected[n_tok - start :], dm.stream("train")[: start + seq_len + 1 - n_tok].long())
+    assert batch["stream_pos"].tolist() == [wrap_at * seq_len] * b_size
+
+
+def test_stream_needs_rows_times_window_tokens(text_corpus, tmp_path, monkeypatch) -> None:
+    n_tok = _dm(text_corpus, tmp_path).stream("train").numel()
+    too_many = n_tok // 33 + 1  # rows with seq_len + 1 = 33 tokens each no longer fit into the split
+    with pytest.raises(ValueError, match=rf"at least R·\(seq_len \+ 1\) = {too_many}·33 = {too_many * 33} tokens "
+                       rf"\(R = batch_size {too_many} × world_size 1 rows\), but the train split .* has {n_tok}"):
+        _dm(text_corpus, tmp_path, stream=True, batch_size=too_many).train_dataloader()
+    _as_rank(monkeypatch, 0, 2)
+    half = too_many // 2 + 1
+    with pytest.raises(ValueError, match=rf"= {2 * half * 33} tokens \(R = batch_size {half} × world_size 2 rows\)"):
+        _dm(text_corpus, tmp_path, stream=True, batch_size=half).setup()
+    with pytest.raises(ValueError, match="at least R·\\(T \\+ 1\\) = 3·5 = 15 tokens .* got 14"):
+        StreamWindows(torch.arange(14), seq_len=4, rows=3)
+
+
+def test_stream_config_composes_with_hydra() -> None:
+    hydra = pytest.importorskip("hydra")
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    cases = ((["data=stream"], "default"), (["data=text", "data.stream=true", "data.paths=[a.txt]"], "text"))
+    for overrides, source in cases:
+        GlobalHydra.instance().clear()
+        with hydra.initialize_config_dir(config_dir=configs, version_base="1.3"):
+            cfg = hydra.compose(config_name="train", overrides=overrides)
+        data = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
+        assert data.stream is True and data.source == source
+    GlobalHydra.instance().clear()
+    with hydra.initialize_config_dir(config_dir=configs, version_base="1.3"):
+        assert hydra.compose(config_name="train").data.stream is False
+    GlobalHydra.instance().clear()
+
+
 def test_eval_windows_cover_the_split_once(text_corpus, tmp_path, monkeypatch) -> None:
     dm = _dm(text_corpus, tmp_path, max_val_tokens=None)
     dm.setup()
@@ -479,7 +595,8 @@ def test_default_corpus_datamodule(default_docs, tmp_path) -> None:
     assert len(dm.val_dataloader()) == -(-windows // 16)
 
 
-def test_lightning_trainer_consumes_the_datamodule(text_corpus, tmp_path) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+def test_lightning_trainer_consumes_the_datamodule(text_corpus, tmp_path, stream: bool) -> None:
     import lightning as L
 
     class Bigram(L.LightningModule):
@@ -500,7 +617,7 @@ def test_lightning_trainer_consumes_the_datamodule(text_corpus, tmp_path) -> Non
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = _dm(text_corpus, tmp_path)
+    dm = _dm(text_corpus, tmp_path, stream=stream)  # stream batches also carry "stream_pos"
     trainer = L.Trainer(
         max_steps=3,
         limit_val_batches=2,

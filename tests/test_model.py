@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 import importlib.util
 
 import pytest
@@ -219,11 +220,17 @@ def test_saved_state_format_is_versioned():
         model.import_state({**saved, "version": 2})
 
 
-def test_detach_inside_chunk_warns():
+def test_detach_inside_chunk_carries_its_gradient():
+    """Cut at 6, inside chunks of periods 4 (from 4) and 8 (from 0): both levels carry their chunk's gradient so
+    far (stream training, tests/test_stream.py), with no warning."""
     model = tiny("attention", fast_cms())
     out = model(torch.randint(0, 23, (1, 6)))
-    with pytest.warns(UserWarning, match="inside a CMS chunk"):
-        model.detach_state(out.state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cut = model.detach_state(out.state)
+    carried = [st.grad for st in cut.layers[0].cms[:2]]
+    assert all(g is not None and g["w_up"].abs().sum() > 0 for g in carried)
+    assert cut.layers[0].cms[2] is None
 
 
 @pytest.mark.parametrize(

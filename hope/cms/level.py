@@ -85,21 +85,18 @@ def chunk_loss(ce: torch.Tensor, positions: torch.Tensor, period: int) -> torch.
     return (ce * inside).sum()
 
 
-def write_levels(levels: list[Level], acc: torch.Tensor | None,
-                 finals: list[torch.Tensor] | None = None) -> None:
-    """Apply one write to every level of one period from the accumulated chunk loss `acc` (in place on states).
+def level_grads(levels: list[Level], acc: torch.Tensor | None,
+                finals: list[torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
+    """∂acc/∂W per sample `{name: [B, *θ.shape]}` for each level's fast weights W, from the products recorded in
+    its `FastWeights` since they were made (zero where `acc` does not reach them).
 
-    All levels sharing a period write at the same positions, so one `autograd.grad` (w.r.t. the outputs of the
-    products made with the fast weights during the chunk) serves them all. Gradients are per sample because sample
-    b's loss depends only on fast[b].
-
-    `finals` selects the residual signal (`HopeConfig.cms_signal="residual"`): the final residual streams h_L
-    `[B, T, D]` of the chunk's segments, one per SwiGLU call recorded in each level's `FastWeights`. Then
-    δ = ∂acc/∂h_L (a backward through the final norm and head only) replaces ∂acc/∂(level output), and each level's
-    write differentiates Σ_segments ⟨δ, level output⟩ through its own MLP only (`residual_grads`).
+    One `autograd.grad` (w.r.t. the outputs of the recorded products) serves every level. Gradients are per sample
+    because sample b's loss depends only on fast[b]. `finals` selects the residual signal
+    (`HopeConfig.cms_signal="residual"`): the final residual streams h_L `[B, T, D]` of the chunk's segments, one
+    per SwiGLU call recorded in each level's `FastWeights`. Then δ = ∂acc/∂h_L (a backward through the final norm
+    and head only) replaces ∂acc/∂(level output), and each level's gradient differentiates
+    Σ_segments ⟨δ, level output⟩ through its own MLP only (`residual_grads`).
     """
-    from hope.optim import memory_rule
-
     targets = [st.fast.grad_targets() for _, _, st in levels]
     flat = [t for level_targets in targets for t in level_targets]
     if acc is None or not acc.requires_grad or not flat:
@@ -108,14 +105,34 @@ def write_levels(levels: list[Level], acc: torch.Tensor | None,
         grads_y = list(torch.autograd.grad(acc, flat, retain_graph=True, allow_unused=True))
     else:
         grads_y = residual_grads(levels, acc, finals)
-    for (mlp, level, st), level_targets in zip(levels, targets):
+    out = []
+    for (_, _, st), level_targets in zip(levels, targets):
         n = len(level_targets)
-        grads, grads_y = st.fast.grads(grads_y[:n]), grads_y[n:]
+        out.append(st.fast.grads(grads_y[:n]))
+        grads_y = grads_y[n:]
+    return out
+
+
+def write_levels(levels: list[Level], acc: torch.Tensor | None,
+                 finals: list[torch.Tensor] | None = None) -> None:
+    """Apply one write to every level of `levels`, whose chunks end here, from the accumulated chunk loss `acc`
+    (in place on their states): θ ← θ − η_ℓ·Opt_ℓ(g), g = ∂acc/∂W (`level_grads`) plus the gradient carried from
+    earlier windows of the same chunk (`LevelState.grad`, see `hope.cms.schedule`)."""
+    apply_writes(levels, level_grads(levels, acc, finals))
+
+
+def apply_writes(levels: list[Level], grads: list[dict[str, torch.Tensor]]) -> None:
+    """The write of `write_levels` from gradients already taken (`level_grads`), one dict per level."""
+    from hope.optim import memory_rule
+
+    for (mlp, level, st), level_grad in zip(levels, grads):
         rule = memory_rule(level.optimizer, **level.optimizer_kwargs)
         for name in st.delta:
-            g = grads[name].to(st.delta[name].dtype)
+            g = level_grad[name] if st.grad is None else level_grad[name] + st.grad[name]
+            g = g.to(st.delta[name].dtype)
             st.opt[name], direction = rule.update(st.opt[name], g)
             st.delta[name] = torch.add(st.delta[name], direction, alpha=level.lr)
+        st.grad = None
         st.fast = materialize(mlp, st.delta)
 
 
@@ -134,12 +151,12 @@ def detach_tree(tree):
 
 
 def level_memory(st: LevelState) -> LevelState:
-    """A level's Δ and optimizer memory cut from the graph, in new containers, without fast weights (what a
-    snapshot or an export keeps)."""
-    return LevelState(detach_tree(st.delta), detach_tree(st.opt))
+    """A level's Δ, optimizer memory and carried gradient cut from the graph, in new containers, without fast
+    weights (what a snapshot or an export keeps)."""
+    return LevelState(detach_tree(st.delta), detach_tree(st.opt), grad=detach_tree(st.grad))
 
 
 def detach_level_state(st: LevelState, mlp: SwiGLU) -> LevelState:
     """`level_memory` with the fast weights rebuilt: the level ready to continue the stream, cut from the graph."""
     saved = level_memory(st)
-    return LevelState(saved.delta, saved.opt, materialize(mlp, saved.delta))
+    return LevelState(saved.delta, saved.opt, materialize(mlp, saved.delta), saved.grad)

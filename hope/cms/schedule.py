@@ -11,6 +11,11 @@ network on a piece whose CMS fast weights are fixed; the schedule does the rest:
   the write at the end of a training sequence, whose result nobody reads, costs nothing.
 - **Shared backward.** With the exact signal the writes of nested periods that end together share one
   backward, that of the largest chunk's loss (`_write`).
+- **Windows.** `detach` cuts a stream from the graph between windows (truncated backpropagation through time). A
+  chunk still in progress there keeps the gradient of its loss so far in `LevelState.grad`, and its write adds
+  it: a level whose period spans many windows learns from all of them. What the cut loses is the part of the
+  gradient that flows across windows (through the carried core state, and the one prediction whose target opens
+  the next window).
 - **Replays.** Inner gradients need autograd, so the schedule computes them even under `torch.no_grad()`. There,
   pieces shorter than the smallest period (token-by-token generation) run without a graph; a chunk seen that way
   is replayed in one call from its start state when it is written (`_replay_write`), which costs far less than
@@ -30,10 +35,12 @@ import torch
 
 from hope.cms.level import (
     Level,
+    apply_writes,
     chunk_loss,
     detach_level_state,
     detach_tree,
     init_level_state,
+    level_grads,
     level_memory,
     materialize,
     prediction_losses,
@@ -66,7 +73,8 @@ class CMSSchedule:
 
     def restore_levels(self, saved: list[list[LevelState | None]]) -> list[list[LevelState | None]]:
         """Saved levels (Δ and optimizer memory) with their fast weights rebuilt, in new containers."""
-        return [[None if st is None else LevelState(dict(st.delta), dict(st.opt), materialize(mlp, st.delta))
+        return [[None if st is None else LevelState(dict(st.delta), dict(st.opt), materialize(mlp, st.delta),
+                                                    None if st.grad is None else dict(st.grad))
                  for st, (mlp, _) in zip(block_saved, block)] for block_saved, block in zip(saved, self.levels)]
 
     def detach_(self, state: StreamState) -> None:
@@ -79,20 +87,76 @@ class CMSSchedule:
 
     def detach(self, step: Step, state: StreamState) -> StreamState:
         """A copy of `state` cut from the autograd graph, after the writes that are due (what the next call would
-        make first). Chunk losses not yet written (the stream stopped inside a chunk) are dropped, with a warning."""
+        make first). A chunk still in progress carries the gradient of its loss so far into the copy's
+        `LevelState.grad` (one shared backward for all of them); `state` itself keeps its chunk losses. Pieces
+        of a chunk that were run without a graph (one-token calls under `torch.no_grad()`, replayed only when the
+        chunk ends) cannot be carried: their loss is dropped, with a warning."""
         with torch.enable_grad():
-            self._write_due(step, state)
+            carried = self._finish_window(step, state)
         sched = state.schedule
-        if any(v is not None for v in sched.acc.values()) or any(r.ids for r in sched.replay.values()):
+        if any(r.ids and not r.recorded for r in sched.replay.values()):
             warnings.warn(
-                f"state detached at position {int(state.pos[0])}, inside a CMS chunk of periods {self.periods}: "
-                "the partial chunk's inner loss is dropped",
+                f"state detached at position {int(state.pos[0])}, inside a CMS chunk of periods {self.periods} that "
+                "was run without a graph (calls shorter than the smallest period under torch.no_grad()): the "
+                "partial chunk's inner loss is dropped",
                 stacklevel=3,
             )
         out = StreamState(state.pos.clone(), [LayerState(ls.core, list(ls.cms)) for ls in state.layers],
                           state.pending)
         self.detach_(out)
+        for (b, i), grads in carried.items():
+            level = out.layers[b].cms[i]
+            level.grad = grads if level.grad is None else {n: level.grad[n] + g for n, g in grads.items()}
         return out
+
+    def _finish_window(self, step: Step, state: StreamState) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+        """Make the writes due and take the gradients of the chunks in progress (`_partial_grads`). With the exact
+        signal and every due chunk recorded, one backward serves both, that of the chunk that started first (every
+        chunk ends here, so the others are its tails): a window boundary then costs one backward, not two."""
+        sched = state.schedule
+        due = sorted(sched.due)
+        replayed = any(C in sched.replay and not sched.replay[C].recorded for C in due)
+        if not due or replayed or self.signal == "residual":
+            self._write_due(step, state)
+            return self._partial_grads(state)
+        grads = self._partial_grads(state, due)
+        with write_region():
+            apply_writes([lv for C in due for lv in self._levels_with_period(C, state)],
+                         [grads.pop(key) for C in due for key in self._keys(C)])
+        for C in due:
+            sched.replay.pop(C, None)
+            self._end_chunk(C, state)
+        sched.due = []
+        if sched.cut:
+            sched.cut = False
+            self.detach_(state)
+        return grads
+
+    def _keys(self, C: int) -> list[tuple[int, int]]:
+        """(block, level) of every level of period C."""
+        return [(b, i) for b, block in enumerate(self.levels) for i, (_, lvl) in enumerate(block) if lvl.period == C]
+
+    def _partial_grads(self, state: StreamState, due: list[int] = ()) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+        """The gradients of the chunks in progress (and of the chunks of `due`, which end here), keyed
+        (block, level). With the exact signal one backward serves every level, that of the chunk that started
+        first: the others are its tails, and the losses it holds from before a tail began were computed before the
+        tail's fast weights made any product."""
+        sched = state.schedule
+        partial = [C for C in self.periods if C in due or sched.acc.get(C) is not None]
+        if not partial:
+            return {}
+        pos = int(state.pos[0]) if state.pos.numel() else 0
+        start = lambda C: pos - C if C in due else pos - pos % C  # where the period-C chunk began
+        first = min(partial, key=lambda C: (start(C), -C))  # the earliest chunk; the larger period on a tie
+        keys = {C: self._keys(C) for C in partial}
+        levels = {C: [(self.levels[b][i][0], self.levels[b][i][1], state.layers[b].cms[i]) for b, i in keys[C]]
+                  for C in partial}
+        with write_region():
+            if self.signal == "residual":
+                grads = [g for C in partial for g in level_grads(levels[C], sched.acc[C], sched.finals.get(C, []))]
+            else:
+                grads = level_grads([lv for C in partial for lv in levels[C]], sched.acc[first])
+        return dict(zip([k for C in partial for k in keys[C]], grads))
 
     # ---- the segment loop ------------------------------------------------------------------------------------
 

@@ -1,21 +1,39 @@
 """`LMDataModule`: token streams of the train/val/test splits as Lightning dataloaders, exactly resumable.
 
-Dimension legend: B batch, T sequence length (`seq_len`), N tokens in a split, W world size (ranks), r rank.
+Dimension legend: B batch, T sequence length (`seq_len`), N tokens in a split, W world size (ranks), r rank,
+R = B·W stream rows (stream mode).
 
 Every batch is `{"input_ids": [B, T] int64, "labels": [B, T] int64}` with `labels[:, t]` the token after
 `input_ids[:, t]`; labels equal to -100 (synthetic tasks only: padding and unscored positions) are not scored, the
-default `ignore_index` of `torch.nn.functional.cross_entropy`.
+default `ignore_index` of `torch.nn.functional.cross_entropy`. Stream-mode train batches also hold `"stream_pos"`
+(below).
 
     documents ──split_documents──► train / val / test ──tokenizer──► int32 streams [N] (cached on disk)
     train:    item i = stream[o_i : o_i + T + 1],  o_i ~ U{0 … N−T−1} drawn from a generator seeded by (seed, i)
+    stream:   item i = row ρ = i mod R, window n = i div R:  stream[(o_ρ + n·T + j) mod N], j = 0 … T,
+              o_ρ = ρ·⌊N/R⌋   (DataConfig.stream: truncated-BPTT rows, see below)
     val/test: window j = stream[j·T : j·T + T + 1],  j = 0 … ⌊(min(N, max_val_tokens) − 1) / T⌋ − 1
 
-Resuming: a train item depends only on (seed, i), and the train sampler yields the global indices
-`start + k·W + r` (k = 0, 1, …) on rank r, so a run restarted with `set_resume_batch(n)` (start = n·B·W, n the
-dataloader batches each rank consumed, i.e. optimizer steps × gradient-accumulation batches) sees exactly the
-batches the uninterrupted run would have seen, on any number of workers. The sampler is effectively infinite:
-train by `max_steps`. The trainer must build `lightning.Trainer(use_distributed_sampler=False)`, otherwise
-Lightning wraps this sampler in a `DistributedSampler` and the indices change.
+Resuming: a train item depends only on (seed, i) (stream mode: on (R, i)), and the train sampler yields the
+global indices `start + k·W + r` (k = 0, 1, …) on rank r, so a run restarted with `set_resume_batch(n)`
+(start = n·B·W, n the dataloader batches each rank consumed, i.e. optimizer steps × gradient-accumulation
+batches) sees exactly the batches the uninterrupted run would have seen, on any number of workers. The sampler
+is effectively infinite: train by `max_steps`. The trainer must build
+`lightning.Trainer(use_distributed_sampler=False)`, otherwise Lightning wraps this sampler in a
+`DistributedSampler` and the indices change.
+
+Stream mode (`DataConfig.stream=True`, text sources only) is for truncated-BPTT training of models that carry
+their state from batch to batch: each of the R = B·W batch rows (over all ranks) reads one continuing stream of
+the train split, starting at o_ρ = ρ·⌊N/R⌋ (evenly spaced, so the rows read different text) and advancing T
+tokens per batch; consecutive windows overlap by one token, so `labels[:, -1]` of batch n is `input_ids[:, 0]` of
+batch n + 1 and no token is skipped. A row wraps from the end of the split to its start (never runs out; the
+wrap joins the last and first documents without a separator). With the sampler above, batch row k on rank r is
+global item n·B·W + k·W + r, i.e. always row ρ = k·W + r, and batch n is window n, so a model may keep its state
+per batch row, and `set_resume_batch(n)` continues every row at window n (resume with the same B and W: R
+places the rows). Stream batches also hold `"stream_pos"`, int64 `[B]`: n·T, the position of the window's first
+input in its row's stream (the same for all rows of a batch), for a trainer to check that its carried state is
+in step. The train split needs at least
+R·(T + 1) tokens. Val/test windows are the same as in the default mode (comparable, state reset per window).
 
 Val/test windows are dealt round-robin to the ranks (window j to rank j mod W); the union over ranks is the same
 set for every W, so sum the loss and token counts over ranks (not a mean of per-rank means) before dividing.
@@ -97,6 +115,8 @@ class DataConfig:
         task, task_args: synthetic task name (a key of `hope.data.synthetic.SYNTHETIC_TASKS`) and its arguments.
         val_task_args: overrides of `task_args` for val/test (e.g. a longer `length_range` bin).
         val_examples: synthetic val (and test) examples.
+        stream: train batches as continuing streams, one per batch row (truncated BPTT; see the module docstring)
+            instead of windows at random offsets; text sources only, val/test unchanged.
     """
 
     source: str = "default"
@@ -121,6 +141,7 @@ class DataConfig:
     task_args: dict[str, Any] = field(default_factory=dict)
     val_task_args: dict[str, Any] = field(default_factory=dict)
     val_examples: int = 256
+    stream: bool = False
 
     def __post_init__(self) -> None:
         _check(self.source in SOURCES, f"DataConfig.source must be one of {SOURCES}, got {self.source!r}")
@@ -131,7 +152,12 @@ class DataConfig:
             _check(bool(self.paths), f"DataConfig.source='text' needs paths (.txt/.jsonl files), got {self.paths!r}")
         if self.source == "hf":
             _check(bool(self.hf_name), f"DataConfig.source='hf' needs hf_name, got {self.hf_name!r}")
+        _check(isinstance(self.stream, bool), f"DataConfig.stream must be a bool, got {self.stream!r}")
         if self.source == "synthetic":
+            _check(
+                not self.stream,
+                "DataConfig.stream=True needs a text source (a token stream to read), got source='synthetic'",
+            )
             tasks = tuple(SYNTHETIC_TASKS)
             _check(self.task in tasks, f"DataConfig.source='synthetic' needs task in {tasks}, got {self.task!r}")
         else:
@@ -217,6 +243,48 @@ class TrainWindows(Dataset):
 
     def __len__(self) -> int:
         return INFINITE
+
+
+class StreamWindows(Dataset):
+    """Item i: window n = i div R of stream row ρ = i mod R, tokens (o_ρ + n·T + j) mod N for j = 0 … T, as inputs
+    and shifted labels, with `stream_pos` = n·T; o_ρ = ρ·⌊N/R⌋ (see the module docstring)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, rows: int) -> None:
+        self.tokens, self.seq_len, self.rows = tokens, seq_len, rows  # tokens: [N]
+        need = stream_tokens_needed(seq_len, rows)
+        n = tokens.numel()
+        if n < need:
+            raise ValueError(
+                f"stream mode needs a train split of at least R·(T + 1) = {rows}·{seq_len + 1} = {need} tokens "
+                f"(R = batch_size × world_size rows, T = seq_len), got {n}; otherwise rows would overlap at their "
+                f"start: use fewer rows, a shorter seq_len or more text"
+            )
+        self.spacing = n // rows  # ⌊N/R⌋
+
+    def row_offset(self, row: int) -> int:
+        """o_ρ: where row ρ's stream starts in the split."""
+        return row * self.spacing
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < 0:
+            raise IndexError(f"stream item {index} is negative")
+        row, n = index % self.rows, index // self.rows
+        n_tok = self.tokens.numel()
+        start = (self.row_offset(row) + n * self.seq_len) % n_tok
+        if start + self.seq_len + 1 <= n_tok:
+            window = self.tokens[start : start + self.seq_len + 1].long()  # [T+1]
+        else:  # wraps around the end of the split
+            window = self.tokens[(start + torch.arange(self.seq_len + 1)) % n_tok].long()  # [T+1]
+        pos = torch.tensor(n * self.seq_len, dtype=torch.int64)  # [] → [B] when batched
+        return {"input_ids": window[:-1], "labels": window[1:], "stream_pos": pos}
+
+    def __len__(self) -> int:
+        return INFINITE
+
+
+def stream_tokens_needed(seq_len: int, rows: int) -> int:
+    """Train tokens stream mode needs for `rows` rows of `seq_len` + 1 tokens that do not overlap at their start."""
+    return rows * (seq_len + 1)
 
 
 class EvalWindows(Dataset):
@@ -397,16 +465,29 @@ class LMDataModule(L.LightningDataModule):
                 self.stream(split)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the streams and check that each split holds at least one sequence of `seq_len + 1` tokens."""
-        if self.config.source == "synthetic":
+        """Load the streams and check that each split holds at least one sequence of `seq_len + 1` tokens (and, in
+        stream mode, the train split R·(seq_len + 1) tokens, R = batch_size × world_size)."""
+        c = self.config
+        if c.source == "synthetic":
             return
-        need = self.config.seq_len + 1
+        need = c.seq_len + 1
         for split in SPLITS:
             n = self.stream(split).numel()
             if n < need:
                 raise ValueError(
-                    f"the {split} split of source {self.config.source!r} has {n} tokens, fewer than "
+                    f"the {split} split of source {c.source!r} has {n} tokens, fewer than "
                     f"seq_len + 1 = {need}; use a shorter seq_len or more text"
+                )
+        if c.stream:
+            _, world_size = dist_rank_world()
+            rows = c.batch_size * world_size
+            n, need = self.stream("train").numel(), stream_tokens_needed(c.seq_len, rows)
+            if n < need:
+                raise ValueError(
+                    f"stream mode needs a train split of at least R·(seq_len + 1) = {rows}·{c.seq_len + 1} = {need} "
+                    f"tokens (R = batch_size {c.batch_size} × world_size {world_size} rows), but the train split of "
+                    f"source {c.source!r} has {n}; otherwise rows would overlap at their start: use a smaller "
+                    f"batch_size, a shorter seq_len or more text"
                 )
 
     def set_resume_batch(self, n_batches_consumed: int) -> None:
@@ -428,12 +509,15 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         c = self.config
+        _, world_size = dist_rank_world()
         if c.source == "synthetic":
             dataset: Dataset = SyntheticWindows(c.task, c.task_args, c.seq_len, c.seed)
         else:
             self.setup("fit")
-            dataset = TrainWindows(self.stream("train"), c.seq_len, c.seed)
-        _, world_size = dist_rank_world()
+            if c.stream:
+                dataset = StreamWindows(self.stream("train"), c.seq_len, c.batch_size * world_size)
+            else:
+                dataset = TrainWindows(self.stream("train"), c.seq_len, c.seed)
         sampler = ResumableSampler(start=self._resume_batch * c.batch_size * world_size)
         return self._loader(dataset, sampler)
 

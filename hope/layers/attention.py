@@ -63,7 +63,17 @@ class CausalSelfAttention(nn.Module):
     x [B,T,D] ─► W_qkv ─► q,k,v [B,H,T,K] ─► RoPE(q,k @ pos..pos+T) ─┐
     state.k, state.v [B,H,S,K] ─────────────────── concat ───────────┴─► SDPA (causal) ─► W_o ─► y [B,T,D]
                                                         └─► new state: k, v [B,H,S+T,K], pos + T
+                                                       (`bound`: the last `kv_cache` tokens between calls)
     ```
+
+    `config.kv_cache` bounds the state kept between the model's calls (`bound`, which `HopeLM` applies at the end
+    of every call, not between the CMS segments inside one): only the keys and values of the last `kv_cache`
+    tokens are kept, in their own storage (not a view of the call's concatenation). Inside a call every new token
+    attends causally to the whole call plus the cache it received, and RoPE positions stay absolute. The memory
+    therefore depends on how a stream is cut into calls: calls of L tokens with `kv_cache = L` give
+    Transformer-XL with memory length L (token t sees tokens s ≤ t with s ≥ (⌊t/L⌋ − 1)·L), one token per call
+    gives a sliding window of `kv_cache` tokens. With `kv_cache = None` the cache grows with the stream and
+    pieces give what one call gives.
     """
 
     State = KVCache
@@ -73,6 +83,7 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.rope_theta = config.rope_theta
+        self.kv_cache = config.kv_cache
         self.init_std = config.init_std
         self.out_std = residual_std(config.init_std, config.n_layers)
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
@@ -109,3 +120,21 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.out(y.transpose(1, 2).reshape(B, T, D))
         return y, KVCache(pos + T, k, v)
+
+    def bound(self, state: KVCache | None) -> KVCache | None:
+        """The state kept between calls: the last `kv_cache` tokens' keys and values, each in storage of its own
+        size (`state` itself when `kv_cache` is None).
+
+        A slice is cloned, not kept as a view (nor made `.contiguous()`, which returns the view itself when it is
+        already contiguous, e.g. B·H = 1): a view would keep the whole [B, H, S+T, K] concatenation alive between
+        calls. A `v` that is still a view of the qkv projection (q, k and v side by side; no cache was joined) is
+        cloned too.
+        """
+        if self.kv_cache is None or state is None:
+            return state
+        n, k, v = self.kv_cache, state.k, state.v
+        if k.shape[2] > n:
+            k, v = (t[:, :, -n:].clone(memory_format=torch.contiguous_format) for t in (k, v))
+        elif v._base is not None:
+            v = v.clone(memory_format=torch.contiguous_format)
+        return KVCache(state.pos, k, v)

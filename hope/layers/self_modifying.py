@@ -140,6 +140,10 @@ class MemoryCore(nn.Module):
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         self.hidden = self.mc.hidden(self.head_dim)
 
+    def bound(self, state):
+        """The state kept between calls: a memory core's state has a fixed size already."""
+        return state
+
 
 class SelfModifyingCore(MemoryCore):
     """Self-modifying Titans core: every projection is a memory that rewrites itself in context.

@@ -109,6 +109,8 @@ class HopeLM(nn.Module):
             logits = self.cms_schedule.run(self._step, input_ids, state, start)
         else:
             logits = self._step(input_ids, state)
+        for block, layer in zip(self.blocks, state.layers):
+            layer.core = block.core.bound(layer.core)  # e.g. the attention core's bounded KV cache (kv_cache)
         state.pos = state.pos + T
         return LMOutput(logits, state)
 
@@ -129,8 +131,9 @@ class HopeLM(nn.Module):
     def detach_state(self, state: StreamState) -> StreamState:
         """A copy of `state` cut from the autograd graph (to carry streams across optimizer steps).
 
-        Chunk losses not yet written (the stream stopped inside a CMS chunk) are dropped, with a warning: export
-        at a multiple of every CMS period for a continuation identical to one uninterrupted stream.
+        A CMS chunk still in progress carries the gradient of its loss so far (`LevelState.grad`; truncated
+        backpropagation through time, `hope.cms.schedule`): cut at a multiple of every CMS period for a
+        continuation identical to one uninterrupted stream.
         """
         return self.cms_schedule.detach(self._step, state)
 
@@ -139,7 +142,7 @@ class HopeLM(nn.Module):
         position, each core's state (`to_flat`), each fast level's Δ and optimizer memory."""
         out = self.detach_state(state)
         layers = [{"core": None if ls.core is None else ls.core.to_flat(),
-                   "cms": [None if st is None else {"delta": st.delta, "opt": st.opt} for st in ls.cms]}
+                   "cms": [None if st is None else _saved_level(st) for st in ls.cms]}
                   for ls in out.layers]
         return detach_tree({"version": STATE_VERSION, "pos": out.pos, "pending": out.pending, "layers": layers})
 
@@ -150,7 +153,8 @@ class HopeLM(nn.Module):
             raise ValueError(f"saved state has format version {version!r}; this hope reads version {STATE_VERSION}")
         if len(saved.get("layers", [])) != len(self.blocks):
             raise ValueError(f"saved state has {len(saved.get('layers', []))} layers, model has {len(self.blocks)}")
-        saved_levels = [[None if st is None else LevelState(st["delta"], st["opt"]) for st in ls["cms"]]
+        saved_levels = [[None if st is None else LevelState(st["delta"], st["opt"], grad=st.get("grad"))
+                         for st in ls["cms"]]
                         for ls in saved["layers"]]
         levels = self.cms_schedule.restore_levels(saved_levels)
         layers = [LayerState(None if ls["core"] is None else block.core.State.from_flat(ls["core"]), cms)
@@ -233,3 +237,9 @@ def sample_next(
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def _saved_level(st: LevelState) -> dict[str, Any]:
+    """A fast level as saved: Δ, optimizer memory and, inside a chunk cut by a window, the carried gradient."""
+    out = {"delta": st.delta, "opt": st.opt}
+    return out if st.grad is None else {**out, "grad": st.grad}

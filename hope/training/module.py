@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -83,6 +84,7 @@ class LMModule(L.LightningModule):
         ones = torch.ones(self.model_config.vocab_size, dtype=torch.long)
         self.register_buffer("token_bytes", ones, persistent=False)
         self._stream_state: StreamState | None = None
+        self._warned_not_streams = False
         self._eval_sums: dict[str, torch.Tensor] = {}
         self._t_last: float | None = None
 
@@ -104,8 +106,28 @@ class LMModule(L.LightningModule):
         n_bytes = (self.token_bytes[labels.clamp_min(0)] * scored).sum()
         return loss_sum, int(scored.sum()), n_bytes, out.state
 
+    def _carried_state(self, batch: dict[str, torch.Tensor]) -> StreamState | None:
+        """The state each batch row carries from the previous batch (`persist`), checked against the batch's
+        stream position when the data are streams (`data.stream`)."""
+        state, pos = self._stream_state, batch.get("stream_pos")
+        if pos is None:
+            if not self._warned_not_streams:
+                self._warned_not_streams = True
+                warnings.warn("model persist=true carries each batch row's state into the next batch, but the data "
+                              "are not streams (data.stream=false): every state meets unrelated text. Use data=stream.",
+                              stacklevel=2)
+            return state
+        if state is None:  # a fresh run, or one resumed from a checkpoint without a carried state
+            state = self.model.init_state(pos.shape[0], pos.device)
+            state.pos = pos.clone()
+        elif not torch.equal(state.pos, pos):
+            raise ValueError(f"the carried state is at stream positions {state.pos.tolist()} but the batch starts at "
+                             f"{pos.tolist()}: a stream run must resume with the batch size and world size it began "
+                             "with")
+        return state
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        state = self._stream_state if self.model_config.persist else None
+        state = self._carried_state(batch) if self.model_config.persist else None
         loss_sum, n_tokens, n_bytes, state = self._loss(batch, state)
         if self.model_config.persist:
             self._stream_state = self.model.detach_state(state)
