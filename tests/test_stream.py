@@ -114,3 +114,41 @@ def test_no_grad_one_token_pieces_warn_when_cut_inside_a_chunk():
             state = model(stream(6)[:, t : t + 1], state).state
     with pytest.warns(UserWarning, match="run without a graph"):
         model.detach_state(state)
+
+
+@pytest.mark.parametrize("core", ["attention", "self_modifying"])
+def test_writes_taken_from_the_outer_backward_equal_their_own_backward(core):
+    """Stream training takes the window-end CMS gradients from the outer backward (`detach_after_backward`) when
+    the outer loss leaves out the window's last prediction: the same outer gradients, writes and carried chunk
+    gradients as cutting the state before the backward (`detach_state`), over three 8-token windows with
+    periods 4 (due at every window end) and 16 (in progress across windows)."""
+    ids = stream(25)
+    runs = {}
+    for mode in ("detach", "deferred"):
+        model = tiny(core, long_levels(4, 16))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        state, grads = None, []
+        for a in range(0, 24, 8):
+            out = model(ids[:, a : a + 8], state)
+            logits = out.logits[:, :-1].float()  # fp32, as the trainer and the chunk losses take them
+            losses = F.cross_entropy(logits.flatten(0, 1), ids[:, a + 1 : a + 8].flatten(), reduction="none")
+            loss = losses.mean()
+            if mode == "detach":
+                state = model.detach_state(out.state)
+                loss.backward()
+            else:
+                end = model.detach_after_backward(out.state)
+                loss.backward()
+                state = end.finish(losses.numel())
+            grads += [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            opt.step()
+            opt.zero_grad()
+        runs[mode] = grads, deltas(model, state), [st.grad for ls in state.layers for st in ls.cms if st is not None]
+    # both differentiate the same fp32 losses, one as their sum, one as their mean times n: equal to fp32 round-off
+    (g1, d1, c1), (g2, d2, c2) = runs["detach"], runs["deferred"]
+    for a, b in zip(g1 + d1, g2 + d2):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-9
+    assert all(x is None for x in c1[::2]) and all(x is not None for x in c1[1::2])  # period 4 written, 16 carried
+    for x, y in zip(c1[1::2], c2[1::2]):
+        for n in x:
+            assert (x[n] - y[n]).abs().max() <= 1e-6 * x[n].abs().max()

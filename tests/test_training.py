@@ -84,8 +84,16 @@ def losses_by_step(log_dir: Path) -> dict[int, float]:
     return out
 
 
-def test_resume_is_exact(tmp_path):
-    common = [*TINY, "logger=csv", "model.size=tiny", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+STREAM = ["experiment=hope_stream_small", "model.config.cms=[{period:8,hidden:32},{period:32,hidden:32},"
+          "{period:256,hidden:32}]"]
+
+
+@pytest.mark.parametrize("mode", ["reset", "stream"])
+def test_resume_is_exact(tmp_path, mode):
+    """Resume from the step-4 checkpoint equals the uninterrupted run. In stream mode the carried state travels in
+    the checkpoint, and step 4 (128 tokens per row) is inside a period-256 chunk, whose carried gradient too."""
+    common = [*(STREAM if mode == "stream" else []), *TINY, "logger=csv", "model.size=tiny",
+              "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
               "callbacks.model_checkpoint.every_n_train_steps=4", "test=false", "model.warmup_steps=2",
               "model.lr_decay_steps=8"]
     straight = make_cfg(tmp_path / "a", [*common, "trainer.max_steps=8"])
@@ -100,9 +108,11 @@ def test_resume_is_exact(tmp_path):
     assert sorted(a) == sorted(b) and len(a) == 8
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
-    ckpt = torch.load(tmp_path / "b" / "logs" / "train" / "checkpoints" / "last.ckpt", weights_only=False)
+    (last,) = (tmp_path / "b" / "logs").glob("*/checkpoints/last.ckpt")
+    ckpt = torch.load(last, weights_only=False)
     assert ckpt["hydra_config"]["trainer"]["max_steps"] == 8
     assert ckpt["global_step"] == 8
+    assert ("stream_state" in ckpt) == (mode == "stream")
 
 
 def test_checkpoint_write_is_atomic(tmp_path):

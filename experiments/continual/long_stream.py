@@ -136,10 +136,14 @@ def step_cost(config: HopeConfig, batch: int, window: int, rounds: int, steps: i
         ids = torch.randint(0, config.vocab_size, (batch, window + 1), generator=g)
         t0 = time.perf_counter()
         out = model(ids[:, :-1], state if carry else None)
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        if carry:
-            state = model.detach_state(out.state)
-        loss.backward()
+        if carry:  # as the trainer's stream mode: the last prediction left out, the window's writes from backward
+            losses = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), ids[:, 1:-1].flatten(),
+                                     reduction="none")
+            end = model.detach_after_backward(out.state)
+            losses.mean().backward()
+            state = end.finish(losses.numel())
+        else:
+            F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0

@@ -156,7 +156,13 @@ def level_memory(st: LevelState) -> LevelState:
     return LevelState(detach_tree(st.delta), detach_tree(st.opt), grad=detach_tree(st.grad))
 
 
-def detach_level_state(st: LevelState, mlp: SwiGLU) -> LevelState:
-    """`level_memory` with the fast weights rebuilt: the level ready to continue the stream, cut from the graph."""
-    saved = level_memory(st)
-    return LevelState(saved.delta, saved.opt, materialize(mlp, saved.delta), saved.grad)
+def detach_level_state(st: LevelState) -> LevelState:
+    """`level_memory`: the level ready to continue the stream, cut from the graph. Its fast weights are built when
+    the stream is next run (`ensure_fast`), from θ_0 as it is then: an outer step may change θ_0 in between."""
+    return level_memory(st)
+
+
+def ensure_fast(mlp: SwiGLU, st: LevelState) -> None:
+    """Build the level's fast weights θ_0 − Δ from the current θ_0 if it has none (a detached or saved level)."""
+    if st.fast is None:
+        st.fast = materialize(mlp, st.delta)

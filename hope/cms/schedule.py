@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -39,6 +40,7 @@ from hope.cms.level import (
     chunk_loss,
     detach_level_state,
     detach_tree,
+    ensure_fast,
     init_level_state,
     level_grads,
     level_memory,
@@ -78,10 +80,11 @@ class CMSSchedule:
                  for st, (mlp, _) in zip(block_saved, block)] for block_saved, block in zip(saved, self.levels)]
 
     def detach_(self, state: StreamState) -> None:
-        """Cut `state` from the autograd graph in place (new level containers, fast weights rebuilt)."""
-        for layer, block in zip(state.layers, self.levels):
+        """Cut `state` from the autograd graph in place (new level containers; their fast weights are rebuilt from
+        θ_0 when the stream next runs)."""
+        for layer in state.layers:
             layer.core = detach_tree(layer.core)
-            layer.cms = [None if st is None else detach_level_state(st, mlp) for st, (mlp, _) in zip(layer.cms, block)]
+            layer.cms = [None if st is None else detach_level_state(st) for st in layer.cms]
         if state.pending is not None:
             state.pending = state.pending.detach()
 
@@ -108,6 +111,19 @@ class CMSSchedule:
             level = out.layers[b].cms[i]
             level.grad = grads if level.grad is None else {n: level.grad[n] + g for n, g in grads.items()}
         return out
+
+    def defer_detach(self, step: Step, state: StreamState) -> WindowEnd:
+        """`detach`, with the gradients of the writes due now and of the chunks in progress taken from the outer
+        backward that is about to run instead of a backward of their own (`WindowEnd`). Exact when the outer loss
+        is the sum (or mean) of the window's next-token losses whose targets lie inside the window, which are
+        exactly the losses those chunks hold; the trainer's stream mode leaves out the window's last prediction
+        for that reason. With the residual signal, or pieces run without a graph, it is `detach` itself."""
+        sched = state.schedule
+        due = sorted(sched.due)
+        periods = [C for C in self.periods if C in due or sched.acc.get(C) is not None]
+        if not periods or self.signal == "residual" or any(r.ids and not r.recorded for r in sched.replay.values()):
+            return WindowEnd(ready=self.detach(step, state))
+        return WindowEnd(self, state, due, [key for C in periods for key in self._keys(C)])
 
     def _finish_window(self, step: Step, state: StreamState) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
         """Make the writes due and take the gradients of the chunks in progress (`_partial_grads`). With the exact
@@ -188,6 +204,10 @@ class CMSSchedule:
                 # them instead of writing them again, and could not redo a write whose chunk began before its own
                 if not (record and sched.replay[C].recorded) or any(c > start % C for c in written_here):
                     sched.replay[C].inner[start] = self._levels_at(state, written_here)
+        for layer, block in zip(state.layers, self.levels):
+            for st, (mlp, _) in zip(layer.cms, block):
+                if st is not None:
+                    ensure_fast(mlp, st)
         finals = [] if record and self.signal == "residual" else None
         with torch.set_grad_enabled(record):
             logits = step(ids, state, finals)
@@ -310,8 +330,57 @@ class CMSSchedule:
     def _set_levels(self, state: StreamState, saved: SavedLevels) -> None:
         """Put levels saved by `_levels_at` into `state` as the writes due now, which are then no longer due."""
         for (b, i), st in saved.levels.items():
-            state.layers[b].cms[i] = detach_level_state(st, self.levels[b][i][0])  # own containers
+            state.layers[b].cms[i] = detach_level_state(st)  # own containers
         for C in saved.periods:
             self._end_chunk(C, state)
             state.schedule.replay.pop(C, None)
         state.schedule.due = [C for C in state.schedule.due if C not in saved.periods]
+
+
+def _keep(store: list, index: int, grad: torch.Tensor) -> None:
+    store[index] = grad
+
+
+class WindowEnd:
+    """A window's end whose CMS gradients come from the outer backward (`CMSSchedule.defer_detach`): hooks on the
+    outputs of the products that the due and in-progress levels recorded keep ∂L/∂y as the outer backward passes;
+    `finish(scale)` then makes the due writes and carries the other chunks' gradients, exactly as `detach` would
+    with ∂acc/∂y = scale·∂L/∂y (scale: the number of losses the outer loss averages, over any loss scaling)."""
+
+    def __init__(self, schedule: CMSSchedule | None = None, state: StreamState | None = None, due: list[int] = (),
+                 keys: list[tuple[int, int]] = (), ready: StreamState | None = None) -> None:
+        self.schedule, self.state, self.due, self.keys, self.ready = schedule, state, list(due), list(keys), ready
+        self.captured: list[list[torch.Tensor | None]] = []
+        self.handles = []
+        for b, i in self.keys:
+            targets = state.layers[b].cms[i].fast.grad_targets()
+            store = [None] * len(targets)
+            self.captured.append(store)
+            self.handles += [y.register_hook(partial(_keep, store, n)) for n, y in enumerate(targets)]
+
+    def finish(self, scale: float) -> StreamState:
+        """The state cut from the graph, with the window's writes made (call after the outer backward)."""
+        if self.ready is not None:
+            return self.ready
+        for handle in self.handles:
+            handle.remove()
+        state, schedule = self.state, self.schedule
+        grads = {}
+        for (b, i), store in zip(self.keys, self.captured):
+            gy = [None if g is None else g * scale for g in store]
+            grads[(b, i)] = state.layers[b].cms[i].fast.grads(gy)
+        with write_region():
+            apply_writes([lv for C in self.due for lv in schedule._levels_with_period(C, state)],
+                         [grads.pop(key) for C in self.due for key in schedule._keys(C)])
+        for C in self.due:
+            state.schedule.replay.pop(C, None)
+            schedule._end_chunk(C, state)
+        state.schedule.due = []
+        out = StreamState(state.pos.clone(), [LayerState(ls.core, list(ls.cms)) for ls in state.layers],
+                          state.pending)
+        schedule.detach_(out)
+        for (b, i), level_grad in grads.items():
+            level = out.layers[b].cms[i]
+            level.grad = level_grad if level.grad is None else {n: level.grad[n] + g for n, g in level_grad.items()}
+        self.ready, self.state, self.captured = out, None, []
+        return out

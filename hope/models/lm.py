@@ -13,6 +13,7 @@ from torch import nn
 
 from hope.cms import CMSSchedule
 from hope.cms.level import detach_tree
+from hope.cms.schedule import WindowEnd
 from hope.config import HopeConfig
 from hope.layers.attention import CausalSelfAttention, first_position
 from hope.layers.mlp import SwiGLU, residual_std
@@ -136,6 +137,11 @@ class HopeLM(nn.Module):
         continuation identical to one uninterrupted stream.
         """
         return self.cms_schedule.detach(self._step, state)
+
+    def detach_after_backward(self, state: StreamState) -> WindowEnd:
+        """`detach_state` for stream training, finished after the outer backward (`.finish(n_losses)`), which then
+        also gives the gradients of the CMS writes due at the window's end (`CMSSchedule.defer_detach`)."""
+        return self.cms_schedule.defer_detach(self._step, state)
 
     def export_state(self, state: StreamState) -> dict[str, Any]:
         """What the model learned from a context, as plain tensors in nested dicts (`torch.save`-able): the

@@ -84,7 +84,9 @@ class LMModule(L.LightningModule):
         ones = torch.ones(self.model_config.vocab_size, dtype=torch.long)
         self.register_buffer("token_bytes", ones, persistent=False)
         self._stream_state: StreamState | None = None
+        self._saved_stream_state: dict[str, Any] | None = None
         self._warned_not_streams = False
+        self._window_end = None
         self._eval_sums: dict[str, torch.Tensor] = {}
         self._t_last: float | None = None
 
@@ -98,9 +100,11 @@ class LMModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, state: StreamState | None = None):
         return self.model(input_ids, state)
 
-    def _loss(self, batch: dict[str, torch.Tensor], state: StreamState | None):
+    def _loss(self, batch: dict[str, torch.Tensor], state: StreamState | None, score_last: bool = True):
         out = self(batch["input_ids"], state)
         labels = batch["labels"]  # [B, T]; -100 marks unscored positions (synthetic tasks)
+        if not score_last:
+            labels = torch.cat([labels[:, :-1], torch.full_like(labels[:, -1:], -100)], dim=1)
         scored = labels >= 0
         loss_sum = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
         n_bytes = (self.token_bytes[labels.clamp_min(0)] * scored).sum()
@@ -109,6 +113,9 @@ class LMModule(L.LightningModule):
     def _carried_state(self, batch: dict[str, torch.Tensor]) -> StreamState | None:
         """The state each batch row carries from the previous batch (`persist`), checked against the batch's
         stream position when the data are streams (`data.stream`)."""
+        if self._saved_stream_state is not None:
+            self._stream_state = self.model.import_state(self._saved_stream_state)
+            self._saved_stream_state = None
         state, pos = self._stream_state, batch.get("stream_pos")
         if pos is None:
             if not self._warned_not_streams:
@@ -128,8 +135,14 @@ class LMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         state = self._carried_state(batch) if self.model_config.persist else None
-        loss_sum, n_tokens, n_bytes, state = self._loss(batch, state)
-        if self.model_config.persist:
+        # On streams the window's last prediction, whose target opens the next window, is left out of the outer
+        # loss (it is then the sum of exactly the losses the CMS chunks hold), so that the outer backward also gives
+        # the gradients of the CMS writes due at the window's end: no backward of their own (`WindowEnd`).
+        stream = state is not None and "stream_pos" in batch
+        loss_sum, n_tokens, n_bytes, state = self._loss(batch, state, score_last=not stream)
+        if stream:
+            self._window_end = (self.model.detach_after_backward(state), n_tokens)
+        elif self.model_config.persist:
             self._stream_state = self.model.detach_state(state)
         loss = loss_sum / max(n_tokens, 1)
         if not torch.isfinite(loss):
@@ -151,6 +164,16 @@ class LMModule(L.LightningModule):
             world = self.trainer.world_size if self._trainer is not None else 1
             self.log("train/tokens_per_s", n_tokens * world / max(now - self._t_last, 1e-9), prog_bar=True)
         self._t_last = now
+
+    def on_after_backward(self) -> None:
+        """Finish the stream's window: the CMS writes due at its end, from the gradients the backward left
+        (the loss was a mean over `n` losses, possibly scaled by a mixed-precision grad scaler)."""
+        if self._window_end is None:
+            return
+        end, n = self._window_end
+        scaler = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None)
+        scale = n / scaler.get_scale() if scaler is not None else n
+        self._stream_state, self._window_end = end.finish(scale), None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
@@ -227,7 +250,9 @@ class LMModule(L.LightningModule):
             np.random.set_state(rng["numpy"])
             random.setstate(rng["python"])
         if "stream_state" in checkpoint:
-            self._stream_state = self.model.import_state(checkpoint["stream_state"])
+            # imported at the first training step: Lightning loads the weights after this hook, and the carried
+            # fast weights θ_0 − Δ must be built from the trained θ_0
+            self._saved_stream_state = checkpoint["stream_state"]
         trainer = self._trainer
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         if dm is not None and hasattr(dm, "set_resume_batch"):
