@@ -104,6 +104,10 @@ class CMSSchedule:
                 "partial chunk's inner loss is dropped",
                 stacklevel=3,
             )
+        return self._cut(state, carried)
+
+    def _cut(self, state: StreamState, carried: dict[tuple[int, int], dict[str, torch.Tensor]]) -> StreamState:
+        """A copy of `state` cut from the graph, its levels keyed in `carried` adding those gradients to theirs."""
         out = StreamState(state.pos.clone(), [LayerState(ls.core, list(ls.cms)) for ls in state.layers],
                           state.pending)
         self.detach_(out)
@@ -376,11 +380,5 @@ class WindowEnd:
             state.schedule.replay.pop(C, None)
             schedule._end_chunk(C, state)
         state.schedule.due = []
-        out = StreamState(state.pos.clone(), [LayerState(ls.core, list(ls.cms)) for ls in state.layers],
-                          state.pending)
-        schedule.detach_(out)
-        for (b, i), level_grad in grads.items():
-            level = out.layers[b].cms[i]
-            level.grad = level_grad if level.grad is None else {n: level.grad[n] + g for n, g in level_grad.items()}
-        self.ready, self.state, self.captured = out, None, []
-        return out
+        self.ready, self.state, self.captured = schedule._cut(state, grads), None, []
+        return self.ready
