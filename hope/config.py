@@ -28,6 +28,9 @@ class CMSLevel:
         lr: inner learning rate η_ℓ applied to the level's optimizer direction at each write.
         optimizer: Opt_ℓ, a rule name of `hope.optim.memory_rule` ("momentum", "sgd", "adam", "muon", …).
         optimizer_kwargs: extra hyper-parameters for that rule (e.g. `{"beta": 0.9}`).
+        decay: retention of the level's writes: each write first shrinks Δ by (1 − decay), so the fast weights
+            θ_0 − Δ relax toward θ_0 and ‖Δ‖ ≤ lr·max‖d‖/decay over any stream (d: the optimizer's direction).
+            0 keeps every write forever (the paper's eq. 71).
     """
 
     period: int | None = None
@@ -35,6 +38,7 @@ class CMSLevel:
     lr: float = 1e-3
     optimizer: str = "momentum"
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.period is not None:
@@ -47,6 +51,8 @@ class CMSLevel:
             ok = isinstance(self.hidden, int) and self.hidden > 0
             _check(ok, f"CMSLevel.hidden must be > 0, got {self.hidden!r}")
         _check(self.lr >= 0, f"CMSLevel.lr must be >= 0, got {self.lr!r}")
+        ok = isinstance(self.decay, (int, float)) and not isinstance(self.decay, bool) and 0 <= self.decay < 1
+        _check(ok, f"CMSLevel.decay must be a number in [0, 1), got {self.decay!r}")
         self.optimizer_kwargs = dict(self.optimizer_kwargs or {})
 
 

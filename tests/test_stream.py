@@ -45,7 +45,7 @@ def deltas(model: HopeLM, state) -> list[torch.Tensor]:
     return [st["delta"][n] for layer in saved["layers"] for st in layer["cms"] if st is not None for n in st["delta"]]
 
 
-@pytest.mark.parametrize("core", ["attention", "self_modifying"])
+@pytest.mark.parametrize("core", ["attention", "self_modifying", "titans"])
 def test_long_period_in_pieces_equals_one_call(core):
     """A level of period 16 fed in 4-token calls with the graph carried writes what one call writes."""
     model, ids = tiny(core, long_levels(4, 16)), stream(32)
@@ -152,3 +152,30 @@ def test_writes_taken_from_the_outer_backward_equal_their_own_backward(core):
     for x, y in zip(c1[1::2], c2[1::2]):
         for n in x:
             assert (x[n] - y[n]).abs().max() <= 1e-6 * x[n].abs().max()
+
+
+def test_level_decay_bounds_the_writes():
+    """A write is Δ ← (1 − λ)·Δ + lr·d: under a constant push d (sgd, fixed gradient) Δ_n = lr·d·(1 − (1 − λ)ⁿ)/λ,
+    bounded by lr·d/λ, where without retention it grows as n·lr·d."""
+    from hope.cms.level import apply_writes
+    from hope.layers.mlp import SwiGLU
+    from hope.optim import memory_rule
+    from hope.state import LevelState
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(4, 6).double()
+    g = {n: torch.randn(1, *w.shape, dtype=torch.float64) for n, w in mlp.weights().items()}
+    for decay in (0.0, 0.25):
+        level = CMSLevel(period=4, hidden=6, lr=LR, optimizer="sgd", decay=decay)
+        delta = {n: torch.zeros_like(t) for n, t in g.items()}
+        st = LevelState(delta, {n: memory_rule("sgd").init_state(t) for n, t in delta.items()})
+        for _ in range(20):
+            apply_writes([(mlp, level, st)], [g])
+        factor = 20 if decay == 0 else (1 - (1 - decay) ** 20) / decay
+        for n in g:
+            assert torch.allclose(st.delta[n], LR * factor * g[n], rtol=1e-12, atol=0)
+
+
+def test_bad_decay_is_named():
+    with pytest.raises(ValueError, match="decay must be a number in \\[0, 1\\), got 1.0"):
+        CMSLevel(period=4, decay=1.0)

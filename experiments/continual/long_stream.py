@@ -199,12 +199,28 @@ def tiny_models() -> dict[str, tuple[HopeLM, dict[str, Any]]]:
     return {name: (HopeLM(preset(name, "tiny", vocab_size=256, persist=True)), {}) for name in ("transformer", "hope")}
 
 
+def bound_attention(model: HopeLM, kv_cache: int | None) -> int | None:
+    """Give attention cores trained without a bound the KV cache `kv_cache` for the carried reading (a Transformer
+    trained on reset windows would otherwise attend to the whole stream, at positions it never saw). Returns the
+    bound the attention cores use (None for other cores)."""
+    from hope.layers.attention import CausalSelfAttention
+
+    bounds = set()
+    for block in model.blocks:
+        if isinstance(block.core, CausalSelfAttention):
+            if block.core.kv_cache is None:
+                block.core.kv_cache = kv_cache
+            bounds.add(block.core.kv_cache)
+    return next(iter(bounds)) if bounds else None
+
+
 def run_eval(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
     models = tiny_models() if args.tiny else load_models(args.ckpt)
     n = 1536 if args.tiny else args.tokens
     window = 128 if args.tiny else args.window
     rows, curves, results = [], {}, {}
     for name, (model, cfg) in models.items():
+        bounded = bound_attention(model, args.kv_cache)
         ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(0)) if args.tiny \
             else held_out(cfg, "test", n)[None]
         t0 = time.perf_counter()
@@ -213,7 +229,8 @@ def run_eval(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
         seconds = time.perf_counter() - t0
         bc, br = bucket_means(carried, n - 1), bucket_means(reset, n - 1)
         results[name] = {"carried": bc, "reset": br, "window_carried": window_means(carried, window),
-                         "window_reset": window_means(reset, window), "seconds": seconds}
+                         "window_reset": window_means(reset, window), "seconds": seconds,
+                         "kv_cache": bounded}
         rows.append([f"{name}, carried", *bc.values()])
         rows.append([f"{name}, reset", *br.values()])
         rows.append([f"{name}, carried / reset", *(bc[k] / br[k] for k in bc)])
@@ -301,6 +318,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run on untrained tiny models")
     p.add_argument("--tokens", type=int, default=None, help="stream length (eval: 65536; norms: 1048576)")
     p.add_argument("--window", type=int, default=512, help="tokens per call (the training window)")
+    p.add_argument("--kv-cache", dest="kv_cache", type=int, default=512,
+                   help="eval: KV cache (tokens) given to attention cores trained without one")
     p.add_argument("--batch", type=int, default=8, help="streams side by side (norms, cost)")
     p.add_argument("--rounds", type=int, default=3, help="cost: timed rounds after one warm-up round")
     p.add_argument("--steps", type=int, default=2, help="cost: steps per side and round")

@@ -9,6 +9,7 @@ C_ℓ (absolute stream position) they are written once with the sum of the next-
 |---|---|
 | C_ℓ | `CMSLevel.period` (tokens) |
 | η_ℓ | `CMSLevel.lr` |
+| λ_ℓ | `CMSLevel.decay`: with it a write is Δ ← (1 − λ_ℓ)·Δ + η_ℓ·d (retention toward θ_ℓ,0; 0 in eq. 71) |
 | Opt_ℓ | `hope.optim.memory_rule(CMSLevel.optimizer)`; direction d, update θ ← θ − η_ℓ·d |
 | θ_ℓ,0 | the level's `nn.Parameter`s (meta-learned by the outer optimizer) |
 
@@ -131,7 +132,8 @@ def apply_writes(levels: list[Level], grads: list[dict[str, torch.Tensor]]) -> N
             g = level_grad[name] if st.grad is None else level_grad[name] + st.grad[name]
             g = g.to(st.delta[name].dtype)
             st.opt[name], direction = rule.update(st.opt[name], g)
-            st.delta[name] = torch.add(st.delta[name], direction, alpha=level.lr)
+            kept = st.delta[name] if level.decay == 0 else st.delta[name] * (1 - level.decay)  # retention
+            st.delta[name] = torch.add(kept, direction, alpha=level.lr)
         st.grad = None
         st.fast = materialize(mlp, st.delta)
 
