@@ -82,6 +82,9 @@ class HopeConfig:
         persist: stream training: the trainer carries each batch row's whole state (core memories, KV cache, CMS
             fast weights) from one batch to the next, cut from the graph between them (truncated backpropagation
             through time). Meant for `data.stream=true`, where each batch row is one continuing stream.
+        carry_core: with the state cut between windows (`HopeLM.detach_state`, stream training), keep the sequence
+            core's state (memories, KV cache); False resets it at every cut, so that only the CMS levels carry
+            the stream.
         cms_signal: the error signal of an in-context CMS write (docs/design.md §5). "backprop" (default): the exact
             gradient of the chunk's next-token losses w.r.t. the level's weights, a backward through every layer
             above the level. "residual": the gradient w.r.t. the final residual stream δ = ∂ℓ/∂h_L (one backward
@@ -106,6 +109,7 @@ class HopeConfig:
     init_std: float = 0.02
     tie_embeddings: bool = True
     persist: bool = False
+    carry_core: bool = True
     cms_signal: str = "backprop"
     memory: Any = None
 

@@ -59,11 +59,13 @@ Step = Callable[[torch.Tensor, StreamState, "list[torch.Tensor] | None"], torch.
 
 class CMSSchedule:
     """The write schedule of a model's CMS levels. `levels[b]` lists block b's levels as (MLP, config) pairs,
-    fastest first; `signal` is `HopeConfig.cms_signal`."""
+    fastest first; `signal` is `HopeConfig.cms_signal`; `carry_core` False drops the cores' states at a cut
+    (`detach`), so that only the CMS levels carry a stream across windows."""
 
-    def __init__(self, levels: list[list[tuple[SwiGLU, CMSLevel]]], signal: str) -> None:
+    def __init__(self, levels: list[list[tuple[SwiGLU, CMSLevel]]], signal: str, carry_core: bool = True) -> None:
         self.levels = levels
         self.signal = signal
+        self.carry_core = carry_core
         self.periods = sorted({lvl.period for block in levels for _, lvl in block if lvl.period is not None})
 
     # ---- state ---------------------------------------------------------------------------------------------
@@ -111,6 +113,9 @@ class CMSSchedule:
         out = StreamState(state.pos.clone(), [LayerState(ls.core, list(ls.cms)) for ls in state.layers],
                           state.pending)
         self.detach_(out)
+        if not self.carry_core:
+            for layer in out.layers:
+                layer.core = None
         for (b, i), grads in carried.items():
             level = out.layers[b].cms[i]
             level.grad = grads if level.grad is None else {n: level.grad[n] + g for n, g in grads.items()}

@@ -86,7 +86,8 @@ class HopeLM(nn.Module):
         self.init_weights()
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.cms_schedule = CMSSchedule([list(zip(b.cms, b.levels)) for b in self.blocks], config.cms_signal)
+        self.cms_schedule = CMSSchedule([list(zip(b.cms, b.levels)) for b in self.blocks], config.cms_signal,
+                                        config.carry_core)
 
     @property
     def periods(self) -> list[int]:
