@@ -179,3 +179,21 @@ def test_level_decay_bounds_the_writes():
 def test_bad_decay_is_named():
     with pytest.raises(ValueError, match="decay must be a number in \\[0, 1\\), got 1.0"):
         CMSLevel(period=4, decay=1.0)
+
+
+def test_carry_core_false_keeps_only_the_cms_across_a_cut():
+    """With carry_core=False a cut resets every core (the next window starts from the meta-learned initial
+    memories) and keeps the CMS levels as carry_core=True does; the next window then reads differently."""
+    torch.manual_seed(0)
+    config = HopeConfig(vocab_size=23, d_model=32, n_layers=2, n_heads=2, core="self_modifying",
+                        cms=long_levels(4, 16), ffn_hidden=48, carry_core=False)
+    model, ids = HopeLM(config).double(), stream(16)
+    cut = model.detach_state(model(ids[:, :8]).state)
+    assert all(layer.core is None for layer in cut.layers)
+    assert cut.layers[0].cms[1].grad is not None  # the period-16 chunk still carries its gradient
+    model.cms_schedule.carry_core = True
+    carried = model.detach_state(model(ids[:, :8]).state)
+    assert all(layer.core is not None for layer in carried.layers)
+    for a, b in zip(carried.layers, cut.layers):  # the same CMS levels either way
+        assert all(torch.equal(x.delta[n], y.delta[n]) for x, y in zip(a.cms[:2], b.cms[:2]) for n in x.delta)
+    assert not torch.allclose(model(ids[:, 8:], carried).logits, model(ids[:, 8:], cut).logits)
