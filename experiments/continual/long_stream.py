@@ -21,7 +21,7 @@ Dimensions: B batch (streams read side by side), T window (tokens per call), N s
   with its state reset, alternated over rounds (reset, stream, reset, stream, …) in one process; prints the median
   ratio of step times and its range.
 
-Writes `<out>/long_stream_<command>.json`, `.png` and `.md`; each result records its command, commit, date,
+Writes `<out>/long_stream_<command><tag>.json`, `.png` and `.md`; each result records its command, commit, date,
 machine and seed.
 """
 
@@ -218,7 +218,7 @@ def run_eval(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
     models = tiny_models() if args.tiny else load_models(args.ckpt)
     n = 1536 if args.tiny else args.tokens
     window = 128 if args.tiny else args.window
-    rows, curves, results = [], {}, {}
+    rows, results = [], {}
     for name, (model, cfg) in models.items():
         bounded = bound_attention(model, args.kv_cache)
         ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(0)) if args.tiny \
@@ -234,17 +234,33 @@ def run_eval(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
         rows.append([f"{name}, carried", *bc.values()])
         rows.append([f"{name}, reset", *br.values()])
         rows.append([f"{name}, carried / reset", *(bc[k] / br[k] for k in bc)])
-        for mode in ("carried", "reset"):
-            y = results[name][f"window_{mode}"]
-            curves[f"{name} / {mode}"] = ([window * (i + 1) for i in range(len(y))], y)
         print(f"{name}: {seconds:.0f} s, carried/reset by bucket "
               + ", ".join(f"{k} {bc[k] / br[k]:.3f}" for k in bc), flush=True)
     table = markdown_table(["model, state", *next(iter(results.values()))["carried"].keys()], rows)
     doc = {"command": command_line("experiments.continual.long_stream", argv), "mode": "tiny" if args.tiny else "cpu",
            "tokens": n, "window": window, "results": results, "table": table}
-    return publish(f"{NAME}_eval", doc, args.out, lambda png: plot_lines(
-        png, curves, f"Loss by position, windows of {window} (carried vs reset state)", "tokens read",
-        "loss (nats/byte) of the window", logx=True))
+    return publish(f"{NAME}_eval{args.tag}", doc, args.out, lambda png: plot_eval(png, results, window))
+
+
+def plot_eval(png: Path, results: dict[str, Any], window: int) -> None:
+    """Left: mean loss per position bucket, carried (solid) and reset (dashed), per model. Right: carried / reset
+    per bucket (below 1: the carried memory helps)."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for n, (name, r) in enumerate(results.items()):
+        buckets = list(r["carried"])
+        colour = f"C{n}"
+        left.plot(buckets, list(r["carried"].values()), "o-", color=colour, label=f"{name}, carried")
+        left.plot(buckets, list(r["reset"].values()), "o--", color=colour, alpha=0.6, label=f"{name}, reset")
+        right.plot(buckets, [r["carried"][k] / r["reset"][k] for k in buckets], "o-", color=colour, label=name)
+    right.axhline(1.0, color="grey", lw=1)
+    left.set(title=f"Loss by position (windows of {window})", xlabel="position bucket (tokens)",
+             ylabel="mean loss (nats/byte)")
+    right.set(title="Carried / reset (below 1: memory helps)", xlabel="position bucket (tokens)", ylabel="ratio")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, png)
 
 
 def run_norms(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
@@ -283,7 +299,7 @@ def run_norms(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
             ax.legend(fontsize=6, ncol=2)
         save_figure(fig, png)
 
-    return publish(f"{NAME}_norms", doc, args.out, plot)
+    return publish(f"{NAME}_norms{args.tag}", doc, args.out, plot)
 
 
 def run_cost(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
@@ -306,7 +322,7 @@ def run_cost(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
            "threads": args.threads, "seed": args.seed, "result": result, "table": table}
     curves = {"reset": (list(range(1, rounds + 1)), result["reset_s"]),
               "stream": (list(range(1, rounds + 1)), result["stream_s"])}
-    return publish(f"{NAME}_cost", doc, args.out, lambda png: plot_lines(
+    return publish(f"{NAME}_cost{args.tag}", doc, args.out, lambda png: plot_lines(
         png, curves, "Training step, state reset vs carried (alternated rounds)", "round", "seconds per step"))
 
 
@@ -326,6 +342,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="cost: torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
+    p.add_argument("--tag", default="", help="suffix of the result files (long_stream_<command><tag>.json)")
     return p
 
 
