@@ -145,6 +145,13 @@ class CMSSchedule:
             self._write_due(step, state)
             return self._partial_grads(state)
         grads = self._partial_grads(state, due)
+        self._write_from(state, due, grads)
+        return grads
+
+    def _write_from(self, state: StreamState, due: list[int], grads: dict[tuple[int, int], dict]) -> None:
+        """Make the writes of the periods `due`, whose chunks end here, from gradients already taken (popped from
+        `grads`, keyed (block, level)), then start their next chunks."""
+        sched = state.schedule
         with write_region():
             apply_writes([lv for C in due for lv in self._levels_with_period(C, state)],
                          [grads.pop(key) for C in due for key in self._keys(C)])
@@ -155,7 +162,6 @@ class CMSSchedule:
         if sched.cut:
             sched.cut = False
             self.detach_(state)
-        return grads
 
     def _keys(self, C: int) -> list[tuple[int, int]]:
         """(block, level) of every level of period C."""
@@ -174,8 +180,7 @@ class CMSSchedule:
         start = lambda C: pos - C if C in due else pos - pos % C  # where the period-C chunk began
         first = min(partial, key=lambda C: (start(C), -C))  # the earliest chunk; the larger period on a tie
         keys = {C: self._keys(C) for C in partial}
-        levels = {C: [(self.levels[b][i][0], self.levels[b][i][1], state.layers[b].cms[i]) for b, i in keys[C]]
-                  for C in partial}
+        levels = {C: self._levels_with_period(C, state) for C in partial}
         with write_region():
             if self.signal == "residual":
                 grads = [g for C in partial for g in level_grads(levels[C], sched.acc[C], sched.finals.get(C, []))]
@@ -293,8 +298,8 @@ class CMSSchedule:
         state.schedule.finals.pop(C, None)
 
     def _levels_with_period(self, C: int, state: StreamState) -> list[Level]:
-        return [(mlp, lvl, layer.cms[i]) for block, layer in zip(self.levels, state.layers)
-                for i, (mlp, lvl) in enumerate(block) if lvl.period == C]
+        """(MLP, config, state) of every level of period C, in the order of `_keys(C)`."""
+        return [(*self.levels[b][i], state.layers[b].cms[i]) for b, i in self._keys(C)]
 
     # ---- replays ---------------------------------------------------------------------------------------------
 
@@ -378,12 +383,6 @@ class WindowEnd:
         for (b, i), store in zip(self.keys, self.captured):
             gy = [None if g is None else g * scale for g in store]
             grads[(b, i)] = state.layers[b].cms[i].fast.grads(gy)
-        with write_region():
-            apply_writes([lv for C in self.due for lv in schedule._levels_with_period(C, state)],
-                         [grads.pop(key) for C in self.due for key in schedule._keys(C)])
-        for C in self.due:
-            state.schedule.replay.pop(C, None)
-            schedule._end_chunk(C, state)
-        state.schedule.due = []
+        schedule._write_from(state, self.due, grads)
         self.ready, self.state, self.captured = schedule._cut(state, grads), None, []
         return self.ready
