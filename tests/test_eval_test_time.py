@@ -104,3 +104,35 @@ def test_a_diverged_model_is_recorded_and_the_others_go_on(tmp_path, monkeypatch
     assert "step 4" in doc["models"]["titans"]["diverged"] and "probe_loss" not in doc["models"]["titans"]
     assert len(doc["models"]["transformer"]["probe_loss"]) == tt.MODES["tiny"]["n_docs"]
     assert "| Titans (state carried) |" in doc["table"] and "diverged: training loss nan" in doc["table"]
+
+
+def write_checkpoint(path: Path, preset: str, source: str) -> Path:
+    """A checkpoint in train.py's format (weights, hyper-parameters, resolved config) of an untrained tiny model."""
+    from hope.training.module import LMModule
+
+    torch.manual_seed(0)
+    module = LMModule(preset=preset, size="tiny", vocab_size=256)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "hydra_config": {"data": {"source": source}}}, path)
+    return path
+
+
+def test_checkpoints_are_probed_as_they_are(tmp_path):
+    specs = [f"hope_stream={write_checkpoint(tmp_path / 'h.ckpt', 'hope', 'shakespeare')}",
+             f"xl={write_checkpoint(tmp_path / 'x.ckpt', 'transformer', 'shakespeare')}"]
+    doc = tt.run(["--tiny", "--out", str(tmp_path), "--tag", "_ckpt", *(f"--ckpt={s}" for s in specs)],
+                 docs=fake_docs())
+    assert (tmp_path / "test_time_ckpt.json").is_file() and doc["corpus"] == "shakespeare"
+    assert set(doc["models"]) == {"hope_stream", "xl", "xl_window"}  # attention models are also probed windowed
+    assert doc["config"]["steps"] == 0 and doc["models"]["hope_stream"]["pretrain_seconds"] == 0.0
+    # no training happened: the loaded model's own first-document loss is what the probe reports
+    model, _ = tt.load_checkpoints([specs[0]])["hope_stream"]
+    docs = tt.build_stream(tt.split_held_out(fake_docs()), tt.MODES["tiny"]["n_docs"], tt.MODES["tiny"]["doc_len"])
+    assert doc["models"]["hope_stream"]["fresh_loss"] == pytest.approx(tt.read(model.eval(), docs[0], None)[0])
+
+
+def test_checkpoints_of_different_corpora_need_corpus(tmp_path):
+    specs = [f"a={write_checkpoint(tmp_path / 'a.ckpt', 'transformer', 'shakespeare')}",
+             f"b={write_checkpoint(tmp_path / 'b.ckpt', 'transformer', 'kjv')}"]
+    with pytest.raises(ValueError, match="different corpora .*--corpus"):
+        tt.run(["--tiny", "--out", str(tmp_path), *(f"--ckpt={s}" for s in specs)], docs=fake_docs())

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from experiments.common.models import load_checkpoints
 from experiments.continual import long_stream
 from hope import CMSLevel, HopeLM, preset
 
@@ -67,6 +68,6 @@ def test_bad_arguments_are_named():
     with pytest.raises(SystemExit, match="--ckpt"):
         long_stream.main(["eval"])
     with pytest.raises(ValueError, match="NAME=PATH"):
-        long_stream.load_models(["no-equals-sign"])
+        load_checkpoints(["no-equals-sign"])
     with pytest.raises(FileNotFoundError, match="hope"):
-        long_stream.load_models(["hope=/nonexistent.ckpt"])
+        load_checkpoints(["hope=/nonexistent.ckpt"])

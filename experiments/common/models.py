@@ -9,7 +9,9 @@ shows the budget actually compared.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,3 +86,24 @@ def available_models(names: list[str] | tuple[str, ...]) -> tuple[list[str], dic
     """The names in `names` whose presets build in this checkout, and a {name: reason} map of the others."""
     built, skipped = build_models(names, "tiny")
     return [b.name for b in built], skipped
+
+
+def load_checkpoints(specs: Sequence[str]) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
+    """Models trained by `train.py`, from `NAME=PATH` specs: {NAME: (model, the run's config)}, in spec order.
+
+    Raises `ValueError` for a spec without `=` or a repeated NAME, `FileNotFoundError` for a missing file.
+    """
+    from hope.training.inference import load_checkpoint
+
+    out: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--ckpt takes NAME=PATH, got {spec!r}")
+        if name in out:
+            raise ValueError(f"--ckpt names must differ, {name!r} is given twice")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--ckpt {name}: no checkpoint at {path!r}")
+        module, cfg = load_checkpoint(path)
+        out[name] = (module.model, cfg)
+    return out

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from experiments.common.cli import command_line
+from experiments.common.models import load_checkpoints
 from experiments.common.results import markdown_table, plot_lines, publish, pyplot, save_figure
 from hope import HopeConfig, HopeLM, preset
 from hope.state import StreamState
@@ -166,21 +167,6 @@ def step_cost(config: HopeConfig, batch: int, window: int, rounds: int, steps: i
 # ---- command line ------------------------------------------------------------------------------------------------
 
 
-def load_models(specs: Sequence[str]) -> dict[str, tuple[HopeLM, dict[str, Any]]]:
-    from hope.training.inference import load_checkpoint
-
-    out = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--ckpt takes NAME=PATH, got {spec!r}")
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--ckpt {name}: no checkpoint at {path!r}")
-        module, cfg = load_checkpoint(path)
-        out[name] = (module.model, cfg)
-    return out
-
-
 def held_out(cfg: dict[str, Any], split: str, n: int) -> Tensor:
     """The first `n` tokens of a split of the corpus a run trained on (its own data config and cache)."""
     from hope.data.datamodule import DataConfig, LMDataModule
@@ -215,7 +201,7 @@ def bound_attention(model: HopeLM, kv_cache: int | None) -> int | None:
 
 
 def run_eval(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
-    models = tiny_models() if args.tiny else load_models(args.ckpt)
+    models = tiny_models() if args.tiny else load_checkpoints(args.ckpt)
     n = 1536 if args.tiny else args.tokens
     window = 128 if args.tiny else args.window
     rows, results = [], {}
@@ -264,7 +250,7 @@ def plot_eval(png: Path, results: dict[str, Any], window: int) -> None:
 
 
 def run_norms(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
-    models = tiny_models() if args.tiny else load_models(args.ckpt)
+    models = tiny_models() if args.tiny else load_checkpoints(args.ckpt)
     n, batch = (2048, 2) if args.tiny else (args.tokens, args.batch)
     window = 128 if args.tiny else args.window
     results = {}

@@ -16,7 +16,12 @@ the distance k·L tokens since d_0 ended. It is compared with
   which forgets d_0 completely once d_0 has left its window.
 
 memory gain g_k = ℓ_fresh − ℓ_k (nats per byte): > 0 while the model remembers d_0. Writes
-`<out>/test_time.json`, `.png` (ℓ_k against distance) and `.md`.
+`<out>/test_time.json`, `.png` (ℓ_k against distance) and `.md` (`test_time<tag>.*` with `--tag`).
+
+With `--ckpt NAME=PATH` (repeatable) the models are checkpoints written by `train.py` (for example the
+stream-trained `experiment=hope_stream_small`), probed as they are, with no training here; the documents come
+from the held-out splits of the corpus those checkpoints were trained on (`--corpus` to choose another), and
+attention models are also probed with a window of `window` tokens.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch.utils._pytree import tree_map
 
 from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.data import check_fits, lm_task, stream
-from experiments.common.models import LABELS, build_models
+from experiments.common.models import LABELS, build_models, count_params, load_checkpoints
 from experiments.common.results import Partial, markdown_table, plot_lines, write_result
 from experiments.common.train import Diverged, TrainConfig, model_device, train_on_tasks
 from hope.eval import logits_of
@@ -131,38 +136,29 @@ def _run(args: argparse.Namespace, docs: Sequence | None) -> dict[str, Any]:
 
     mode = dict(MODES[mode_name(args)])
     size, steps = args.size or mode["size"], args.steps or mode["steps"]
-    parts = split_documents(docs if docs is not None else load_corpus(args.corpus))
-    held_out = parts["test"] + parts["val"]
+    loaded = load_checkpoints(args.ckpt) if args.ckpt else None
+    corpus = args.corpus or (_trained_corpus(loaded) if loaded else "wikipedia")
+    held_out = split_held_out(docs if docs is not None else load_corpus(corpus))
     stream_ids = build_stream(held_out, mode["n_docs"], mode["doc_len"])  # [n, L]
-    task = lm_task("pretrain", parts["train"], held_out, mode["train_len"], steps * mode["batch"], 4, args.seed)
-    built, skipped = build_models(parse_models(args.models), size, args.seed, args.device)
-    check_fits(built[0].model, (mode["n_docs"] + 1) * mode["doc_len"])  # the last probe's context
-    cfg = TrainConfig(steps_per_task=steps, batch_size=mode["batch"], lr=mode["lr"], seed=args.seed)
-    partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "steps": steps, "size": size,
-                                       "seed": args.seed, "corpus": args.corpus if docs is None else None},
-                      args.resume)
+    if loaded:
+        entries = [(name, model, count_params(model), None) for name, (model, _) in loaded.items()]
+        steps = 0
+    else:
+        built, skipped = build_models(parse_models(args.models), size, args.seed, args.device)
+        task = lm_task("pretrain", split_documents(docs if docs is not None else load_corpus(corpus))["train"],
+                       held_out, mode["train_len"], steps * mode["batch"], 4, args.seed)
+        entries = [(b.name, b.model, b.params, task) for b in built]
+    check_fits(entries[0][1], (mode["n_docs"] + 1) * mode["doc_len"])  # the last probe's context
+    cfg = TrainConfig(steps_per_task=max(steps, 1), batch_size=mode["batch"], lr=mode["lr"], seed=args.seed)
+    partial = Partial(NAME + args.tag, args.out, {"mode": mode_name(args), **mode, "steps": steps, "size": size,
+                                                  "seed": args.seed, "corpus": corpus if docs is None else None,
+                                                  "ckpt": args.ckpt}, args.resume)
     results, rows, curves = {}, [], {}
-    for entry in built:
-        unit = partial.get(entry.name)
-        if unit is None:  # train once, then probe with the state carried (and, for the Transformer, windowed)
-            print(f"{entry.name}: {steps} training steps")
-            windows = [None] + ([mode["window"]] if entry.name == "transformer" else [])
-            unit = {}
-            try:
-                trained = train_on_tasks(entry.model, [task], cfg)
-            except Diverged as err:  # recorded and shown as such; the other models go on
-                print(f"  {err}")
-                windows = []
-                unit[entry.name] = {"label": LABELS[entry.name] + " (state carried)", "params": entry.params,
-                                    "diverged": str(err)}
-            for window in windows:
-                res = probe_carried(entry.model, stream_ids) if window is None else probe_windowed(
-                    entry.model, stream_ids, window)
-                label = LABELS[entry.name] + (f" (window {window})" if window else " (state carried)")
-                unit[entry.name + ("_window" if window else "")] = {
-                    "label": label, "params": entry.params, "window": window, **res,
-                    "pretrain_eval_loss": trained["R"][0][0], "pretrain_seconds": trained["seconds"]}
-            unit = partial.put(entry.name, unit)
+    for name, model, params, task in entries:
+        unit = partial.get(name)
+        if unit is None:  # train once (unless loaded), then probe with the state carried (attention: also windowed)
+            unit = _probe_model(name, model, params, task, cfg, stream_ids, mode["window"])
+            unit = partial.put(name, unit)
         results.update(unit)
     for res in results.values():
         if "diverged" in res:
@@ -175,10 +171,10 @@ def _run(args: argparse.Namespace, docs: Sequence | None) -> dict[str, Any]:
     headers = ["model", "params", "fresh loss", "re-read at 0", f"re-read at {(mode['n_docs'] - 1) * L}",
                "gain at 0", "gain at end"]
     table = markdown_table(headers, rows)
-    doc = {"mode": mode_name(args), "size": size, "config": {**mode, "steps": steps},
-           "score": "next-token loss on the first document (nats/byte)", "models": results, "skipped": skipped,
-           "table": table}
-    path = write_result(NAME, doc, args.out)
+    doc = {"mode": mode_name(args), "size": size, "config": {**mode, "steps": steps}, "corpus": corpus,
+           "ckpt": args.ckpt, "score": "next-token loss on the first document (nats/byte)", "models": results,
+           "skipped": {} if loaded else skipped, "table": table}
+    path = write_result(NAME + args.tag, doc, args.out)
     plot_lines(path.with_suffix(".png"), curves, "Loss when re-reading the stream's first document",
                "tokens read since the first document", "loss on first document (nats/byte)")
     path.with_suffix(".md").write_text(table + "\n")
@@ -187,9 +183,55 @@ def _run(args: argparse.Namespace, docs: Sequence | None) -> dict[str, Any]:
     return doc
 
 
+def split_held_out(docs: Sequence) -> list:
+    """The documents no model trains on: the test split, then the validation split."""
+    from hope.data.corpora import split_documents
+
+    parts = split_documents(docs)
+    return parts["test"] + parts["val"]
+
+
+def _trained_corpus(loaded: dict[str, tuple[nn.Module, dict[str, Any]]]) -> str:
+    """The named corpus every checkpoint was trained on; an error if they differ or one is not a named corpus."""
+    sources = {name: cfg["data"]["source"] for name, (_, cfg) in loaded.items()}
+    if len(set(sources.values())) != 1:
+        raise ValueError(f"the checkpoints were trained on different corpora {sources}; choose one with --corpus")
+    return next(iter(sources.values()))
+
+
+def _probe_model(name: str, model: nn.Module, params: int, task: Any, cfg: TrainConfig, stream_ids: Tensor,
+                 window: int) -> dict[str, Any]:
+    """Train `model` on `task` (None: it is a loaded checkpoint, used as it is), then probe it with the state
+    carried and, for attention models, through a window of `window` tokens. {key: result}."""
+    from hope.layers.attention import CausalSelfAttention
+
+    label = LABELS.get(name, name)
+    trained = {"R": [[None]], "seconds": 0.0}
+    if task is not None:
+        print(f"{name}: {cfg.steps_per_task} training steps")
+        try:
+            trained = train_on_tasks(model, [task], cfg)
+        except Diverged as err:  # recorded and shown as such; the other models go on
+            print(f"  {err}")
+            return {name: {"label": label + " (state carried)", "params": params, "diverged": str(err)}}
+    attention = any(isinstance(m, CausalSelfAttention) for m in model.modules())
+    windows = [None] + ([window] if (name == "transformer" or (task is None and attention)) else [])
+    unit = {}
+    for w in windows:
+        res = probe_carried(model, stream_ids) if w is None else probe_windowed(model, stream_ids, w)
+        unit[name + ("_window" if w else "")] = {
+            "label": label + (f" (window {w})" if w else " (state carried)"), "params": params, "window": w, **res,
+            "pretrain_eval_loss": trained["R"][0][0], "pretrain_seconds": trained["seconds"]}
+    return unit
+
+
 def parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--corpus", default="wikipedia", help="a corpus of hope.data.corpora.load_corpus")
+    p.add_argument("--corpus", default=None,
+                   help="a corpus of hope.data.corpora.load_corpus (default: wikipedia, or the checkpoints' corpus)")
+    p.add_argument("--ckpt", action="append", default=[], metavar="NAME=PATH",
+                   help="probe this train.py checkpoint instead of training --models (repeatable)")
+    p.add_argument("--tag", default="", help="suffix of the result files (test_time<tag>.json)")
     p.add_argument("--steps", type=int, default=None, help="outer training steps before the stream")
     return p
 
