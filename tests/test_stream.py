@@ -116,6 +116,19 @@ def test_no_grad_one_token_pieces_warn_when_cut_inside_a_chunk():
         model.detach_state(state)
 
 
+def test_no_grad_windows_shorter_than_a_period_go_on_past_the_chunk_end():
+    """Cut after every 2-token window under no_grad with period 4: each cut drops the partial chunk's loss (with
+    the warning), and the stream goes on through the chunk ends, its level writing from the loss it still has."""
+    model, ids = tiny("attention", long_levels(4)), stream(12)
+    state, seen = None, []
+    with torch.no_grad(), pytest.warns(UserWarning, match="run without a graph"):
+        for a in range(0, 12, 2):
+            out = model(ids[:, a : a + 2], state)
+            seen.append(out.logits)
+            state = model.detach_state(out.state)
+    assert int(state.pos[0]) == 12 and all(torch.isfinite(x).all() for x in seen)
+
+
 @pytest.mark.parametrize("core", ["attention", "self_modifying"])
 def test_writes_taken_from_the_outer_backward_equal_their_own_backward(core):
     """Stream training takes the window-end CMS gradients from the outer backward (`detach_after_backward`) when

@@ -183,9 +183,9 @@ class CMSSchedule:
         levels = {C: self._levels_with_period(C, state) for C in partial}
         with write_region():
             if self.signal == "residual":
-                grads = [g for C in partial for g in level_grads(levels[C], sched.acc[C], sched.finals.get(C, []))]
+                grads = [g for C in partial for g in level_grads(levels[C], sched.acc.get(C), sched.finals.get(C, []))]
             else:
-                grads = level_grads([lv for C in partial for lv in levels[C]], sched.acc[first])
+                grads = level_grads([lv for C in partial for lv in levels[C]], sched.acc.get(first))
         return dict(zip([k for C in partial for k in keys[C]], grads))
 
     # ---- the segment loop ------------------------------------------------------------------------------------
