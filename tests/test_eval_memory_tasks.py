@@ -139,3 +139,45 @@ def test_a_diverged_model_is_shown_as_such(tmp_path, monkeypatch):
     cell = json.loads((tmp_path / "formal_languages.json").read_text())["results"]["parity"]["titans"]
     assert cell["bin0"] is None and "step 3" in cell["diverged"]
     assert "| ours: Titans | diverged |" in (tmp_path / "formal_languages.md").read_text()
+
+
+def test_passkey_stream_mode_reads_in_windows(tmp_path, monkeypatch):
+    """`--stream`: haystacks are read in windows (state carried), after a longer-haystack phase."""
+    from experiments.memory_tasks import harness
+
+    seen = []
+    real = harness.windowed_logits
+    monkeypatch.setattr(harness, "windowed_logits", lambda m, x, w=None, *a: seen.append((x.shape[1], w))
+                        or real(m, x, w, *a))
+    passkey.run(["--tiny", "--stream", "--models", "hope", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "passkey_stream.json").read_text())
+    assert doc["test_settings"] == passkey.STREAM_MODES["tiny"]["test_lens"] and doc["config"]["window"] == 64
+    assert {(256, 64), (128, 64)} <= set(seen)  # the test haystacks, read 64 tokens at a time
+    assert len(doc["results"]["hope"]["exact_match"]) == 2
+
+
+def test_windowed_logits_carry_the_state_and_skip_autograd_where_nothing_is_scored():
+    from hope import CMSLevel, HopeLM, preset
+    from hope.eval import windowed_logits
+
+    torch.manual_seed(0)
+    model = HopeLM(preset("hope", "tiny", vocab_size=32, cms=[CMSLevel()])).double()
+    x = torch.randint(0, 32, (2, 24))
+    state, pieces = None, []
+    with torch.no_grad():
+        for a in range(0, 24, 8):
+            out = model(x[:, a : a + 8], state)
+            pieces.append(out.logits)
+            state = model.detach_state(out.state)
+        whole = windowed_logits(model, x, 8)
+        one_call = model(x).logits
+    assert torch.equal(whole, torch.cat(pieces, 1))
+    torch.testing.assert_close(whole, one_call, rtol=1e-9, atol=1e-9)  # windows, state carried == one call
+    grad_modes = []
+    model.register_forward_pre_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    scored = torch.zeros(2, 24, dtype=torch.bool)
+    scored[:, -1] = True
+    windowed_logits(model, x, 8, scored)[:, -1].sum().backward()
+    assert grad_modes == [False, False, True] and model.embed.weight.grad is not None
+    with pytest.raises(ValueError, match="window must be a positive"):
+        windowed_logits(model, x, 0)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from experiments.common.models import BuiltModel
 from experiments.common.results import Partial
-from hope.eval import EWC, IGNORE_INDEX, ReplayBuffer, continual_metrics, lm_loss, logits_of
+from hope.eval import EWC, IGNORE_INDEX, ReplayBuffer, continual_metrics, lm_loss, windowed_logits
 
 STRATEGIES = ("sequential", "replay", "ewc")
 
@@ -41,6 +41,7 @@ class Task:
     train_targets: Tensor  # [N, T]
     eval_inputs: Tensor  # [N, T]
     eval_targets: Tensor  # [N, T]
+    steps: int | None = None  # training steps on this task (None: the TrainConfig's steps_per_task)
 
     def __post_init__(self) -> None:
         for split in ("train", "eval"):
@@ -75,6 +76,7 @@ class TrainConfig:
     ewc_batches: int = 8
     eval_batch_size: int = 32
     seed: int = 0
+    window: int | None = None  # read each row in windows of this many tokens, state carried (truncated BPTT)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -84,11 +86,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window <= 0):
+            raise ValueError(f"TrainConfig.window must be a positive int or None, got {self.window!r}")
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 32, candidates: Tensor | None = None
+    model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 32, candidates: Tensor | None = None,
+    window: int | None = None,
 ) -> float:
     """Mean loss per target token (candidates None) or accuracy of argmax over the `candidates` token ids [K].
 
@@ -101,8 +106,8 @@ def evaluate(
     total, count = 0.0, 0
     for s in range(0, inputs.shape[0], batch_size):
         x, y = inputs[s : s + batch_size].to(device), targets[s : s + batch_size].to(device)  # [b, T]
-        logits = logits_of(model(x)).float()  # [b, T, V]
         mask = y != IGNORE_INDEX  # [b, T]
+        logits = windowed_logits(model, x, window, mask).float()  # [b, T, V]
         if candidates is None:
             ce = nn.functional.cross_entropy(logits[mask], y[mask], reduction="sum")
             total += ce.item()
@@ -151,14 +156,15 @@ def train_on_tasks(
     ewc = EWC(cfg.ewc_strength) if cfg.strategy == "ewc" else None
 
     def score_all() -> list[float]:
-        return [evaluate(model, t.eval_inputs, t.eval_targets, cfg.eval_batch_size, candidates) for t in tasks]
+        return [evaluate(model, t.eval_inputs, t.eval_targets, cfg.eval_batch_size, candidates, cfg.window)
+                for t in tasks]
 
     baseline = score_all()
     R, curves = [], []
     for i, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + i)
-        losses = []
-        bar = tqdm(_batches(task, cfg.batch_size, gen, cfg.steps_per_task, device), total=cfg.steps_per_task,
+        losses, steps = [], task.steps or cfg.steps_per_task
+        bar = tqdm(_batches(task, cfg.batch_size, gen, steps, device), total=steps,
                    desc=f"task {i + 1}/{len(tasks)} {task.name}", disable=not progress, mininterval=10, leave=False)
         for step, (x, y) in enumerate(bar, 1):
             if replay is not None and i > 0:
@@ -166,7 +172,7 @@ def train_on_tasks(
                 x_all, y_all = torch.cat([x, rx]), torch.cat([y, ry])  # [B + b_r, T]
             else:
                 x_all, y_all = x, y
-            loss = lm_loss(model, x_all, y_all)
+            loss = lm_loss(model, x_all, y_all, cfg.window)
             value = loss.item()
             if not math.isfinite(value):
                 bar.close()

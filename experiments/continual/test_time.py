@@ -83,11 +83,16 @@ def fork_state(model: nn.Module, state: Any) -> Any:
 
 @torch.no_grad()
 def read(model: nn.Module, ids: Tensor, state: Any) -> tuple[float, Any]:
-    """Read `ids` `[L]` as one stream piece: mean next-token loss inside it and the new state."""
+    """Read `ids` `[L]` as one stream piece: mean next-token loss inside it and the new state, cut from the graph
+    as stream training cuts it between windows (a model trained with `carry_core=False` drops its core memories
+    there and carries only its CMS levels)."""
     out = model(ids[None].to(model_device(model)), state=state)
     logits = logits_of(out)[0, :-1].float()  # [L-1, V]
     loss = nn.functional.cross_entropy(logits, ids[1:].to(logits.device)).item()
-    return loss, getattr(out, "state", None)
+    state = getattr(out, "state", None)
+    if state is not None and hasattr(model, "detach_state"):
+        state = model.detach_state(state)  # cut between pieces as in stream training (`HopeConfig.carry_core`)
+    return loss, state
 
 
 def probe_carried(model: nn.Module, docs: Tensor) -> dict[str, Any]:

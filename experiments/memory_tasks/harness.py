@@ -25,7 +25,7 @@ from experiments.common.data import check_fits
 from experiments.common.models import available_models, build_model
 from experiments.common.results import Partial
 from experiments.common.train import Diverged, Task, TrainConfig, model_device, train_on_tasks
-from hope.eval import IGNORE_INDEX, logits_of
+from hope.eval import IGNORE_INDEX, windowed_logits
 
 
 @dataclass
@@ -38,26 +38,37 @@ class Trained:
 
 def train_on_synthetic(
     name: str, size: str | int, vocab_size: int, train: Any, held_out: Any, steps: int, batch: int, lr: float,
-    seed: int, device: str = "cpu", **overrides: Any,
+    seed: int, device: str = "cpu", window: int | None = None, then: Sequence[tuple[Any, Any, int]] = (),
+    **overrides: Any,
 ) -> Trained:
-    """Build `name` with the task's vocabulary and train it for `steps` on `train` (a `SyntheticBatch`).
+    """Build `name` with the task's vocabulary and train it for `steps` on `train` (a `SyntheticBatch`), then on
+    each `(train, held_out, steps)` of `then` in turn (a curriculum, e.g. longer sequences).
 
-    Raises `ValueError` when the sequences are longer than the model's `max_seq_len`.
+    With `window`, every sequence is read in windows of that many tokens with the state carried and cut between
+    windows (truncated BPTT, `hope.eval.windowed_logits`), and attention models keep a cache of the last `window`
+    tokens (`kv_cache`, Transformer-XL style), so no call sees more than two windows. Raises `ValueError` when a
+    call would be longer than the model's `max_seq_len`.
     """
+    if window is not None:
+        overrides.setdefault("kv_cache", window)
     built = build_model(name, size, seed, device, vocab_size=vocab_size, **overrides)
-    check_fits(built.model, max(train.inputs.shape[1], held_out.inputs.shape[1]))
-    task = Task("train", train.inputs, train.targets, held_out.inputs, held_out.targets)
-    cfg = TrainConfig(steps_per_task=steps, batch_size=batch, lr=lr, weight_decay=0.0, seed=seed)
-    out = train_on_tasks(built.model, [task], cfg, log=lambda _: None)
+    phases = [(train, held_out, steps), *then]
+    longest = max(max(t.inputs.shape[1], h.inputs.shape[1]) for t, h, _ in phases)
+    check_fits(built.model, longest if window is None else min(longest, window))
+    tasks = [Task(f"train{i or ''}", t.inputs, t.targets, h.inputs, h.targets, steps=n)
+             for i, (t, h, n) in enumerate(phases)]
+    cfg = TrainConfig(steps_per_task=steps, batch_size=batch, lr=lr, weight_decay=0.0, seed=seed, window=window)
+    out = train_on_tasks(built.model, tasks, cfg, log=lambda _: None)
     return Trained(name, built.model, built.params, out)
 
 
 @torch.no_grad()
 def score(model: nn.Module, inputs: Tensor, targets: Tensor, candidates: Tensor | None = None,
-          batch_size: int = 16) -> dict[str, float]:
+          batch_size: int = 16, window: int | None = None) -> dict[str, float]:
     """Teacher-forced per-token accuracy and per-example exact match on the scored positions.
 
-    `candidates` `[K]` restricts the argmax to the answer tokens (e.g. ACCEPT/REJECT, the ten digits).
+    `candidates` `[K]` restricts the argmax to the answer tokens (e.g. ACCEPT/REJECT, the ten digits); `window`
+    reads each sequence in windows with the state carried (`hope.eval.windowed_logits`).
     """
     model.eval()
     device = model_device(model)
@@ -65,7 +76,7 @@ def score(model: nn.Module, inputs: Tensor, targets: Tensor, candidates: Tensor 
     correct = total = exact = 0
     for s in range(0, inputs.shape[0], batch_size):
         x, y = inputs[s : s + batch_size].to(device), targets[s : s + batch_size].to(device)  # [b, T]
-        logits = logits_of(model(x)).float()  # [b, T, V]
+        logits = windowed_logits(model, x, window).float()  # [b, T, V]
         if candidates is not None:
             pred = candidates[logits[..., candidates].argmax(-1)]  # [b, T]
         else:
@@ -100,22 +111,29 @@ def sweep(
     train = make(train_setting, mode["steps"] * mode["batch"], seed)
     held_out = make(train_setting, mode["n_test"], seed + 1)
     tests = [make(s, mode["n_test"], seed + 2 + i) for i, s in enumerate(test_settings)]
+    window = mode.get("window")
+    then = [(make(p["train_len"], p["steps"] * mode["batch"], seed + 1000 * (k + 1)),
+             make(p["train_len"], mode["n_test"], seed + 1000 * (k + 1) + 1), p["steps"])
+            for k, p in enumerate(mode.get("then", ()))]
     out: dict[str, Any] = {}
     for name in names:
         if partial is not None and partial.get(name) is not None:
             out[name] = partial.get(name)
             continue
-        print(f"{name}: {mode['steps']} steps × {mode['batch']} at setting {train_setting}", flush=True)
+        print(f"{name}: {mode['steps']} steps × {mode['batch']} at setting {train_setting}"
+              + "".join(f", then {p['steps']} at {p['train_len']}" for p in mode.get("then", ()))
+              + (f", read in windows of {window} tokens" if window else ""), flush=True)
         try:
             trained = train_on_synthetic(name, mode["size"], vocab_size, train, held_out, mode["steps"],
-                                         mode["batch"], mode["lr"], seed, mode.get("device", "cpu"))
+                                         mode["batch"], mode["lr"], seed, mode.get("device", "cpu"), window, then)
         except Diverged as err:  # recorded and shown as such; the other models still run
             print(f"{name:>15}: {err}")
             none = [None] * len(tests)
             out[name] = {"params": build_model(name, mode["size"], seed, vocab_size=vocab_size).params,
                          "diverged": str(err), "token_accuracy": none, "exact_match": none}
         else:
-            scores = [score(trained.model, t.inputs, t.targets, candidates, mode["eval_batch"]) for t in tests]
+            scores = [score(trained.model, t.inputs, t.targets, candidates, mode["eval_batch"], window)
+                      for t in tests]
             out[name] = {"params": trained.params, "train_seconds": trained.train["seconds"],
                          "final_train_loss": trained.train["train_loss"][0][-1],
                          "token_accuracy": [s["token_accuracy"] for s in scores],

@@ -11,6 +11,11 @@ then tested on held-out haystacks of 1K, 2K, 4K, 8K and 16K tokens. Exact match 
 the ten digit tokens, teacher-forced, which equals greedy decoding for an exact match). The paper's Table 1 uses
 RULER on models trained at 4K on natural text; this is the synthetic, from-scratch version of the same question:
 does retrieval survive contexts longer than any seen in training? Writes `<out>/passkey.json`, `.png`, `.md`.
+
+`--stream` trains and tests as a stream model would run: every haystack is read in windows of `window` tokens
+(512 in cpu mode) with the state carried and cut between windows (truncated BPTT; attention keeps a Transformer-XL
+cache of the last window), after a curriculum that goes on from the short haystacks to ones of `then` tokens; it
+tests at 1K, 4K, 16K and 64K tokens. Writes `<out>/passkey_stream.*`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,14 @@ MODES: dict[str, dict[str, Any]] = {
     "full": {"size": "small", "vocab": 128, "digits": 5, "train_len": 512, "test_lens": [1024, 2048, 4096, 8192,
              16384], "steps": 2000, "batch": 16, "n_test": 50, "eval_batch": 1, "lr": 1e-3},
 }
+# --stream: the same budgets read in windows, then a phase on longer haystacks, tested out to 64K tokens
+STREAM_MODES: dict[str, dict[str, Any]] = {
+    "tiny": {**MODES["tiny"], "window": 64, "then": [{"train_len": 128, "steps": 2}], "test_lens": [128, 256]},
+    "cpu": {**MODES["cpu"], "window": 512, "then": [{"train_len": 1024, "steps": 150}],
+            "test_lens": [1024, 4096, 16384, 65536], "n_test": 20, "eval_batch": 20},
+    "full": {**MODES["full"], "window": 1024, "then": [{"train_len": 4096, "steps": 500}],
+             "test_lens": [1024, 4096, 16384, 65536], "n_test": 50, "eval_batch": 25},
+}
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -40,18 +53,22 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with configured(args):
         from hope.data.synthetic import DIGIT0, passkey_task
 
-        mode = sweep_mode(MODES, args)
+        mode = sweep_mode(STREAM_MODES if args.stream else MODES, args)
         digits = torch.arange(DIGIT0, DIGIT0 + 10)  # [K] the ten digit tokens
 
         def make(length: int, n: int, seed: int):
             return passkey_task(n, context_len=length, n_digits=mode["digits"], vocab_size=mode["vocab"], seed=seed)
 
-        return run_sweep(NAME, args, mode, make, mode["train_len"], mode["test_lens"], mode["vocab"], digits,
+        return run_sweep(NAME + ("_stream" if args.stream else ""), args, mode, make, mode["train_len"],
+                         mode["test_lens"], mode["vocab"], digits,
                          "tokens", "exact match (all digits right) and digit accuracy")
 
 
 def parser() -> argparse.ArgumentParser:
-    return sweep_parser(__doc__.splitlines()[0])
+    p = sweep_parser(__doc__.splitlines()[0])
+    p.add_argument("--stream", action="store_true",
+                   help="read haystacks in windows with the state carried, after a longer-haystack phase")
+    return p
 
 
 if __name__ == "__main__":

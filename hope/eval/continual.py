@@ -35,7 +35,31 @@ def logits_of(out: object) -> Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}")
 
 
-def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+def windowed_logits(model: nn.Module, inputs: Tensor, window: int | None = None,
+                    scored: Tensor | None = None) -> Tensor:
+    """Logits `[B, T, V]` of `inputs` `[B, T]`, read in windows of `window` tokens with the model's state carried
+    from window to window and cut from the graph between them (truncated BPTT, as in stream training).
+
+    `window` None (or ≥ T): one call. With `scored` `[B, T]` (bool), a window with no scored position is read
+    without autograd: it only advances the state, so nothing of it needs a gradient. The model must take
+    `model(x, state)` and return `.logits` and `.state`, and have `detach_state` (`HopeLM` does).
+    """
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of tokens or None, got {window!r}")
+    T = inputs.shape[1]
+    if window is None or T <= window:
+        return logits_of(model(inputs))
+    state, pieces = None, []
+    for a in range(0, T, window):
+        grad = torch.is_grad_enabled() and (scored is None or bool(scored[:, a : a + window].any()))
+        with torch.set_grad_enabled(grad):
+            out = model(inputs[:, a : a + window], state)
+        pieces.append(out.logits)
+        state = model.detach_state(out.state)
+    return torch.cat(pieces, dim=1)
+
+
+def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor, window: int | None = None) -> Tensor:
     """Mean next-token cross-entropy of `model` over the targets that are not `IGNORE_INDEX`.
 
         L(θ) = −(1/|M|) Σ_{(b,t) ∈ M} log softmax(f_θ(x)_{b,t})[y_{b,t}],   M = {(b,t) : y_{b,t} ≠ −100}
@@ -45,11 +69,13 @@ def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
     | x      | `inputs` [B, T], token ids              |
     | y      | `targets` [B, T], next token or -100    |
     | f_θ    | the model; its logits are [B, T, V]     |
+
+    With `window`, the inputs are read in windows with the state carried (`windowed_logits`).
     """
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs and targets must have the same shape, got {tuple(inputs.shape)} and "
                          f"{tuple(targets.shape)}")
-    logits = logits_of(model(inputs))  # [B, T, V]
+    logits = windowed_logits(model, inputs, window, targets != IGNORE_INDEX)  # [B, T, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
