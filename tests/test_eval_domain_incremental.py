@@ -128,3 +128,28 @@ def test_a_diverged_run_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
                                           "it had 2.500"}
     assert len(runs["sequential"]["R"]) == 4
     assert "| Transformer++ | replay | " in doc["table"] and "diverged: training loss nan" in doc["table"]
+
+
+def test_stream_protocol_tiny(tmp_path):
+    """--stream: the fast state is carried through the domain sequence; both R matrices, the switch probe, and the
+    models in their stream configurations (long CMS periods with retention; a one-window KV cache)."""
+    di.run(["--tiny", "--stream", "--out", str(tmp_path)], corpora=fake_corpora())
+    doc = json.loads((tmp_path / "domain_incremental_stream_carried.json").read_text())
+    assert (tmp_path / "domain_incremental_stream_carried.png").is_file()
+    assert set(doc["models"]) == {"hope/carried", "transformer/carried"} and doc["tasks"][0] == "alpha"
+    for unit in doc["models"].values():
+        n = len(doc["tasks"])
+        assert len(unit["R_stream"]) == len(unit["R_weights"]) == n and len(unit["switches"]) == n - 1
+        assert unit["switches"][0]["to"] == "beta" and len(unit["switches"][0]["per_window"]) == 4
+        assert 0 < unit["metrics_stream"]["average_accuracy"] < 10
+        assert unit["R_stream"] != unit["R_weights"]  # the carried state changes what the model predicts
+    cfg = di.stream_model("hope", "tiny", 0, 64).model.config
+    assert [lvl.period for lvl in cfg.cms] == list(di.STREAM_PERIODS) and not cfg.carry_core
+    assert di.stream_model("transformer", "tiny", 0, 64).model.config.kv_cache == 64
+
+
+def test_stream_protocol_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="stream configuration.*'titans'"):
+        di.run(["--tiny", "--stream", "--models", "titans", "--out", str(tmp_path)], corpora=fake_corpora())
+    with pytest.raises(ValueError, match="sequential strategy only.*'replay'"):
+        di.run(["--tiny", "--stream", "--strategies", "replay", "--out", str(tmp_path)], corpora=fake_corpora())

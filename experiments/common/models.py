@@ -9,13 +9,16 @@ shows the budget actually compared.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 MODEL_NAMES = ("transformer", "titans", "hope_attention", "hope")
 BUDGET_TOLERANCE = 0.05  # presets are sized to stay within 5% of Transformer++
@@ -107,3 +110,18 @@ def load_checkpoints(specs: Sequence[str]) -> dict[str, tuple[nn.Module, dict[st
         module, cfg = load_checkpoint(path)
         out[name] = (module.model, cfg)
     return out
+
+
+def fork_state(model: nn.Module, state: Any) -> Any:
+    """An independent copy of a stream state, so a probe leaves the stream untouched.
+
+    HopeLM's CMS fast weights are functions of the parameters (not graph leaves), so they are copied through
+    `export_state` (plain tensors) and rebuilt by `import_state`; other models' states are cloned tensor by tensor.
+    """
+    if state is None:
+        return None
+    if hasattr(model, "export_state") and hasattr(model, "import_state"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a partial CMS chunk at the fork point is dropped; docs align to it
+            return model.import_state(copy.deepcopy(model.export_state(state)))
+    return tree_map(lambda x: x.detach().clone() if isinstance(x, Tensor) else x, state)

@@ -27,18 +27,15 @@ attention models are also probed with a window of `window` tokens.
 from __future__ import annotations
 
 import argparse
-import copy
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
 from experiments.common.cli import base_parser, configured, mode_name, parse_models
 from experiments.common.data import check_fits, lm_task, stream
-from experiments.common.models import LABELS, build_models, count_params, load_checkpoints
+from experiments.common.models import LABELS, build_models, count_params, fork_state, load_checkpoints
 from experiments.common.results import Partial, markdown_table, plot_lines, write_result
 from experiments.common.train import Diverged, TrainConfig, model_device, train_on_tasks
 from hope.eval import logits_of
@@ -64,21 +61,6 @@ def build_stream(docs: Sequence, n_docs: int, doc_len: int) -> Tensor:
     if len(rows) < n_docs:
         raise ValueError(f"only {len(rows)} documents have >= {doc_len} tokens, need n_docs={n_docs}")
     return torch.stack(rows[:n_docs])  # [n_docs, L]
-
-
-def fork_state(model: nn.Module, state: Any) -> Any:
-    """An independent copy of a stream state, so a probe leaves the stream untouched.
-
-    HopeLM's CMS fast weights are functions of the parameters (not graph leaves), so they are copied through
-    `export_state` (plain tensors) and rebuilt by `import_state`; other models' states are cloned tensor by tensor.
-    """
-    if state is None:
-        return None
-    if hasattr(model, "export_state") and hasattr(model, "import_state"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a partial CMS chunk at the fork point is dropped; docs align to it
-            return model.import_state(copy.deepcopy(model.export_state(state)))
-    return tree_map(lambda x: x.detach().clone() if isinstance(x, Tensor) else x, state)
 
 
 @torch.no_grad()
