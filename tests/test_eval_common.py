@@ -159,9 +159,9 @@ def test_nan_loss_stops_training_before_the_update(monkeypatch):
 
     real, calls = common_train.lm_loss, []
 
-    def nan_on_third(model, x, y):
+    def nan_on_third(model, x, y, window=None):
         calls.append(1)
-        loss = real(model, x, y)
+        loss = real(model, x, y, window)
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(common_train, "lm_loss", nan_on_third)
