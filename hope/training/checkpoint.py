@@ -7,6 +7,7 @@ goes through Lightning's own `TorchCheckpointIO` unchanged, and is read back thr
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -55,7 +56,13 @@ def _write_local(checkpoint: dict[str, Any], path: Path) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            out = _WholeWrites(f)
+            try:
+                torch.save(checkpoint, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise
+                raise out.error from None  # torch's "unexpected pos" for a write the system refused
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,6 +74,36 @@ def _write_local(checkpoint: dict[str, Any], path: Path) -> None:
         os.fsync(dir_fd)  # the rename itself survives a reboot
     finally:
         os.close(dir_fd)
+
+
+class _WholeWrites:
+    """A binary file whose `write` writes every byte or raises the OSError that stopped it.
+
+    torch's zip writer checks the count each `write` returns; a write cut short by a full disk or a file-size limit
+    returns a short count first, and torch reports it as an opaque `RuntimeError` ("unexpected pos"). Writing the
+    rest at once makes the system's own error (ENOSPC, EFBIG, ...) the one raised."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.error: OSError | None = None  # the first failed write's; torch may wrap it, or write again after it
+
+    def write(self, data) -> int:
+        if self.error is not None:
+            raise self.error
+        view, done = memoryview(data).cast("B"), 0
+        try:
+            while done < len(view):
+                n = self._f.write(view[done:])
+                if not n:
+                    raise OSError(errno.EIO, f"write returned {n!r} with {len(view) - done} bytes left")
+                done += n
+        except OSError as e:
+            self.error = e
+            raise
+        return done
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -217,6 +254,7 @@ class CheckpointOnStop(Callback):
         return _join(str(callback.dirpath), "last.ckpt")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # ModelCheckpoint's interval has no public accessor in Lightning 2.6; without it the last step is saved twice
         path, every = self._last_path(trainer), getattr(trainer.checkpoint_callback, "_every_n_train_steps", 0)
         if path and trainer.global_step == trainer.max_steps and not (every and trainer.global_step % every == 0):
             trainer.save_checkpoint(path)
