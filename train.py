@@ -10,9 +10,14 @@ Examples:
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import hydra
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from hope.training.checkpoint import CheckpointWriteError
 from hope.training.module import NonFiniteLossError
 
 
@@ -22,8 +27,11 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         metrics = run(cfg)
-    except (NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    except (NonFiniteLossError, FileNotFoundError, ValueError, CheckpointWriteError) as e:
         raise SystemExit(f"error: {e}") from None
+    except SIGTERMException:  # Lightning's graceful stop; CheckpointOnStop wrote last.ckpt
+        print("stopped by SIGTERM; resume with ckpt_path=last", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None
 

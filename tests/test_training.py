@@ -100,16 +100,13 @@ def test_resume_is_exact(tmp_path, mode):
     run(straight)
     first = make_cfg(tmp_path / "b", [*common, "trainer.max_steps=4"])
     run(first)
-    resumed = make_cfg(tmp_path / "b", [*common, "trainer.max_steps=8", "ckpt_path=last"])
-    resumed.paths.output_dir = str(tmp_path / "b" / "out2")
-    run(resumed)
+    run(make_cfg(tmp_path / "b", [*common, "trainer.max_steps=8", "ckpt_path=last"]))  # same run folder
     a = losses_by_step(tmp_path / "a" / "out")
-    b = {**losses_by_step(tmp_path / "b" / "out"), **losses_by_step(tmp_path / "b" / "out2")}
+    b = losses_by_step(tmp_path / "b" / "out")
     assert sorted(a) == sorted(b) and len(a) == 8
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
-    (last,) = (tmp_path / "b" / "logs").glob("*/checkpoints/last.ckpt")
-    ckpt = torch.load(last, weights_only=False)
+    ckpt = torch.load(tmp_path / "b" / "out" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["hydra_config"]["trainer"]["max_steps"] == 8
     assert ckpt["global_step"] == 8
     assert ("stream_state" in ckpt) == (mode == "stream")
@@ -138,7 +135,7 @@ def test_nan_loss_stops_with_message(tmp_path):
 
     with pytest.raises(NonFiniteLossError, match="non-finite training loss .* at step 0"):
         run(cfg)
-    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_mismatched_checkpoint(tmp_path):
@@ -206,7 +203,7 @@ def test_generate_and_evaluate_entry_points(tmp_path):
     cfg = make_cfg(tmp_path, [*TINY, "model.size=tiny", "trainer.max_steps=2", "test=false",
                               "callbacks.model_checkpoint.every_n_train_steps=2"])
     run(cfg)
-    ckpt = tmp_path / "logs" / "train" / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
     text = tmp_path / "eval.txt"
     text.write_text("To be, or not to be, that is the question. " * 8)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -239,7 +236,7 @@ def test_grid_sweep_runs_each_job(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
-    assert jobs == ["0", "1"]
-    overrides = [(tmp_path / "multirun" / j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
+    jobs = sorted(p.name for p in (tmp_path / "multirun" / "train").iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]  # one folder per job: multirun/<run_name>/<job number>
+    overrides = [(tmp_path / "multirun" / "train" / j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
     assert "model.lr=0.001" in overrides[0] and "model.lr=0.002" in overrides[1]

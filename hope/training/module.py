@@ -21,6 +21,7 @@ from hope.config import HopeConfig
 from hope.config import preset as make_preset
 from hope.models.lm import HopeLM, compile_model
 from hope.state import StreamState
+from hope.training.checkpoint import rerun_pending_validation
 
 
 class NonFiniteLossError(RuntimeError):
@@ -254,6 +255,8 @@ class LMModule(L.LightningModule):
             # fast weights θ_0 − Δ must be built from the trained θ_0
             self._saved_stream_state = checkpoint["stream_state"]
         trainer = self._trainer
+        if trainer is not None:
+            rerun_pending_validation(checkpoint, trainer.val_check_interval, trainer.limit_val_batches)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         if dm is not None and hasattr(dm, "set_resume_batch"):
             dm.set_resume_batch(int(checkpoint["global_step"]) * int(trainer.accumulate_grad_batches))

@@ -1,7 +1,9 @@
 """The training job behind `python train.py`: Hydra config in, fitted and tested model out.
 
 data module + LMModule + callbacks + loggers -> `Trainer.fit` -> validate/test, with exact resume from
-`ckpt_path` ("last" or a path) and the resolved config stored in every checkpoint.
+`ckpt_path` ("last" or a path) and the resolved config stored in every checkpoint. A run's folder
+(`configs/hydra/default.yaml`: `logs/<run_name>/`) holds its config, log, metrics and `checkpoints/`;
+`ckpt_path=last` resumes that folder's own `last.ckpt`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from hope.training.checkpoint import AtomicCheckpointIO, check_compatible, load_checkpoint_file
+from hope.training.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointOnStop,
+    check_compatible,
+    list_checkpoints,
+    resolve_ckpt_path,
+)
 from hope.training.module import LMModule
 
 log = logging.getLogger(__name__)
@@ -58,14 +66,17 @@ def _instantiate_all(node: DictConfig | None) -> list[Any]:
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str) -> str | None:
-    """`None` → fresh start; "last" → `<ckpt_dir>/last.ckpt` (must exist); anything else → that file."""
-    if ckpt_path is None:
-        return None
-    path = Path(ckpt_dir) / "last.ckpt" if str(ckpt_path) == "last" else Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint at {str(path)!r}")
-    return str(path)
+def check_fresh_start(ckpt_dir: str, callbacks: list[Any]) -> None:
+    """A fresh run (no `ckpt_path`) that writes checkpoints must not write them beside an earlier run's, where
+    `ckpt_path=last` would later resume the wrong one: raise a ValueError that says how to resume or rename."""
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        return
+    found = list_checkpoints(ckpt_dir)
+    if found:
+        raise ValueError(
+            f"{ckpt_dir!r} already holds checkpoints of an earlier run ({Path(found[0]).name}, ...): resume it with "
+            "ckpt_path=last, start another run with run_name=<new name>, or delete the folder"
+        )
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -79,12 +90,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     n_params = sum(p.numel() for p in module.model.parameters())
     log.info("model: %s core, %.2fM parameters", module.model_config.core, n_params / 1e6)
 
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
-    if ckpt_path is not None:
-        check_compatible(load_checkpoint_file(ckpt_path), module, ckpt_path)
-
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    ckpt_path, ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
+    if ckpt is not None:
+        check_compatible(ckpt, module, ckpt_path)
+        del ckpt
+    elif cfg.get("train", True):
+        check_fresh_start(cfg.paths.ckpt_dir, callbacks)
     callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
+    callbacks.append(CheckpointOnStop())
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
