@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -165,7 +166,7 @@ def test_cache_continues_an_imported_state():
         torch.testing.assert_close(model(ids[:, 8:], cache=cache).logits, full[:, 8:], atol=1e-5, rtol=1e-5)
 
 
-def test_a_train_checkpoint_converts_with_one_command(tmp_path):
+def test_a_train_checkpoint_converts_with_one_command(tmp_path, monkeypatch, capsys):
     from test_training import TINY, make_cfg
 
     from hope.training.inference import load_checkpoint
@@ -188,6 +189,22 @@ def test_a_train_checkpoint_converts_with_one_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hope.hf.export", str(tmp_path / "missing.ckpt"), str(out_dir)],
                           capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode != 0 and "missing.ckpt" in proc.stderr and "Traceback" not in proc.stderr
+    if importlib.util.find_spec("lm_eval") is not None:  # evaluate.py --tasks takes the checkpoint itself too
+        from hope.hf.harness import load_harness_model
+
+        with torch.no_grad():
+            torch.testing.assert_close(load_harness_model(str(ckpt)).model(ids).logits, module.model(ids).logits)
+    import generate  # generate.py: --top-k 0 samples from every token (it raised a RuntimeError once)
+
+    for top_k, expected in [("0", "To be"), ("-1", "--top-k must be >= 0 (0 = no top-k filter), got -1")]:
+        monkeypatch.setattr(sys, "argv", ["generate.py", str(ckpt), "--prompt", "To be", "--tokens", "4",
+                                          "--top-k", top_k])
+        try:
+            generate.main()
+        except SystemExit as e:
+            assert expected in str(e)
+        else:
+            assert capsys.readouterr().out.startswith(expected)
 
 
 def test_hope_lm_generate_names_a_bad_top_k():
