@@ -4,8 +4,6 @@ the harness's log-likelihoods and generations are the model's own."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -64,17 +62,18 @@ def test_harness_scores_are_the_models_own(model, monkeypatch):
         assert sample["resps"][0][0] == expected
 
 
-def test_evaluate_py_runs_tasks(model, tmp_path):
+def test_evaluate_py_runs_tasks(model, tmp_path, monkeypatch, capsys):
+    import evaluate
+
     hf_dir = tmp_path / "hf"
     model.save_pretrained(hf_dir)
     hf_tokenizer(ByteTokenizer()).save_pretrained(hf_dir)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
-    proc = subprocess.run([sys.executable, "evaluate.py", str(hf_dir), "--tasks", "hope_tiny_choice", "--include-path",
-                           TASKS, "--limit", "2", "--output", str(tmp_path / "results")],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "hope_tiny_choice" in proc.stdout and "acc_norm" in proc.stdout
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", str(hf_dir), "--tasks", "hope_tiny_choice", "--include-path",
+                                      TASKS, "--limit", "2", "--output", str(tmp_path / "results")])
+    evaluate.main()
+    printed = capsys.readouterr().out
+    assert "hope_tiny_choice" in printed and "acc_norm" in printed
     saved = json.loads((tmp_path / "results" / "lm_eval.json").read_text())
     assert saved["meta"]["command"] and saved["meta"]["date"] and saved["seed"] == 0
     assert 0 <= saved["results"]["hope_tiny_choice"]["acc,none"] <= 1
