@@ -138,6 +138,8 @@ def test_labels_give_the_shifted_next_token_loss():
     (lambda m, x: m(x, cache=m(x[:1]).cache), "cache holds 1 rows but input_ids has 2"),
     (lambda m, x: m(x, cache=(1, 2)), "cache must be a HopeCache"),
     (lambda m, x: m(x, past_key_values=(1, 2)), "unsupported arguments ['past_key_values']"),
+    (lambda m, x: m(x, output_attentions=True), "unsupported arguments ['output_attentions']"),
+    (lambda m, x: m(x, logits_to_keep=-1), "logits_to_keep must be an int >= 0 (0 keeps all), got -1"),
     (lambda m, x: m(x[:, 0]), "input_ids must be a [B, T] tensor, got (2,)"),
     (lambda m, x: m(x[:, :2], attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), cache=m(x[:, :2]).cache),
      "must get the same number of real tokens per call, got [1, 2]"),
@@ -211,3 +213,18 @@ def test_hope_lm_generate_names_a_bad_top_k():
     model = tiny("transformer").model
     with pytest.raises(ValueError, match="top_k must be an int >= 1 or None"):
         model.generate(torch.zeros(1, 2, dtype=torch.long), 2, temperature=1.0, top_k=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_generate_with_padding_on_cuda():
+    model = tiny("hope").cuda()
+    prompts = [torch.randint(1, 256, (n,), device="cuda") for n in (9, 4)]
+    ids = torch.zeros(2, 9, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, 9 - len(p):], mask[i, 9 - len(p):] = p, 1
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    for i, p in enumerate(prompts):
+        assert torch.equal(greedy[i, 9:], model.model.generate(p[None], 10, temperature=0)[0, len(p):])

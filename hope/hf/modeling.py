@@ -80,12 +80,15 @@ class HopeForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
-        unknown = {k: v for k, v in kwargs.items() if v is not None and k not in _IGNORED}
+        # position_ids are not needed: each row's position is in its state. Requests for attention weights or
+        # per-layer hidden states are refused, as is an unknown argument.
+        unknown = {k: v for k, v in kwargs.items() if v is not None and v is not False and k != "position_ids"}
         if unknown:
             raise ValueError(f"HopeForCausalLM.forward got unsupported arguments {sorted(unknown)}; it takes "
-                             "input_ids, attention_mask, cache, labels, use_cache")
+                             "input_ids, attention_mask, cache, labels, use_cache, logits_to_keep")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a [B, T] tensor, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else input_ids!r}")
@@ -102,6 +105,10 @@ class HopeForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps all), got {logits_to_keep!r}")
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]  # [B, k, V]: what `generate` reads
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache is not False else None)
         return out.to_tuple() if return_dict is False else out
 
@@ -133,11 +140,6 @@ class HopeForCausalLM(PreTrainedModel, GenerationMixin):
         if logits is None:  # nothing but padding: no call was made
             logits = torch.zeros(B, T, self.config.vocab_size, device=input_ids.device, dtype=self.dtype)
         return logits
-
-
-# Passed by `generate` or lm-evaluation-harness and meaningless here: the state knows each row's position, and
-# there are no attention weights or per-layer hidden states to return.
-_IGNORED = {"position_ids", "output_attentions", "output_hidden_states", "logits_to_keep"}
 
 
 def _new_columns_mask(attention_mask: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
