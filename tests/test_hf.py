@@ -140,6 +140,7 @@ def test_labels_give_the_shifted_next_token_loss():
     (lambda m, x: m(x, past_key_values=(1, 2)), "unsupported arguments ['past_key_values']"),
     (lambda m, x: m(x, output_attentions=True), "unsupported arguments ['output_attentions']"),
     (lambda m, x: m(x, logits_to_keep=-1), "logits_to_keep must be an int >= 0 (0 keeps all), got -1"),
+    (lambda m, x: m.generate(x, max_new_tokens=2, num_beams=2), "cannot use beam search"),  # transformers' message
     (lambda m, x: m(x[:, 0]), "input_ids must be a [B, T] tensor, got (2,)"),
     (lambda m, x: m(x[:, :2], attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), cache=m(x[:, :2]).cache),
      "must get the same number of real tokens per call, got [1, 2]"),
