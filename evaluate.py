@@ -28,6 +28,8 @@ def main() -> None:
     lm.add_argument("--include-path", help="a directory of extra task YAMLs (e.g. tests/data/lm_eval)")
     lm.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     lm.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
+    lm.add_argument("--max-length", type=int, default=None, help="longest context in tokens, longer ones are cut "
+                    "from the left (default: the model's max_seq_len, else the harness's 2048)")
     lm.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     lm.add_argument("--seed", type=int, default=0)
     lm.add_argument("--output", help="directory for lm_eval.json (results, command, commit, date, machine, seed)")
@@ -67,13 +69,15 @@ def run_harness(args: argparse.Namespace) -> None:
             raise ValueError(f"{name} must be >= {1 if name == '--limit' else 0}, got {value}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length is not None and args.max_length < 1:
+        raise ValueError(f"--max-length must be >= 1, got {args.max_length}")
     from lm_eval.utils import make_table
 
     from hope.hf.harness import check_model_path, evaluate_tasks, load_harness_model, task_manager
 
     check_model_path(args.checkpoint)
     manager = task_manager(tasks, args.include_path)  # a misspelt task fails before the model loads
-    model = load_harness_model(args.checkpoint, args.device, args.batch_size)
+    model = load_harness_model(args.checkpoint, args.device, args.batch_size, args.max_length)
     results = evaluate_tasks(model, tasks, manager, args.num_fewshot, args.limit, args.seed)
     print(make_table(results))
     if args.output:

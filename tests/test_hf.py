@@ -195,8 +195,10 @@ def test_a_train_checkpoint_converts_with_one_command(tmp_path, monkeypatch, cap
     if importlib.util.find_spec("lm_eval") is not None:  # evaluate.py --tasks takes the checkpoint itself too
         from hope.hf.harness import load_harness_model
 
+        harness_model = load_harness_model(str(ckpt), max_length=77)
+        assert harness_model.max_length == 77
         with torch.no_grad():
-            torch.testing.assert_close(load_harness_model(str(ckpt)).model(ids).logits, module.model(ids).logits)
+            torch.testing.assert_close(harness_model.model(ids).logits, module.model(ids).logits)
     import generate  # generate.py: --top-k 0 samples from every token (it raised a RuntimeError once)
 
     for top_k, expected in [("0", "To be"), ("-1", "--top-k must be >= 0 (0 = no top-k filter), got -1")]:
@@ -229,3 +231,17 @@ def test_generate_with_padding_on_cuda():
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     for i, p in enumerate(prompts):
         assert torch.equal(greedy[i, 9:], model.model.generate(p[None], 10, temperature=0)[0, len(p):])
+
+
+def test_a_trained_bpe_tokenizer_keeps_its_ids(tmp_path):
+    from hope.data.tokenizers import BPETokenizer
+
+    bpe = BPETokenizer.train(["To be, or not to be, that is the question.\n\nWhether 'tis nobler"] * 20, 300, tmp_path)
+    tok = hf_tokenizer(bpe)
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    text = "To be or not, the question\nof nobler things"
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"] == bpe.encode(text)
+    assert loaded.decode(bpe.encode(text)) == text and len(loaded) == bpe.vocab_size
+    assert loaded.pad_token_id == 0 and loaded.eos_token_id == (bpe.encode("\n")[0] if len(bpe.encode("\n")) == 1
+                                                                 else None)

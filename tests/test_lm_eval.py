@@ -84,6 +84,7 @@ def test_evaluate_py_runs_tasks(model, tmp_path, monkeypatch, capsys):
     (["MODEL", "--tasks", " , "], "--tasks needs at least one task name, got ' , '"),
     (["MODEL", "--tasks", "hope_tiny_choice", "--limit", "0"], "--limit must be >= 1, got 0"),
     (["MODEL", "--tasks", "hope_tiny_choice", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["MODEL", "--tasks", "hope_tiny_choice", "--max-length", "0"], "--max-length must be >= 1, got 0"),
     (["./out/missing", "--tasks", "hope_tiny_choice", "--include-path", TASKS], "'./out/missing' does not exist"),
 ])
 def test_evaluate_py_names_bad_input(model, tmp_path, monkeypatch, capsys, args, message):

@@ -1,6 +1,6 @@
 """Hugging Face `transformers` integration: `HopeHFConfig`, `HopeForCausalLM`, the stream-state cache and tokenizers.
 
-    import hope.hf  # registers model type "hope" with AutoConfig, AutoModelForCausalLM and AutoTokenizer
+    import hope.hf  # registers model type "hope" with AutoConfig and AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("out/hope_small_hf")
     out = model.generate(**tok(["ROMEO:"], return_tensors="pt"), max_new_tokens=50, do_sample=True, top_p=0.9)
 

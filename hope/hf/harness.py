@@ -45,14 +45,17 @@ def check_model_path(path: str) -> None:
                          "written by `python -m hope.hf.export`, or a Hub name (owner/name)")
 
 
-def load_harness_model(path: str, device: str = "cpu", batch_size: int = 1, dtype: str = "float32") -> HFLM:
-    """A train.py checkpoint (`*.ckpt`), a local Hugging Face directory or a Hub name, ready for `simple_evaluate`."""
+def load_harness_model(path: str, device: str = "cpu", batch_size: int = 1, max_length: int | None = None) -> HFLM:
+    """A train.py checkpoint (`*.ckpt`), a local Hugging Face directory or a Hub name, ready for `simple_evaluate`.
+    `max_length`: the longest context in tokens (the harness truncates longer ones from the left); None takes the
+    tokenizer's `model_max_length` (the model's `max_seq_len` when exported by hope.hf.export), else the harness's
+    default of 2048."""
     check_model_path(path)
     if path.endswith(".ckpt"):
         model, tokenizer = from_checkpoint(path)
-        return HopeHarnessLM(model.to(device), tokenizer=tokenizer, batch_size=batch_size)
+        return HopeHarnessLM(model.to(device), tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     try:
-        return HopeHarnessLM(path, device=device, batch_size=batch_size, dtype=dtype)
+        return HopeHarnessLM(path, device=device, batch_size=batch_size, max_length=max_length)
     except OSError as e:  # not on the Hub, or no network: transformers' message says which
         raise ValueError(f"model {path!r} is not a local path and could not be loaded from the Hugging Face Hub: "
                          f"{str(e).splitlines()[0]}") from e
