@@ -97,3 +97,18 @@ def test_evaluate_py_names_bad_input(model, tmp_path, monkeypatch, capsys, args,
     with pytest.raises(SystemExit) as err:
         evaluate.main()
     assert message in str(err.value)
+
+
+def test_lm_eval_command_line_knows_model_hope(model, tmp_path, monkeypatch, capsys):
+    """What `python -m hope.hf.harness --model hope ...` runs: lm-eval's own CLI, after hope registered its model."""
+    from lm_eval.__main__ import cli_evaluate
+
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    hf_tokenizer(ByteTokenizer()).save_pretrained(hf_dir)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["lm-eval", "--model", "hope", "--model_args", f"pretrained={hf_dir}",
+                                      "--device", "cpu", "--tasks", "hope_tiny_cloze", "--include_path", TASKS,
+                                      "--limit", "2"])
+    cli_evaluate()
+    assert "hope_tiny_cloze" in capsys.readouterr().out

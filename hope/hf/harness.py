@@ -2,6 +2,7 @@
 
     python evaluate.py out/hope_small_hf --tasks piqa,hellaswag --device cuda
     python evaluate.py logs/hope_small/checkpoints/last.ckpt --tasks hope_tiny_choice --include-path tests/data/lm_eval
+    python -m hope.hf.harness --model hope --model_args pretrained=out/hope_small_hf --tasks piqa  # lm-eval's CLI
 
 Log-likelihood requests reach the model as right-padded batches without a mask (causal: the padding after a
 continuation cannot change its logits); generation requests as left-padded batches with a mask, whose padding
@@ -86,3 +87,9 @@ def evaluate_tasks(
     return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot,
                                    limit=limit, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
                                    torch_random_seed=seed, fewshot_random_seed=seed)
+
+
+if __name__ == "__main__":  # lm-eval's own command line, with model "hope" registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
