@@ -69,3 +69,25 @@ def test_experiments_use_public_names(path):
 def test_the_cms_engine_never_imports_the_model():
     for path in (ROOT / "hope" / "cms").rglob("*.py"):
         assert not any(under(m, "hope.models") for m, _ in hope_imports(path)), path
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """Top-level packages imported by the module's own body (not inside functions)."""
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            out.add((node.module or "").split(".")[0])
+        elif isinstance(node, ast.Try):  # an optional import guarded by try/except ImportError
+            out.update(n.name.split(".")[0] for stmt in node.body if isinstance(stmt, ast.Import) for n in stmt.names)
+    return out
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "hope").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_hope_hf_needs_transformers_and_nothing_imports_it(path):
+    module = module_name(path)
+    if under(module, "hope.hf"):
+        return
+    assert not module_level_imports(path) & {"transformers", "lm_eval"}, f"{module} imports an optional extra"
+    assert not any(under(m, "hope.hf") or (m == "hope" and "hf" in names) for m, names in hope_imports(path)), module

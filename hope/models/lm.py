@@ -207,6 +207,8 @@ class HopeLM(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None (no top-k filter), got {top_k!r}")
         out = self(prompt, state)
         tokens = [prompt]
         for _ in range(max_new_tokens):
