@@ -164,6 +164,13 @@ class HopeConfig:
 
 SIZES = {"tiny": 2, "small": 4, "base": 12}
 
+# The MemoryConfig fields that turn the "hope" core into the paper's literal one (preset "hope_paper"; each is a
+# switch of its own, docs/design.md §4.1).
+HOPE_PAPER_MEMORY: dict[str, Any] = {
+    "proj_width": "full", "proj_depth": "deep", "gate_depth": "deep", "mem_depth": "deep", "adaptive_q": True,
+    "momentum": True, "self_target_mem": True, "negative_eigenvalues": True,
+}
+
 # Per-preset shape of the block. Hidden widths are chosen so that every small preset stays within 5% of the
 # Transformer++ parameter count (tests/test_model.py checks it).
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -189,9 +196,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "core": "self_modifying",
         "cms": [{"period": 64, "hidden_frac": 0.31}, {"period": 256, "hidden_frac": 0.31},
                 {"period": None, "hidden_frac": 0.31}],
-        "memory": {"proj_width": "full", "proj_depth": "deep", "gate_depth": "deep", "mem_depth": "deep",
-                   "adaptive_q": True, "momentum": True, "self_target_mem": True,
-                   "negative_eigenvalues": True},
+        "memory": HOPE_PAPER_MEMORY,
     },
 }
 
