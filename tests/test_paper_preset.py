@@ -251,3 +251,26 @@ def test_momentum_state_mismatch_raises():
     _, state = with_momentum(x)
     with pytest.raises(ValueError, match=r"state has a momentum Z but MemoryConfig.momentum=False"):
         plain(x, state)
+
+
+def test_formal_languages_memory_switches(tmp_path):
+    """`--memory` sets HOPE's core switches in the formal-language benchmark and the result file records them."""
+    import json
+
+    from experiments.memory_tasks import formal_languages as fl
+
+    assert fl.parse_memory("negative_eigenvalues=true, proj_chunk_size=1,eta_max=0.25") == {
+        "negative_eigenvalues": True, "proj_chunk_size": 1, "eta_max": 0.25}
+    with pytest.raises(ValueError, match="unknown MemoryConfig field 'negative'"):
+        fl.parse_memory("negative=true")
+    with pytest.raises(ValueError, match="KEY=VALUE items separated by commas, got 'momentum'"):
+        fl.parse_memory("momentum")
+    with pytest.raises(ValueError, match=r"eta_max=0.9 must be in \(0, 0.5\]"):
+        fl.parse_memory("eta_max=0.9")
+    with pytest.raises(ValueError, match=r"--memory sets the core of \('hope',\)"):
+        fl.run(["--tiny", "--models", "transformer", "--memory", "momentum=true", "--out", str(tmp_path)])
+    fl.run(["--tiny", "--models", "hope", "--languages", "parity", "--memory", "negative_eigenvalues=true",
+            "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "formal_languages.json").read_text())
+    assert doc["config"]["memory"] == {"negative_eigenvalues": True}
+    assert "ours: HOPE (negative_eigenvalues=True)" in doc["table"]
