@@ -8,6 +8,7 @@ One size dial (`depth`): width = 64·depth, heads = depth (head width 64), as in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -163,6 +164,13 @@ class HopeConfig:
 
 SIZES = {"tiny": 2, "small": 4, "base": 12}
 
+# The MemoryConfig fields that turn the "hope" core into the paper's literal one (preset "hope_paper"; each is a
+# switch of its own, docs/design.md §4.1).
+HOPE_PAPER_MEMORY: dict[str, Any] = {
+    "proj_width": "full", "proj_depth": "deep", "gate_depth": "deep", "mem_depth": "deep", "adaptive_q": True,
+    "momentum": True, "self_target_mem": True, "negative_eigenvalues": True,
+}
+
 # Per-preset shape of the block. Hidden widths are chosen so that every small preset stays within 5% of the
 # Transformer++ parameter count (tests/test_model.py checks it).
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -179,6 +187,17 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "cms": [{"period": 64, "hidden_frac": 1 / 3}, {"period": 256, "hidden_frac": 1 / 3},
                 {"period": None, "hidden_frac": 1 / 3}],
     },
+    # HOPE as arXiv:2512.24695 §§7–8 writes it (docs/design.md §4.1): full-width memories over x̃_t, all six
+    # 2-layer MLPs, momentum, self-generated targets for every memory (M_mem included), η bounds that reach
+    # eigenvalue −1. One departure stays: targets read v/‖v‖ (with the raw v the memories overflow within 1K tokens).
+    # The deep memories cost parameters, so the CMS levels are narrower (0.31 of the FFN width each instead of 1/3:
+    # −0.8% against Transformer++ at the small size).
+    "hope_paper": {
+        "core": "self_modifying",
+        "cms": [{"period": 64, "hidden_frac": 0.31}, {"period": 256, "hidden_frac": 0.31},
+                {"period": None, "hidden_frac": 0.31}],
+        "memory": HOPE_PAPER_MEMORY,
+    },
 }
 
 
@@ -186,8 +205,9 @@ def preset(name: str, size: str | int = "small", **overrides: Any) -> HopeConfig
     """A named architecture at a named size: `preset("hope", "small", vocab_size=256)`.
 
     Names: "transformer" (Transformer++), "hope_attention" (attention core + CMS), "titans" (Titans LMM core +
-    FFN), "hope" (self-modifying core + CMS). Size: "tiny" | "small" | "base" or a depth; width = 64·depth,
-    heads = depth. `overrides` replace any `HopeConfig` field.
+    FFN), "hope" (self-modifying core + CMS), "hope_paper" (the paper's literal HOPE, docs/design.md §4.1).
+    Size: "tiny" | "small" | "base" or a depth; width = 64·depth, heads = depth. `overrides` replace any
+    `HopeConfig` field; a `memory` override given as a dict changes only the `MemoryConfig` fields it names.
     """
     if name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(_PRESETS)}")
@@ -206,5 +226,9 @@ def preset(name: str, size: str | int = "small", **overrides: Any) -> HopeConfig
         hidden = None if frac is None else 8 * max(1, round(base.ffn_hidden * frac / 8))
         cms.append(CMSLevel(period=lvl["period"], hidden=hidden))
     kwargs: dict[str, Any] = {"d_model": d_model, "n_heads": depth, "n_layers": depth, "core": spec["core"], "cms": cms}
+    memory = overrides.pop("memory", None)
+    if memory is None or isinstance(memory, Mapping):  # a dict of MemoryConfig fields refines the preset's
+        memory = {**spec.get("memory", {}), **(memory or {})} or None
+    kwargs["memory"] = memory
     kwargs.update(overrides)
     return HopeConfig(**kwargs)

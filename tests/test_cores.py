@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import rel_rms
 
-from hope.config import HopeConfig
+from hope.config import HOPE_PAPER_MEMORY, HopeConfig
 from hope.layers.conv import CausalConv, _ShiftedConv
 from hope.layers.self_modifying import SelfModifyingCore
 from hope.layers.titans import TitansCore
@@ -27,7 +27,12 @@ VARIANTS = {
     "hope_momentum": ("self_modifying", {"momentum": True}),
     "hope_gd": ("self_modifying", {"erase": "gd", "eta_max": 2 / 64, "momentum": True}),
     "titans": ("titans", {}),
+    # the paper's literal HOPE (preset "hope_paper"), and full-width linear projection memories
+    "hope_paper": ("self_modifying", HOPE_PAPER_MEMORY),
+    "hope_full_linear": ("self_modifying", {"proj_width": "full", "adaptive_q": True, "momentum": True,
+                                            "negative_eigenvalues": True}),
 }
+LONG = [n for n in VARIANTS if n not in ("hope_paper", "hope_full_linear")]  # those two: tests/test_paper_preset.py
 
 
 def make_core(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -51,7 +56,9 @@ def assert_same_state(state, ref, rows=slice(None)):
     flat, flat_ref = state.to_flat(), ref.to_flat()
     assert flat.keys() == flat_ref.keys()
     for key, t in flat_ref.items():
-        assert rel_rms(flat[key].to(DT), t[rows].to(DT)) < 1e-12, key
+        assert flat[key].shape == t[rows].shape, key
+        if t.numel():  # proj.S has no columns when every projection memory is deep
+            assert rel_rms(flat[key].to(DT), t[rows].to(DT)) < 1e-12, key
 
 
 def run_pieces(core, x, cuts):
@@ -146,7 +153,7 @@ def test_fused_sweep_equals_the_oracle_backend(name):
         assert_same_state(s, s_ref)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", LONG)
 def test_long_stream_stays_finite(name):
     """T = 4096 at the default chunk sizes and a realistic head width (K = 64), where unbounded steps (a raw
     self-target v, undamped momentum, W₁'s un-normalised GD step) blow the memories up within ~1K tokens."""

@@ -15,8 +15,14 @@ arXiv:2512.24695:
 | hope_mem_chunk16    | main-memory chunk C = 16 (MemoryConfig default: 64)          | eq. 90, docs/design.md §4       |
 | hope_proj_chunk64   | projection-memory chunk 64 (MemoryConfig default: 16)        | eq. 90, docs/design.md §4       |
 | hope_small_step_c16 | hope_dgd_small_step + hope_mem_chunk16 (do they stack?)      | eqs. 88, 90                |
-| hope_residual       | CMS write signal δ = ∂ℓ/∂h_L (`HopeConfig.cms_signal`)        | eq. 71, docs/design.md §5       |
+| hope_residual       | CMS write signal δ = ∂ℓ/∂h_L (`HopeConfig.cms_signal`)        | eq. 71, docs/design.md §5  |
 | hope_fast           | hope_residual + projection-memory chunk 32                   | eqs. 71, 90                |
+| hope_paper          | preset "hope_paper": every switch below together             | docs/design.md §4.1        |
+| hope_full_width     | projection memories read all of x̃_t (`proj_width=full`)     | eqs. 83/94                 |
+| hope_deep_memories  | all six memories 2-layer MLPs (proj/gate/mem_depth=deep)     | eqs. 89/91                 |
+| hope_momentum       | momentum in M_mem                                            | Table 6 "w/o momentum"     |
+| hope_self_target_mem| M_mem's self-generated target, adaptive q                    | eq. 85                     |
+| hope_negative_eigenvalues | η_t = η_max(1 + α_t)σ(·): DGD factors down to −1       | eq. 88; Grazzi et al. 2024 |
 
 Plain GD adds a chunk's steps at the chunk-start state, so `MemoryConfig` only accepts η_max ≤ min(1, 2/C) for
 the largest chunk C (docs/design.md §3); `hope_gd` therefore also sets η_max to that bound, the largest stable step.
@@ -91,6 +97,18 @@ def all_variants(size: str | int) -> dict[str, Variant]:
                 "CMS writes driven by δ = ∂ℓ/∂h_L through each level's own MLP (no backward through the layers above)"),
         Variant("hope_fast", "hope_small", (residual, f"{mem}.proj_chunk_size=32"),
                 f"hope_residual with projection-memory chunk 32 (HOPE: {defaults.memory.proj_chunk_size})"),
+        # the paper's literal HOPE and each of its switches on HOPE alone (docs/design.md §4.1)
+        Variant("hope_paper", "hope_paper_small", note="preset hope_paper: every switch of docs/design.md §4.1"),
+        Variant("hope_full_width", "hope_small", (f"{mem}.proj_width=full",),
+                "projection memories read all of x̃_t (one per projection, not one per head)"),
+        Variant("hope_deep_memories", "hope_small",
+                tuple(f"{mem}.{k}=deep" for k in ("proj_depth", "gate_depth", "mem_depth")),
+                "all six memories 2-layer MLPs (eqs. 89/91)"),
+        Variant("hope_momentum", "hope_small", (f"{mem}.momentum=true",), "momentum in M_mem (Table 6)"),
+        Variant("hope_self_target_mem", "hope_small", (f"{mem}.self_target_mem=true", f"{mem}.adaptive_q=true"),
+                "M_mem regresses onto its self-generated target (eq. 85); q_t from a projection memory"),
+        Variant("hope_negative_eigenvalues", "hope_small", (f"{mem}.negative_eigenvalues=true",),
+                "η_t = η_max(1 + α_t)σ(·): DGD factors down to −1 (state tracking)"),
     ]
     return {v.name: v for v in variants}
 

@@ -2,13 +2,17 @@
 
     python -m experiments.memory_tasks.formal_languages --tiny      # seconds, CPU (what the tests run)
     python -m experiments.memory_tasks.formal_languages             # full mode (run time: memory_tasks/README.md)
+    python -m experiments.memory_tasks.formal_languages --models hope --memory negative_eigenvalues=true
+                                                                    # a switch of HOPE's core (the ablations)
 
 Dimensions: N examples, T time (string length + 1, right-padded).
 
 For each language (Parity, (aa)*, (abab)*, aⁿbⁿ, aⁿbⁿcⁿ, Shuffle-2) each model is trained on strings of length
 1–50 (Bin0) and scored on held-out strings of length 1–50 and 51–100 (Bin1): after `s_1 … s_n QUERY` it must put
 more mass on ACCEPT or REJECT, whichever is right (`hope.data.synthetic.formal_language_task`; half positive,
-negatives are near misses). The result table sets our numbers next to the paper's Table 5.
+negatives are near misses). The result table sets our numbers next to the paper's Table 5. `--memory` sets
+`MemoryConfig` fields of HOPE's self-modifying core (docs/design.md §4.1: `negative_eigenvalues`,
+`proj_chunk_size`, `momentum`, …); the result file and the table record them.
 
 Caveat: the paper (after Irie et al. 2023) scores a different protocol, so the comparison is of trends (who
 generalises to Bin1) rather than of digits; on our balanced recognition task chance is 50%, and 0% is impossible.
@@ -40,6 +44,7 @@ PAPER_TABLE5: dict[str, dict[str, tuple[float, float]]] = {
     "SRWM": _ALL100,
     "Hope": _ALL100,
 }
+MEMORY_MODELS = ("hope",)  # the models whose core takes `--memory` (the self-modifying core)
 TITLES = {"parity": "Parity", "aa_star": "(aa)*", "abab_star": "(abab)*", "anbn": "aⁿbⁿ", "anbncn": "aⁿbⁿcⁿ",
           "shuffle2": "Shuffle-2"}
 MODES: dict[str, dict[str, Any]] = {
@@ -66,9 +71,10 @@ def run_language(language: str, names: Sequence[str], mode: dict[str, Any], seed
         if partial is not None and partial.get(f"{language}/{name}") is not None:
             out[name] = partial.get(f"{language}/{name}")
             continue
+        extra = {"memory": mode["memory"]} if mode.get("memory") and name in MEMORY_MODELS else {}
         try:
             trained = train_on_synthetic(name, mode["size"], FORMAL_VOCAB_SIZE, train, tests["bin0"], mode["steps"],
-                                         mode["batch"], mode["lr"], seed, mode.get("device", "cpu"))
+                                         mode["batch"], mode["lr"], seed, mode.get("device", "cpu"), **extra)
         except Diverged as err:  # recorded and shown as such; the other models still run
             out[name] = {"params": build_model(name, mode["size"], seed, vocab_size=FORMAL_VOCAB_SIZE).params,
                          "bin0": None, "bin1": None, "diverged": str(err)}
@@ -89,13 +95,16 @@ def _cell(r: dict[str, Any]) -> str:
     return "diverged" if r.get("diverged") else f"{r['bin0']:.1f} / {r['bin1']:.1f}"
 
 
-def comparison_table(results: dict[str, dict[str, Any]], languages: Sequence[str]) -> str:
-    """Our rows (`ours: <model>`) under the paper's Table 5 rows, cells "Bin0 / Bin1" in %."""
+def comparison_table(results: dict[str, dict[str, Any]], languages: Sequence[str],
+                     memory: dict[str, Any] | None = None) -> str:
+    """Our rows (`ours: <model>`) under the paper's Table 5 rows, cells "Bin0 / Bin1" in %; `memory` (the
+    `--memory` fields) is shown beside the models it applies to."""
     rows = [[f"paper: {m}"] + [f"{v[lang][0]:.1f} / {v[lang][1]:.1f}" for lang in languages]
             for m, v in PAPER_TABLE5.items()]
     models = list(next(iter(results.values()))) if results else []
     for m in models:
-        rows.append([f"ours: {LABELS[m]}"] + [_cell(results[lang][m]) for lang in languages])
+        note = f" ({', '.join(f'{k}={v}' for k, v in memory.items())})" if memory and m in MEMORY_MODELS else ""
+        rows.append([f"ours: {LABELS[m]}{note}"] + [_cell(results[lang][m]) for lang in languages])
     return markdown_table(["model"] + [TITLES[lang] for lang in languages], rows)
 
 
@@ -107,14 +116,18 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     mode = sweep_mode(MODES, args)
+    mode["memory"] = parse_memory(args.memory)
+    names = parse_models(args.models)
+    if mode["memory"] and not set(names) & set(MEMORY_MODELS):
+        raise ValueError(f"--memory sets the core of {MEMORY_MODELS}, which --models={args.models!r} does not list")
     languages = [lang for lang in (args.languages or mode["languages"]).split(",") if lang]
     bad = [lang for lang in languages if lang not in TITLES]
     if not languages or bad:
         raise ValueError(f"--languages must list languages from {tuple(TITLES)}, got {args.languages!r}")
-    names, skipped = available_models(parse_models(args.models))
+    names, skipped = available_models(names)
     partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
     results = {lang: run_language(lang, names, mode, args.seed, partial) for lang in languages}
-    table = comparison_table(results, languages)
+    table = comparison_table(results, languages, mode["memory"])
     doc = {"mode": mode_name(args), "config": mode, "score": "recognition accuracy (%) Bin0 / Bin1",
            "paper_table5": PAPER_TABLE5, "results": results, "skipped": skipped, "table": table}
     series = {f"{LABELS[m]} {b}": [results[lang][m][b] for lang in languages] for m in names for b in ("bin0", "bin1")}
@@ -124,10 +137,40 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def parse_memory(text: str) -> dict[str, Any]:
+    """`--memory "negative_eigenvalues=true,proj_chunk_size=1"` → MemoryConfig fields (validated by MemoryConfig)."""
+    from dataclasses import fields
+
+    from hope.memory.config import MemoryConfig
+
+    known = [f.name for f in fields(MemoryConfig)]
+    out: dict[str, Any] = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ValueError(f"--memory takes KEY=VALUE items separated by commas, got {item!r}")
+        if key not in known:
+            raise ValueError(f"--memory: unknown MemoryConfig field {key!r}; choose from {known}")
+        low = value.lower()
+        out[key] = (low == "true" if low in ("true", "false") else
+                    int(value) if value.lstrip("-").isdigit() else _number_or_text(value))
+    MemoryConfig(**out)  # unknown fields and bad values fail here, with MemoryConfig's message
+    return out
+
+
+def _number_or_text(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--languages", default=None, help=f"comma-separated subset of {tuple(TITLES)}")
     p.add_argument("--steps", type=int, default=None, help="training steps per language and model")
+    p.add_argument("--memory", default="", help="MemoryConfig fields of HOPE's core, e.g. "
+                   "negative_eigenvalues=true,proj_chunk_size=1 (docs/design.md §4.1)")
     return p
 
 

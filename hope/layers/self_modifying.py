@@ -45,13 +45,15 @@ from hope.memory.bounds import cuts
 from hope.memory.state import DeepState, LinearState, flat, unflat
 
 Tensor = torch.Tensor
+DEEP_NAMES = ("k", "v", "q", "eta", "alpha")  # the projection memories that can be deep, in state order
 
 
 @dataclass
 class SelfModifyingState:
     """The self-modifying core's state: stream position `[B]`, the linear projection memory (Sᵀ with columns
-    [k | v | (q) | η | α]), the main memory M_mem (linear or deep), the deep projection memories by name ("k",
-    "v", "q"; only with `proj_depth="deep"`), and the convolution's cache (None before the first call)."""
+    [k | v | (q) | η | α], those of the linear memories), the main memory M_mem (linear or deep), the deep
+    projection memories by name ("k", "v", "q" with `proj_depth="deep"`, "eta", "alpha" with `gate_depth="deep"`),
+    and the convolution's cache (None before the first call)."""
 
     pos: Tensor
     proj: LinearState
@@ -60,7 +62,7 @@ class SelfModifyingState:
     conv: Tensor | None = None
 
     def to_flat(self) -> dict[str, Tensor]:
-        """Keys "pos", "conv", "proj.S[_start]", "proj_<k|v|q>.<w2|w1>[_start]", "mem.<S|S_start|Z>" or
+        """Keys "pos", "conv", "proj.S[_start]", "proj_<k|v|q|eta|alpha>.<w2|w1>[_start]", "mem.<S|S_start|Z>" or
         "mem.<w2|w1|m2|m1|w2_start|w1_start>" (the saved-state format)."""
         out = {"pos": self.pos, **flat(self.proj, "proj"), **flat(self.mem, "mem")}
         for name, deep in self.proj_deep.items():
@@ -70,7 +72,7 @@ class SelfModifyingState:
     @classmethod
     def from_flat(cls, saved: dict[str, Tensor]) -> SelfModifyingState:
         mem = unflat(LinearState if "mem.S" in saved else DeepState, saved, "mem")
-        names = [n for n in ("k", "v", "q") if f"proj_{n}.w2" in saved]
+        names = [n for n in DEEP_NAMES if f"proj_{n}.w2" in saved]
         deep = {n: unflat(DeepState, saved, f"proj_{n}") for n in names}
         return cls(saved["pos"], unflat(LinearState, saved, "proj"), mem, deep, saved.get("conv"))
 
@@ -166,9 +168,10 @@ class SelfModifyingCore(MemoryCore):
     (1 − γ_t)η_t. `tests/test_cores.py::test_long_stream_stays_finite` fails without either.
 
     The four (five with `adaptive_q`) linear projection memories share keys and gates, so they are one
-    linear memory whose read has P = 2K + 2 columns [k | v | (q) | η | α]. The scalar read-outs M_η, M_α are
-    always linear (d_h → 1); with `proj_depth="deep"` M_k, M_v (M_q) are residual MLPs. State:
-    `SelfModifyingState`.
+    linear memory whose read has P = 2K + 2 columns [k | v | (q) | η | α]. With `proj_depth="deep"` M_k, M_v (M_q)
+    are residual MLPs, with `gate_depth="deep"` M_η, M_α are 2-layer MLPs (d → 1 per head, no residual). With
+    `proj_width="full"` there is one memory of each kind per layer instead of one per head: it reads the whole
+    x̃_t (width D) and emits all heads' reads (P = 3D + 2H columns with `adaptive_q`). State: `SelfModifyingState`.
     """
 
     State = SelfModifyingState
@@ -180,13 +183,22 @@ class SelfModifyingCore(MemoryCore):
         self.conv = CausalConv(D, self.mc.conv_width)
         self.q_proj = None if self.mc.adaptive_q else nn.Linear(D, D, bias=False)
         self.momentum_proj = nn.Linear(D, H) if self.mc.momentum else None
-        width = 2 + (len(self.vectors) * K if self.mc.proj_depth == "linear" else 0)
-        self.proj_init = nn.Parameter(torch.empty(H, K, width))  # Sᵀ of the linear projection memory
+        full = self.mc.proj_width == "full"
+        # memories per layer and input width of a projection memory; gates emitted per memory (one per head)
+        self.proj_heads, self.proj_in, gate = (1, D, H) if full else (H, K, 1)
+        gates = ("eta", "alpha")
+        self.out_width = {**dict.fromkeys(self.vectors, self.proj_in), **dict.fromkeys(gates, gate)}
+        self.linear_names = ((self.vectors if self.mc.proj_depth == "linear" else ())
+                             + (gates if self.mc.gate_depth == "linear" else ()))
+        self.deep_names = tuple(n for n in DEEP_NAMES if n in self.out_width and n not in self.linear_names)
+        width = sum(self.out_width[n] for n in self.linear_names)
+        # Sᵀ of the linear projection memories (None when every one is deep)
+        self.proj_init = nn.Parameter(torch.empty(self.proj_heads, self.proj_in, width)) if width else None
         self.proj_deep = nn.ParameterDict()
-        if self.mc.proj_depth == "deep":
-            for name in self.vectors:
-                self.proj_deep[f"{name}_w2"] = nn.Parameter(torch.empty(H, K, self.hidden))
-                self.proj_deep[f"{name}_w1"] = nn.Parameter(torch.empty(H, self.hidden, K))
+        for name in self.deep_names:
+            self.proj_deep[f"{name}_w2"] = nn.Parameter(torch.empty(self.proj_heads, self.proj_in, self.hidden))
+            self.proj_deep[f"{name}_w1"] = nn.Parameter(torch.empty(self.proj_heads, self.hidden,
+                                                                    self.out_width[name]))
         self.eta_bias = nn.Parameter(torch.empty(H))
         self.alpha_bias = nn.Parameter(torch.empty(H))
         self.mem_init = nn.ParameterDict()
@@ -203,13 +215,15 @@ class SelfModifyingCore(MemoryCore):
 
         - conv: see `CausalConv.init_weights`; output (norm, gate, out): see `MemoryOutput.init_weights`.
         - q_proj: N(0, init_std²). momentum_proj: weight N(0, init_std²), bias 2.2 (γ ≈ 0.9 at the start).
-        - proj_init (Sᵀ of the linear projection memories): vector columns [k | v | q] N(0, 1/K), so that
-          M x̃ starts as a unit-gain random projection; scalar columns [η | α] N(0, init_std²).
-        - proj_deep (deep M_k, M_v, M_q): w2 N(0, 1/K), w1 N(0, init_std²) (M(z) ≈ z at the start).
+        - proj_init (Sᵀ of the linear projection memories): vector columns [k | v | q] N(0, 1/d_in), so that
+          M x̃ starts as a unit-gain random projection; scalar columns [η | α] N(0, init_std²). d_in = K, or D
+          with `proj_width="full"`.
+        - proj_deep (deep M_k, M_v, M_q, M_η, M_α): w2 N(0, 1/d_in), w1 N(0, init_std²) (M(z) ≈ z for the
+          residual M_k, M_v, M_q, and M_η, M_α ≈ 0 like the linear scalar columns at the start).
         - eta_bias: 0 (η = η_max/2 at the start); alpha_bias: `retention_bias` (horizons 16…1024 tokens).
         - mem_init: linear Sᵀ N(0, init_std²); deep w2 N(0, 1/K), w1 N(0, init_std²).
         """
-        K, std = self.head_dim, self.config.init_std
+        std = self.config.init_std
         self.conv.init_weights()
         self.output.init_weights()
         if self.q_proj is not None:
@@ -218,20 +232,24 @@ class SelfModifyingCore(MemoryCore):
             nn.init.normal_(self.momentum_proj.weight, std=std)
             nn.init.constant_(self.momentum_proj.bias, 2.2)
         with torch.no_grad():
-            self.proj_init.normal_(std=std)
-            self.proj_init[..., :-2].normal_(std=K**-0.5)
+            if self.proj_init is not None:
+                vector_cols = sum(self.out_width[n] for n in self.linear_names if n in self.vectors)
+                self.proj_init.normal_(std=std)
+                self.proj_init[..., :vector_cols].normal_(std=self.proj_in**-0.5)
             self.eta_bias.zero_()
             self.alpha_bias.copy_(retention_bias(self.n_heads))
         for name, p in [*self.proj_deep.items(), *self.mem_init.items()]:
-            nn.init.normal_(p, std=K**-0.5 if name.endswith("w2") else std)
+            nn.init.normal_(p, std=p.shape[-2] ** -0.5 if name.endswith("w2") else std)  # w2: [H, d_in, F]
 
     def init_state(self, batch: int) -> SelfModifyingState:
         """A fresh stream: position 0, empty conv cache, every memory at its meta-learned initial state."""
         expand = lambda p: p.expand(batch, *p.shape)
-        pos = torch.zeros(batch, dtype=torch.long, device=self.proj_init.device)
-        proj = expand(self.proj_init)
+        device = self.eta_bias.device
+        pos = torch.zeros(batch, dtype=torch.long, device=device)
+        proj = (expand(self.proj_init) if self.proj_init is not None else
+                self.eta_bias.new_zeros(batch, self.proj_heads, self.proj_in, 0))
         deep = {}
-        for name in self.vectors if self.proj_deep else ():
+        for name in self.deep_names:
             w2, w1 = expand(self.proj_deep[f"{name}_w2"]), expand(self.proj_deep[f"{name}_w1"])
             deep[name] = DeepState(w2, w1, w2, w1)
         if "S" in self.mem_init:
@@ -248,6 +266,7 @@ class SelfModifyingCore(MemoryCore):
         H, K, mc = self.n_heads, self.head_dim, self.mc
         state = self.init_state(B) if state is None else state
         pos = stream_position(state, B)
+        check_momentum_state(state.mem, mc.momentum)
         xc, conv_cache = self.conv(x, state.conv)
         xs = F.silu(xc)  # x̃  # [B, T, D]
         q = None if self.q_proj is None else F.normalize(self.q_proj(xs).view(B, T, H, K), dim=-1)  # [B, T, H, K]
@@ -256,7 +275,8 @@ class SelfModifyingCore(MemoryCore):
         # k, α, β), on every device; the oracle and the Triton kernel take the whole piece afterwards.
         fused = isinstance(state.mem, LinearState) and ops.resolve_backend(
             mc.backend, x, gamma, self.mem_objective) == "torch"
-        reads, proj, proj_deep, mem = self._sweep(xs.view(B, T, H, K), q, gamma, state, pos, fused)
+        xp = xs.view(B, T, self.proj_heads, self.proj_in)  # what each projection memory reads  # [B, T, H|1, K|D]
+        reads, proj, proj_deep, mem = self._sweep(xp, q, gamma, state, pos, fused)
         if not fused:
             reads["o"], mem = self._main_memory(reads, q, gamma, state.mem, pos)  # [B, T, H, K]
         new = SelfModifyingState(state.pos + T, proj, mem, proj_deep, conv_cache)
@@ -282,9 +302,11 @@ class SelfModifyingCore(MemoryCore):
         return "self" if self.mc.self_target_mem else ("l2" if self.mc.mem_depth == "deep" else self.mc.objective)
 
     def _gates(self, eta_raw: Tensor, alpha_raw: Tensor) -> tuple[Tensor, Tensor]:
-        """η = η_max·σ(M_η x̃ + b_η) (bounded, docs/design.md §3), α = σ(M_α x̃ + b_α); raw reads `[..., 1]` → `[...]`."""
-        eta = self.mc.eta_max * torch.sigmoid(eta_raw[..., 0] + self.eta_bias[:, None])
-        return eta, torch.sigmoid(alpha_raw[..., 0] + self.alpha_bias[:, None])
+        """η = η_max·σ(M_η x̃ + b_η) (bounded, docs/design.md §3), α = σ(M_α x̃ + b_α); raw reads `[B, H, C]`.
+        With `negative_eigenvalues` η = η_max·(1 + α)·σ(·), so that α − 2η reaches −1 for every α."""
+        eta = self.mc.eta_max * torch.sigmoid(eta_raw + self.eta_bias[:, None])
+        alpha = torch.sigmoid(alpha_raw + self.alpha_bias[:, None])
+        return (eta * (1 + alpha) if self.mc.negative_eigenvalues else eta), alpha
 
     def _sweep(self, xh: Tensor, q: Tensor | None, gamma: Tensor | None, state: SelfModifyingState, pos: int,
                fused: bool) -> tuple[dict[str, Tensor], LinearState, dict[str, DeepState], LinearState | None]:
@@ -335,51 +357,88 @@ class SelfModifyingCore(MemoryCore):
 
     def _projection_chunk(self, x: Tensor, proj: LinearState, deep: dict[str, DeepState], aligned: bool,
                           q: Tensor | None, with_query: bool
-                          ) -> tuple[dict[str, Tensor], LinearState, dict[str, DeepState], ops.ChunkOperators]:
-        """One (partial) chunk x̃ `[B, H, C, K]`: reads from the chunk-start states, then one chunk of writes.
-        `aligned`: the chunk starts at a boundary, so the current states are the chunk-start states. Returns
-        the reads, the new states and the chunk operators (with the query q when `with_query`)."""
-        K, nv = self.head_dim, len(self.vectors)
+                          ) -> tuple[dict[str, Tensor], LinearState, dict[str, DeepState], ops.ChunkOperators | None]:
+        """One (partial) chunk x̃ `[B, H, C, K]` (`[B, 1, C, D]` with `proj_width="full"`): reads from the
+        chunk-start states, then one chunk of writes. `aligned`: the chunk starts at a boundary, so the current
+        states are the chunk-start states. Returns the per-head reads `[B, H, C, ·]`, the new states and M_mem's
+        chunk operators with the query q when `with_query` (else None with `proj_width="full"`)."""
+        mc, act = self.mc, self.mc.activation
         start = proj.S_start
-        widths = [K] * ((start.shape[-1] - 2) // K) + [1, 1]  # [k | v | (q) | η | α]
-        *vector_reads, eta_raw, alpha_raw = (x @ start).split(widths, dim=-1)  # reads at the chunk start
-        reads = {}
-        if self.proj_deep:
-            for name in self.vectors:
-                reads[name] = ops.mlp(x, deep[name].w2_start, deep[name].w1_start, self.mc.activation)  # [B, H, C, K]
-        else:
-            reads.update(zip(self.vectors, vector_reads))  # [B, H, C, K] each
+        raw = {}
+        if self.linear_names:  # reads at the chunk start: columns [k | v | (q) | η | α] of the linear memories
+            widths = [self.out_width[n] for n in self.linear_names]
+            raw.update(zip(self.linear_names, (x @ start).split(widths, dim=-1)))
+        for name in self.deep_names:
+            d = deep[name]
+            raw[name] = ops.mlp(x, d.w2_start, d.w1_start, act, name in self.vectors)  # [B, H|1, C, ·]
+        reads = {name: self._per_head(name, t) for name, t in raw.items()}
         k = F.normalize(reads["k"], dim=-1)
         v = reads["v"]
         # A self-generated target reads the normalised value M_c(v̄), v̄ = v/‖v‖: along k a write then multiplies
         # the memory by α − β − η + η kᵀv̄, which stays in [−1, 1] under the bound of docs/design.md §3; with the raw v
-        # the factor grows with kᵀv and the self-referential memories blow up.
-        v_in = F.normalize(v, dim=-1)
+        # the factor grows with kᵀv and the self-referential memories blow up (`target_norm=False` is that reading).
+        v_in = F.normalize(v, dim=-1) if mc.target_norm else v
         q = F.normalize(reads["q"], dim=-1) if "q" in self.vectors else q
-        eta, alpha = self._gates(eta_raw, alpha_raw)  # [B, H, C]
-        ops_q = ops.chunk_operators(k, alpha, eta if self.mc.erase == "dgd" else None, q if with_query else None)
-        ops_k = ops_q._replace(q_decay=None, attn=None)  # the projection memories are written, never read here
-        plain = not self.mc.self_targets and not self.proj_deep
-        # self-generated targets M_□,c(v): u = M_c(v) − M_c(k) = (v − k) S_c for a linear memory (eq. 93)
-        if aligned and not plain:
-            _, new_S = ops.linear_chunk(ops_k, proj.S, None, eta[..., None] * (k - v_in))
+        eta, alpha = self._gates(reads["eta"], reads["alpha"])  # [B, H, C]
+        beta = eta if mc.erase == "dgd" else None
+        ops_q = ops.chunk_operators(k, alpha, beta, q if with_query else None) if with_query or not self.full else None
+        if self.full:  # one memory per projection: the full-width key and value, the head means of η and α
+            km = k.transpose(1, 2).flatten(-2)[:, None] * self.n_heads**-0.5  # [k_1 … k_H]/√H  # [B, 1, C, D]
+            vm = v.transpose(1, 2).flatten(-2)[:, None]  # [B, 1, C, D]
+            vm = F.normalize(vm, dim=-1) if mc.target_norm else vm
+            eta_m, alpha_m = eta.mean(1, keepdim=True), alpha.mean(1, keepdim=True)  # [B, 1, C]
+            ops_k = ops.chunk_operators(km, alpha_m, eta_m if mc.erase == "dgd" else None)
         else:
-            write = -(k - v_in) @ start  # [B, H, C, P]
-            if plain:  # u = v̄ − S_c k for M_k, M_v, M_q; the scalar read-outs keep their self-generated targets
-                write = torch.cat([v_in.repeat(1, 1, 1, nv) - k @ start[..., : nv * K], write[..., nv * K :]], dim=-1)
-            _, new_S, _ = ops.chunk_step(ops_k, proj.S, eta[..., None] * write)
+            km, vm, eta_m, alpha_m = k, v_in, eta, alpha
+            ops_k = ops_q._replace(q_decay=None, attn=None)  # the projection memories are written, never read here
+        new_S = proj.S
+        if self.linear_names:
+            vector_cols = sum(self.out_width[n] for n in self.linear_names if n in self.vectors)
+            plain = not mc.self_targets and vector_cols > 0
+            # self-generated targets M_□,c(v): u = M_c(v) − M_c(k) = (v − k) S_c for a linear memory (eq. 93)
+            if aligned and not plain:
+                _, new_S = ops.linear_chunk(ops_k, proj.S, None, eta_m[..., None] * (km - vm))
+            else:
+                write = -(km - vm) @ start  # [B, H, C, P]
+                if plain:  # u = v̄ − S_c k for M_k, M_v, M_q; the scalar read-outs keep their self-generated targets
+                    n_vec = vector_cols // self.proj_in
+                    write = torch.cat([vm.repeat(1, 1, 1, n_vec) - km @ start[..., :vector_cols],
+                                       write[..., vector_cols:]], dim=-1)
+                _, new_S, _ = ops.chunk_step(ops_k, proj.S, eta_m[..., None] * write)
         new_deep = {}
-        for name in self.vectors if self.proj_deep else ():
-            d = deep[name]
+        for name in self.deep_names:
+            d, residual = deep[name], name in self.vectors
             w0 = {"w2": d.w2_start, "w1": d.w1_start}
-            target = ops.mlp(v_in, d.w2_start, d.w1_start, self.mc.activation) if self.mc.self_targets else v_in
-            _, w = ops.deep_write(ops_k, {"w2": d.w2, "w1": d.w1}, w0, k, target, eta, alpha, None,
-                                  self.mc.activation, self.mc.proj_chunk_size)
+            # the scalar read-outs always regress onto their self-generated targets (a width-D v̄ is no gate value)
+            own = mc.self_targets or not residual
+            target = ops.mlp(vm, d.w2_start, d.w1_start, act, residual) if own else vm
+            _, w = ops.deep_write(ops_k, {"w2": d.w2, "w1": d.w1}, w0, km, target, eta_m, alpha_m, None, act,
+                                  mc.proj_chunk_size, residual)
             new_deep[name] = DeepState(w["w2"], w["w1"], d.w2_start, d.w1_start)
         out = {"k": k, "v": v, "v_in": v_in, "eta": eta, "alpha": alpha}
         if q is not None:
             out["q"] = q
         return out, LinearState(new_S, proj.S_start), new_deep, ops_q
+
+    @property
+    def full(self) -> bool:
+        return self.mc.proj_width == "full"
+
+    def _per_head(self, name: str, t: Tensor) -> Tensor:
+        """A projection memory's read → per head: vectors `[B, H, C, K]`, gates `[B, H, C]`. Full-width reads
+        `[B, 1, C, D]` (vectors) or `[B, 1, C, H]` (gates) are split by head."""
+        if name in self.vectors:
+            return t[:, 0].unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) if self.full else t
+        return t[:, 0].transpose(1, 2) if self.full else t[..., 0]
+
+
+def check_momentum_state(mem: LinearState | DeepState, momentum: bool) -> None:
+    """A linear M_mem carries its momentum Z exactly when `MemoryConfig.momentum` is on (a deep M_mem starts its
+    momenta at zero when they are absent): a state made with the other setting is refused, not reinterpreted."""
+    if isinstance(mem, LinearState) and (mem.Z is None) == momentum:
+        have = "no momentum Z" if mem.Z is None else "a momentum Z"
+        raise ValueError(f"the carried state has {have} but MemoryConfig.momentum={momentum}: it was made by a core "
+                         "with the other momentum setting (start a fresh state or match the config)")
 
 
 def _chunk_start(proj: LinearState, deep: dict[str, DeepState]) -> tuple[LinearState, dict[str, DeepState]]:

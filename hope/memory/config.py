@@ -15,6 +15,7 @@ from hope._checks import check
 ERASES = ("dgd", "gd")
 OBJECTIVES = ("l2", "dot")  # user-facing objectives of M_mem; the rule adds "self" (`rule.RULE_OBJECTIVES`)
 DEPTHS = ("linear", "deep")
+WIDTHS = ("head", "full")  # what a projection memory reads: its head's slice of x̃, or all of x̃
 ACTIVATIONS = ("silu", "gelu")  # σ of a deep memory (`deep.activation`)
 BACKENDS = ("auto", "torch", "recurrent", "triton")  # `hope.memory.ops.resolve_backend`
 
@@ -36,14 +37,25 @@ class MemoryConfig:
             core always uses momentum, damped the same way (`hope.layers.titans.TitansCore`).
         objective: inner objective of M_mem: "l2" (½‖Sk − v‖², eq. 93) or "dot" (−⟨Sk, v⟩, eq. 92).
         mem_depth: M_mem is a "linear" matrix memory or a "deep" residual MLP `z + W₁σ(W₂z)` (eq. 91).
-        proj_depth: same choice for the projection memories M_k, M_v (and M_q); the scalar read-outs M_η, M_α
-            are always linear (a d_h → 1 map has no residual MLP form).
-        hidden_mult: hidden width of a deep memory, as a multiple of the head width.
+        proj_depth: same choice for the projection memories M_k, M_v (and M_q).
+        gate_depth: the scalar read-outs M_η, M_α: "linear", or "deep", a 2-layer MLP `W₁σ(W₂z)` without the
+            residual term (its output, one gate per head, is narrower than its input, so `z + ·` has no meaning).
+        proj_width: what the projection memories read: "head" (each head's memories see only that head's 1/H
+            slice of x̃, and write with that head's k, v, η, α) or "full" (one memory per projection reads the
+            whole x̃_t ∈ R^D and emits every head's k, v, (q), η, α, as eqs. 83/94 write M_□(x_t); it writes with
+            the full-width key [k_1 … k_H]/√H (unit norm), the full-width value, and the head means of η and α).
+        hidden_mult: hidden width of a deep memory, as a multiple of the head width (also for the full-width
+            projection memories, which are then a D → hidden → D bottleneck).
         activation: σ of a deep memory: "silu" or "gelu".
-        eta_max: η_t = eta_max·sigmoid(·). Along k a C = 1 step multiplies S by α − β − η, which must stay in
-            [−1, 1] for every α in (0, 1] (docs/design.md §3): eta_max ≤ 0.5 with DGD. With GD the steps of a chunk
+        eta_max: η_t = eta_max·sigmoid(·) (times (1 + α_t) with `negative_eigenvalues`). Along k a C = 1 step
+            multiplies S by α − β − η, which must stay in [−1, 1] for every α in (0, 1] (docs/design.md §3):
+            eta_max ≤ 0.5 with DGD. With GD the steps of a chunk
             add up (S_c is multiplied by I − Σ_t η_t k_t k_tᵀ), so eta_max ≤ min(1, 2/C) for the largest chunk C;
             `tests/test_memory_chunked.py` shows GD blowing up where DGD stays bounded.
+        negative_eigenvalues: η_t = eta_max·(1 + α_t)·sigmoid(·) instead of eta_max·sigmoid(·): with DGD the
+            factor α − 2η of a token along k then spans [α − 2·eta_max·(1 + α), α], down to −1 at eta_max = 0.5
+            for every α, so a memory can flip a sign (state tracking such as parity; Grazzi et al. 2024). Without
+            it, α − 2η > α − 1 ≈ 0 for the retentions HOPE learns (α near 1). DGD only.
         adaptive_q: q_t = M_{q,c(t)}(x_t), a projection memory, instead of a fixed linear W_q (Table 6).
         self_targets: projection memories regress k_t onto their self-generated targets M_{□,c(t)}(v̄_t)
             (eqs. 84/87), v̄ = v/‖v‖ (normalised like k, so that the self-referential write stays within the
@@ -53,6 +65,8 @@ class MemoryConfig:
             and never left the unigram loss, see experiments/lm_compare/README.md).
         self_target_mem: M_mem also regresses onto its self-generated target M_{mem,c(t)}(v̄_t) (the literal
             reading of eq. 85) instead of v_t.
+        target_norm: self-generated (and plain) targets read v̄ = v/‖v‖; False reads the raw v_t, as eqs. 84/87
+            write M_□(v_t).
         conv_width: width of the causal depthwise convolution on the core's input (eq. 97 text: 4).
         backend: kernel choice of `hope.ops.memory_update` for M_mem: "auto", "torch", "recurrent", "triton"
             (`hope.ops.resolve_backend` says which one runs).
@@ -65,12 +79,16 @@ class MemoryConfig:
     objective: str = "l2"
     mem_depth: str = "linear"
     proj_depth: str = "linear"
+    gate_depth: str = "linear"
+    proj_width: str = "head"
     hidden_mult: float = 1.0
     activation: str = "silu"
     eta_max: float = 0.5
+    negative_eigenvalues: bool = False
     adaptive_q: bool = False
     self_targets: bool = True
     self_target_mem: bool = False
+    target_norm: bool = True
     conv_width: int = 4
     backend: str = "auto"
 
@@ -80,10 +98,12 @@ class MemoryConfig:
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             check(ok, f"MemoryConfig.{name} must be an int >= 1, got {value!r}")
         for name, allowed in (("erase", ERASES), ("objective", OBJECTIVES), ("mem_depth", DEPTHS),
-                              ("proj_depth", DEPTHS), ("activation", ACTIVATIONS), ("backend", BACKENDS)):
+                              ("proj_depth", DEPTHS), ("gate_depth", DEPTHS), ("proj_width", WIDTHS),
+                              ("activation", ACTIVATIONS), ("backend", BACKENDS)):
             value = getattr(self, name)
             check(value in allowed, f"MemoryConfig.{name} must be one of {allowed}, got {value!r}")
-        for name in ("momentum", "adaptive_q", "self_targets", "self_target_mem"):
+        for name in ("momentum", "negative_eigenvalues", "adaptive_q", "self_targets", "self_target_mem",
+                     "target_norm"):
             value = getattr(self, name)
             check(isinstance(value, bool), f"MemoryConfig.{name} must be a bool, got {value!r}")
         check(self.hidden_mult > 0, f"MemoryConfig.hidden_mult must be > 0, got {self.hidden_mult!r}")
@@ -95,6 +115,16 @@ class MemoryConfig:
             0 < self.eta_max <= bound,
             f"MemoryConfig.eta_max={self.eta_max!r} must be in (0, {bound:g}] with erase={self.erase!r} and chunks "
             f"of up to {chunk} tokens: larger steps can make the memory blow up (docs/design.md §3)",
+        )
+        check(
+            not (self.negative_eigenvalues and self.erase != "dgd"),
+            "MemoryConfig.negative_eigenvalues=True needs erase='dgd' (with plain GD the steps of a chunk add up and "
+            f"η_t up to eta_max·(1 + α_t) is outside the stable range), got erase={self.erase!r}",
+        )
+        check(
+            not (self.momentum and self.backend == "triton"),
+            "MemoryConfig.momentum=True needs a backend that keeps the momentum state Z ('auto', 'torch' or "
+            "'recurrent'); the Triton kernel has none, got backend='triton'",
         )
         check(
             not (self.self_target_mem and self.objective == "dot"),

@@ -54,13 +54,17 @@ def activation(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
-def mlp(z: torch.Tensor, w2: torch.Tensor, w1: torch.Tensor, act: str) -> torch.Tensor:
-    """M(z) = z + W₁ σ(W₂ z) for z `[..., T, K]`, w2 `[..., K, F]`, w1 `[..., F, K]` → `[..., T, K]`."""
-    return z + activation(z @ w2, act)[0] @ w1
+def mlp(z: torch.Tensor, w2: torch.Tensor, w1: torch.Tensor, act: str, residual: bool = True) -> torch.Tensor:
+    """M(z) = z + W₁ σ(W₂ z) for z `[..., T, K]`, w2 `[..., K, F]`, w1 `[..., F, K]` → `[..., T, K]`.
+
+    `residual=False` drops the z term: M(z) = W₁ σ(W₂ z), whose output width (w1 `[..., F, G]`) may differ from K
+    (the scalar read-outs M_η, M_α of `MemoryConfig.gate_depth="deep"`)."""
+    out = activation(z @ w2, act)[0] @ w1
+    return z + out if residual else out
 
 
 def inner_grad(
-    k: torch.Tensor, target: torch.Tensor, w2: torch.Tensor, w1: torch.Tensor, act: str
+    k: torch.Tensor, target: torch.Tensor, w2: torch.Tensor, w1: torch.Tensor, act: str, residual: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-one factors of the inner gradient of ℓ = ½‖M(k) − v̂‖² at weights (W₂, W₁), closed form (eqs. 29–31):
 
@@ -74,10 +78,11 @@ def inner_grad(
     | W₂ᵀ    | w2       | [..., K, F]  | first layer, input-major                  |
     | W₁ᵀ    | w1       | [..., F, K]  | second layer, input-major                 |
 
+    `residual=False`: M(k) = W₁σ(W₂k), so e = W₁h − v̂ (targets and w1 may then have a width G ≠ K).
     Returns (δ `[..., T, F]`, e `[..., T, K]`, h `[..., T, F]`); tests check them against `torch.func.grad`.
     """
     h, dh = activation(k @ w2, act)  # [..., T, F]
-    err = k + h @ w1 - target  # [..., T, K]
+    err = (k + h @ w1 if residual else h @ w1) - target  # [..., T, K]
     delta = dh * (err @ w1.transpose(-1, -2))  # [..., T, F]
     return delta, err, h
 
@@ -171,12 +176,13 @@ def deep_write(
     gamma: torch.Tensor | None,
     act: str,
     chunk_size: int,
+    residual: bool = True,
 ) -> tuple[torch.Tensor | None, DeepWeights]:
     """One (possibly partial) chunk `[B, H, C', ·]` of writes from `state`, inner gradients of ½‖M(k) − v̂‖² at
     the chunk-start weights `start`; `chunk_size` is the memory's C (of η̃), not the length C' of this piece.
     `ops2` = `chunk_operators(k, α, β, q, γ)` of the W₂ layer; with a query in `ops2` the reads after the
-    writes M_{W_t}(q_t) are returned too (else None)."""
-    delta, err, h = inner_grad(k, target, start["w2"], start["w1"], act)  # [B, H, C, F|K]
+    writes W₁σ(W₂,t q_t) (without the residual q_t) are returned too (else None). `residual` as in `mlp`."""
+    delta, err, h = inner_grad(k, target, start["w2"], start["w1"], act, residual)  # [B, H, C, F|K]
     o2, w2, m2 = chunk_step(ops2, state["w2"], -eta[..., None] * delta, state.get("m2"))  # W₂,t q_t  # [B, H, C, F]
     query = None if o2 is None else activation(o2, act)[0]  # σ(W₂,t q_t)
     ops1 = chunk_operators(h, alpha, None, query, gamma)  # W₁ reads h_t = σ(W₂,c k_t): no erase, plain retention
