@@ -11,6 +11,8 @@ Examples:
 from __future__ import annotations
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from hope.training.module import NonFiniteLossError
@@ -25,6 +27,9 @@ def main(cfg: DictConfig) -> float | None:
     except (NonFiniteLossError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     metric = cfg.get("optimized_metric")
+    if metric and metric not in metrics and HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweeper needs it
+        raise SystemExit(f"error: optimized_metric={metric!r} was not measured by this run; it measured "
+                         f"{', '.join(sorted(metrics))}")
     return metrics.get(metric) if metric else None
 
 
