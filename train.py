@@ -14,6 +14,8 @@ import signal
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -33,6 +35,9 @@ def main(cfg: DictConfig) -> float | None:
         print("stopped by SIGTERM; resume with ckpt_path=last", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
     metric = cfg.get("optimized_metric")
+    if metric and metric not in metrics and HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweeper needs it
+        raise SystemExit(f"error: optimized_metric={metric!r} was not measured by this run; it measured "
+                         f"{', '.join(sorted(metrics))}")
     return metrics.get(metric) if metric else None
 
 

@@ -230,7 +230,10 @@ def render(path: str | Path) -> None:
     run's `meta` (date, command, commit) is kept. `python -m experiments.memory_tasks.harness <result.json>`."""
     path = Path(path)
     doc = json.loads(path.read_text())
-    xlabel = doc.get("xlabel") or {"mqar": "pairs", "passkey": "tokens"}[doc["benchmark"]]
+    xlabel = doc.get("xlabel") or {"mqar": "pairs", "passkey": "tokens"}.get(doc.get("benchmark"))
+    if xlabel is None or "results" not in doc:
+        raise ValueError(f"{str(path)!r} is not a sweep result file (benchmark {doc.get('benchmark')!r}); accepted: "
+                         "the mqar and passkey results, or one with an 'xlabel'")
     logx = doc.get("logx", True)
     doc["table"] = sweep_table(doc, xlabel)
     path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
@@ -238,9 +241,21 @@ def render(path: str | Path) -> None:
     path.with_suffix(".md").write_text(doc["table"] + "\n")
 
 
-if __name__ == "__main__":
-    import sys
-
-    for arg in sys.argv[1:]:
-        render(arg)
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Redraw the table (JSON and .md) and the PNG of sweep result files "
+                                "(mqar, passkey) from their numbers.")
+    p.add_argument("results", nargs="+", metavar="JSON", help="a result file, e.g. results/mqar.json")
+    args = p.parse_args(argv)
+    for arg in args.results:
+        if not Path(arg).is_file():
+            p.error(f"no result file at {arg!r}: pass the .json a sweep wrote (e.g. results/mqar.json)")
+    for arg in args.results:
+        try:
+            render(arg)
+        except (ValueError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+            p.error(str(e))
         print(f"rendered {arg}")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,6 @@ import hope.hf  # noqa: F401  (registers "hope" with AutoModelForCausalLM, which
 from hope.hf.export import from_checkpoint
 
 
-@register_model("hope")
 class HopeHarnessLM(HFLM):
     """`HFLM` for HOPE models: `pretrained` is a Hugging Face directory or Hub name of a `HopeForCausalLM`, or a
     model instance (then `tokenizer` is needed too). Every other argument is HFLM's."""
@@ -35,6 +34,10 @@ class HopeHarnessLM(HFLM):
     def __init__(self, pretrained: Any, **kwargs: Any) -> None:
         kwargs.setdefault("backend", "causal")
         super().__init__(pretrained=pretrained, **kwargs)
+
+
+if __name__ != "__main__":  # run as a script, the class is registered once, by importing this module below
+    register_model("hope")(HopeHarnessLM)
 
 
 def check_model_path(path: str) -> None:
@@ -91,5 +94,7 @@ def evaluate_tasks(
 
 if __name__ == "__main__":  # lm-eval's own command line, with model "hope" registered
     from lm_eval.__main__ import cli_evaluate
+
+    import hope.hf.harness  # noqa: F401  (registers "hope" once, however often this script is run in a process)
 
     cli_evaluate()

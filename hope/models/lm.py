@@ -192,6 +192,9 @@ class HopeLM(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a [B, T] tensor, got {shape}")
+        if 0 in input_ids.shape:
+            raise ValueError(f"input_ids must hold at least one token per row, [B ≥ 1, T ≥ 1], got shape "
+                             f"{list(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):

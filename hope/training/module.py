@@ -1,14 +1,14 @@
 """`LMModule`: the LightningModule that trains any `HopeLM` (Transformer++, Titans, Hope-Attention, HOPE).
 
 Logged metrics (train/ and val/ / test/): loss (nats per token), perplexity, bits per byte (the summed loss
-over the UTF-8 bytes the targets stand for, so tokenizers compare), tokens/s, learning rate, gradient norm.
+over the UTF-8 bytes the targets stand for, so tokenizers compare), gradient norm. Learning rate and tokens/s come
+from Lightning's `LearningRateMonitor` and `ThroughputMonitor` (`configs/callbacks/default.yaml`).
 """
 
 from __future__ import annotations
 
 import math
 import random
-import time
 import warnings
 from typing import Any
 
@@ -29,7 +29,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up from 1/warmup to 1, then cosine decay to `min_ratio` at `total_steps`."""
+    """LR multiplier: linear warm-up from 1/warmup to 1, then cosine decay to `min_ratio` at `total_steps`, then flat.
+
+    Up to `total_steps` this is torch's `SequentialLR([LinearLR(1/w, 1, w - 1), CosineAnnealingLR(T - w, min)], [w])`
+    (tests/test_train_ux.py checks it to 1e-12). It is kept as one `LambdaLR` because torch's cosine is periodic: past
+    `total_steps` it climbs back towards the peak, and a run continued past `model.lr_decay_steps` must stay at the
+    floor. A `LambdaLR`'s state is its step count alone, so a resumed run recomputes the same rate.
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -56,6 +62,10 @@ class LMModule(L.LightningModule):
             round-off; the first steps pay the compilation.
         token_bytes: `[V]` UTF-8 byte length of each token id, for bits per byte (set by the trainer).
     """
+
+    # read by Lightning's ThroughputMonitor: FLOPs are not counted (the inner-loop writes' backward is data-dependent
+    # in cost), so it logs tokens/s and no MFU
+    flops_per_batch = None
 
     def __init__(
         self,
@@ -89,7 +99,6 @@ class LMModule(L.LightningModule):
         self._warned_not_streams = False
         self._window_end = None
         self._eval_sums: dict[str, torch.Tensor] = {}
-        self._t_last: float | None = None
 
     def set_token_bytes(self, token_bytes: torch.Tensor) -> None:
         if token_bytes.shape != (self.model_config.vocab_size,):
@@ -156,15 +165,7 @@ class LMModule(L.LightningModule):
         self.log("train/ppl", torch.exp(loss.detach()))
         self.log("train/bpb", loss_sum.detach() / (math.log(2) * n_bytes))
         self.log("train/tokens", float(n_tokens), reduce_fx="sum")
-        self._log_throughput(n_tokens)
         return loss
-
-    def _log_throughput(self, n_tokens: int) -> None:
-        now = time.perf_counter()
-        if self._t_last is not None:
-            world = self.trainer.world_size if self._trainer is not None else 1
-            self.log("train/tokens_per_s", n_tokens * world / max(now - self._t_last, 1e-9), prog_bar=True)
-        self._t_last = now
 
     def on_after_backward(self) -> None:
         """Finish the stream's window: the CMS writes due at its end, from the gradients the backward left
@@ -177,10 +178,11 @@ class LMModule(L.LightningModule):
         self._stream_state, self._window_end = end.finish(scale), None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        # before clipping. Not Lightning's `grad_norm`: it gathers one norm per parameter into a host-side list
+        # (a device sync per parameter on a GPU) and logs every parameter's norm; torch's foreach norm stays on device.
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
         loss_sum, n_tokens, n_bytes, _ = self._loss(batch, None)
@@ -219,7 +221,9 @@ class LMModule(L.LightningModule):
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # named, so that LearningRateMonitor logs "train/lr/decay" and "train/lr/no_decay"
+        groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
+                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
         if hp.optimizer in ("muon", "m3"):
             # embeddings (and the tied head) are lookup tables, not linear maps: element-wise fallback, no NS
             groups[1]["matrix"] = False
@@ -233,7 +237,7 @@ class LMModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
         )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng"] = {

@@ -15,10 +15,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from hope.training.callbacks import ValidationStep
 from hope.training.checkpoint import (
     AtomicCheckpointIO,
     CheckpointOnStop,
@@ -26,7 +26,9 @@ from hope.training.checkpoint import (
     list_checkpoints,
     resolve_ckpt_path,
 )
+from hope.training.checks import instantiate_checked
 from hope.training.module import LMModule
+from hope.training.report import metrics_table, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +57,16 @@ def build_module(cfg: DictConfig, vocab_size: int, token_bytes: torch.Tensor) ->
     """The module `cfg.model` names by its `_target_` (`hope.training.LMModule` in every `configs/model/*.yaml`),
     built with the tokenizer's `vocab_size` and given its `[V]` UTF-8 byte lengths (`token_bytes`) for bits per
     byte. Its arguments arrive as plain dicts and lists (`_convert_="all"`), as `OmegaConf.to_container` gives."""
-    module = instantiate(cfg.model, vocab_size=vocab_size, _convert_="all")
+    module = instantiate_checked(cfg.model, "model", vocab_size=vocab_size, _convert_="all")
     module.set_token_bytes(token_bytes)
     return module
 
 
-def _instantiate_all(node: DictConfig | None) -> list[Any]:
+def _instantiate_all(node: DictConfig | None, where: str) -> list[Any]:
     if not node:
         return []
-    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+    return [instantiate_checked(v, f"{where}.{k}") for k, v in node.items() if isinstance(v, DictConfig)
+            and "_target_" in v]
 
 
 def check_fresh_start(ckpt_dir: str, callbacks: list[Any]) -> None:
@@ -90,18 +93,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
     n_params = sum(p.numel() for p in module.model.parameters())
     log.info("model: %s core, %.2fM parameters", module.model_config.core, n_params / 1e6)
 
-    callbacks = _instantiate_all(cfg.get("callbacks"))
     ckpt_path, ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
+    callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks")
     if ckpt is not None:
         check_compatible(ckpt, module, ckpt_path)
         del ckpt
     elif cfg.get("train", True):
         check_fresh_start(cfg.paths.ckpt_dir, callbacks)
-    callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
-    callbacks.append(CheckpointOnStop())
-    loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    validated = ValidationStep()
+    callbacks += [ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)), CheckpointOnStop(), validated]
+    loggers = _instantiate_all(cfg.get("logger"), "logger")
+    if not loggers:  # logger=none: Lightning refuses a LearningRateMonitor without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: L.Trainer = instantiate_checked(
+        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
     )
     for lg in loggers:
@@ -109,9 +116,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("train", True):
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        if validated.step != trainer.global_step and trainer.limit_val_batches != 0:
+            # the last validation (every trainer.val_check_interval steps) did not see the final weights
+            trainer.validate(module, datamodule=dm, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    steps = {"val": validated.step if validated.step is not None and "val/loss" in metrics else None, "test": None}
     if cfg.get("test", True):
         for result in trainer.test(module, datamodule=dm, verbose=False):
             metrics.update({k: float(v) for k, v in result.items()})
+        steps["test"] = trainer.global_step
     metrics["n_params"] = float(n_params)
+    if trainer.is_global_zero:
+        path = write_metrics(Path(trainer.default_root_dir) / "metrics.json", metrics, steps, cfg.seed,
+                             OmegaConf.to_container(cfg, resolve=True))
+        print(f"\nFinal metrics ({module.model_config.core} core, {n_params / 1e6:.2f}M parameters):\n"
+              f"{metrics_table(metrics, steps)}\nwritten to {path}")
     return metrics
