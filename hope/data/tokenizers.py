@@ -7,8 +7,8 @@ tokens), so that bits per byte = Σ_t NLL_t / (ln 2 · Σ_t token_bytes[label_t]
 vocabularies (bytes, the BPE here, GPT-2-style Hugging Face tokenizers); for SentencePiece vocabularies "▁" counts
 as one space and `<0xNN>` as one byte, which can miscount a leading space per document.
 
-`build_tokenizer(spec)` picks one by spec: "bytes", "bpe" (trained on the training text, cached on disk), or
-"hf:<name-or-path>".
+`build_tokenizer(spec)` picks one by spec: "bytes", "bpe" (trained on the training text, cached on disk),
+"bpe:<tokenizer.json>" (a file written by `python -m hope.data.train_tokenizer`), or "hf:<name-or-path>".
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-TOKENIZER_SPECS = ("bytes", "bpe", "hf:<name-or-path>")
+TOKENIZER_SPECS = ("bytes", "bpe", "bpe:<tokenizer.json>", "hf:<name-or-path>")
 
 
 @runtime_checkable
@@ -232,13 +232,19 @@ def build_tokenizer(
     cache_dir: str | Path = "data_cache/tokenizers",
 ) -> Tokenizer:
     """A tokenizer from its spec: "bytes", "bpe" (needs `train_text`; `vocab_size`, cached in `cache_dir`),
-    or "hf:<name-or-path>"."""
+    "bpe:<tokenizer.json>" or "hf:<name-or-path>"."""
     if spec == "bytes":
         return ByteTokenizer()
     if spec == "bpe":
         if train_text is None:
             raise ValueError("tokenizer 'bpe' is trained on the training text: pass train_text")
         return BPETokenizer.train(train_text, vocab_size, cache_dir)
+    if isinstance(spec, str) and spec.startswith("bpe:") and len(spec) > 4:
+        path = Path(spec[4:])
+        if not path.is_file():
+            raise ValueError(f"tokenizer {spec!r}: no file at {str(path)!r}; train one with: python -m "
+                             f"hope.data.train_tokenizer --out {path} (see docs/scaling.md)")
+        return BPETokenizer(path)
     if isinstance(spec, str) and spec.startswith("hf:") and len(spec) > 3:
         return HFTokenizer(spec[3:])
     raise ValueError(f"unknown tokenizer spec {spec!r}; expected one of {TOKENIZER_SPECS}")

@@ -1,0 +1,178 @@
+"""Streamed corpora (hope/data/streaming.py) and the tokenizer trainer, offline on local .jsonl files read through
+the same `datasets` streaming path as a Hub dataset: packing, held-out documents, sharding over ranks and
+workers, exact mid-stream resume with 2 workers, and the one-line errors.
+
+Dimension legend: B batch, T sequence length, W world size, K dataloader workers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("datasets")
+
+from hope.data.datamodule import DOC_SEPARATOR, DataConfig, LMDataModule  # noqa: E402
+from hope.data.streaming import PackedStream, StreamSource  # noqa: E402
+from hope.data.tokenizers import ByteTokenizer, build_tokenizer  # noqa: E402
+from hope.data.train_tokenizer import main as train_tokenizer_main  # noqa: E402
+
+N_FILES, PER_FILE = 4, 24
+
+
+def _text(f: int, i: int) -> str:
+    return f"<{f}-{i:02d}> " + " ".join(["night", "king", "über", "日本"][(f + i + k) % 4] for k in range(i % 9 + 1))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> list[str]:
+    """4 .jsonl files (4 shards) of 24 records each, every text unique and tagged <file-record>."""
+    root = tmp_path_factory.mktemp("stream_corpus")
+    files = []
+    for f in range(N_FILES):
+        path = root / f"part{f}.jsonl"
+        path.write_text("".join(json.dumps({"text": _text(f, i), "id": i}) + "\n" for i in range(PER_FILE)))
+        files.append(str(path))
+    return files
+
+
+def _config(files: list[str], tmp_path: Path, **kw) -> DataConfig:
+    args = dict(source="hf_stream", hf_name="json", hf_data_files=files, seq_len=16, batch_size=3, num_workers=2,
+                val_docs=3, test_docs=2, max_val_tokens=64, cache_dir=str(tmp_path / "cache"))
+    return DataConfig(**{**args, **kw})
+
+
+def _tags(tokens: torch.Tensor) -> list[str]:
+    return re.findall(r"<\d-\d\d>", bytes(tokens.tolist()).decode("utf-8", errors="replace"))
+
+
+def test_one_reader_packs_the_train_records_in_order(corpus, tmp_path) -> None:
+    """W = K = 1: the windows, overlapping by one token, are the tokens of every record but the held-out ones,
+    each followed by the separator, in file order; the val/test splits are the first records."""
+    dm = LMDataModule(_config(corpus, tmp_path, num_workers=0))
+    dm.prepare_data()
+    heldout = [d.text for s in ("val", "test") for d in dm.documents[s]]
+    assert heldout == [_text(0, i) for i in range(5)] and not dm.documents["train"]
+    batches = list(dm.train_dataloader())  # the stream ends: 92 records of ~40 bytes
+    stream = torch.cat([b["input_ids"].flatten() for b in batches] + [batches[-1]["labels"][-1, -1:]])
+    expected = "".join(_text(f, i) + DOC_SEPARATOR for f in range(N_FILES) for i in range(PER_FILE) if f or i >= 5)
+    expected = torch.tensor(list(expected.encode()))
+    assert stream.numel() > 0.9 * expected.numel()  # all but the last partial batch
+    assert torch.equal(stream, expected[: stream.numel()])
+    for b in batches:
+        assert torch.equal(b["input_ids"][:, 1:], b["labels"][:, :-1]) and set(b) == {"input_ids", "labels"}
+
+
+def test_readers_shard_records_over_ranks_and_workers(corpus, tmp_path) -> None:
+    """W = 2 ranks × K = 2 workers, 4 files: each train record is read by exactly one reader."""
+    seen: dict[str, int] = {}
+    for rank in range(2):
+        for reader in range(2):
+            ds = PackedStream(StreamSource("json", data_files=tuple(corpus)), ByteTokenizer(), 16, DOC_SEPARATOR,
+                              frozenset(), rank, 2, 2)
+            tokens = torch.cat([w["input_ids"] for w in ds.windows(reader)])
+            for tag in set(_tags(tokens)):
+                assert tag not in seen, f"{tag} read by readers {seen[tag]} and {rank * 2 + reader}"
+                seen[tag] = rank * 2 + reader
+    assert len(seen) >= N_FILES * PER_FILE - 4  # a reader's last partial window is dropped
+
+
+def test_training_skips_heldout_texts_and_their_duplicates(corpus, tmp_path) -> None:
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(json.dumps({"text": _text(0, 1)}) + "\n")  # a val text again, later in the stream
+    dm = LMDataModule(_config([*corpus, str(dup)], tmp_path, num_workers=0))
+    trained = set(_tags(torch.cat([b["input_ids"].flatten() for b in dm.train_dataloader()])))
+    assert not trained & {f"<0-{i:02d}>" for i in range(5)} and "<0-05>" in trained
+
+
+@pytest.mark.parametrize("resume_at", [3, 4])
+def test_resume_mid_stream_with_two_workers_is_exact(corpus, tmp_path, resume_at) -> None:
+    """Batches n … n+5 after resuming from the state saved after n batches are the uninterrupted run's, with the
+    loader a batch ahead of the trainer (as Lightning's prefetch leaves it) and n odd or even."""
+    cfg = _config(corpus, tmp_path)
+    dm = LMDataModule(cfg)
+    loader = iter(dm.train_dataloader())
+    straight = [next(loader) for _ in range(resume_at + 6)]
+    state = dm.state_dict()  # no trainer: after the delivered batches; take the one after `resume_at`
+    snap = dm._train_loader.snapshot(resume_at)
+    state["stream"].update(batches=resume_at, ranks=[snap["readers"]])
+    assert any(o > 0 for _, o in snap["readers"])  # mid-record: a position inside a document
+    resumed = LMDataModule(cfg)
+    resumed.load_state_dict(state)
+    resumed.set_resume_batch(resume_at)
+    again = iter(resumed.train_dataloader())
+    for k in range(6):
+        b = next(again)
+        assert torch.equal(b["input_ids"], straight[resume_at + k]["input_ids"]), f"batch {resume_at + k}"
+        assert torch.equal(b["labels"], straight[resume_at + k]["labels"])
+
+
+def test_resume_refuses_another_layout_or_a_missing_position(corpus, tmp_path) -> None:
+    dm = LMDataModule(_config(corpus, tmp_path))
+    it = iter(dm.train_dataloader())
+    next(it), next(it)
+    state = dm.state_dict()
+    other = LMDataModule(_config(corpus, tmp_path, num_workers=1))
+    other.load_state_dict(state)
+    other.set_resume_batch(2)
+    with pytest.raises(ValueError, match="read with num_workers=2 but this run has num_workers=1"):
+        other.train_dataloader()
+    bare = LMDataModule(_config(corpus, tmp_path))
+    bare.set_resume_batch(2)
+    with pytest.raises(ValueError, match="holds no stream position"):
+        bare.train_dataloader()
+    wrong = LMDataModule(_config(corpus, tmp_path))
+    wrong.load_state_dict(state)
+    wrong.set_resume_batch(5)
+    with pytest.raises(ValueError, match="after 2 batches but training resumes after 5"):
+        wrong.train_dataloader()
+    with pytest.raises(ValueError, match="no stream position recorded after 7 batches"):
+        dm._train_loader.snapshot(7)
+
+
+def test_train_tokenizer_cli_and_bpe_file_spec(corpus, tmp_path, capsys) -> None:
+    out = tmp_path / "tok" / "tokenizer.json"
+    train_tokenizer_main(["--out", str(out), "--name", "json", "--data-files", *corpus, "--vocab-size", "300",
+                          "--docs", "50", "--skip", "5"])
+    assert "300 tokens" in capsys.readouterr().out
+    tok = build_tokenizer(f"bpe:{out}")
+    assert tok.vocab_size == 300
+    text = _text(3, 7) + DOC_SEPARATOR
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(ids) < len(text.encode())
+    assert int(tok.token_bytes[ids].sum()) == len(text.encode())  # bits per byte stays exact
+    dm = LMDataModule(_config(corpus, tmp_path, tokenizer=f"bpe:{out}", num_workers=0))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (3, 16) and int(batch["input_ids"].max()) < 300
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tokenizer": "bpe"}, "tokenizer='bpe' trains on an in-memory train split"),
+        ({"stream": True}, "stream=True \\(truncated-BPTT rows\\) needs an in-memory source"),
+        ({"hf_data_files": []}, "hf_data_files must be None or a non-empty list of paths, got \\[\\]"),
+        ({"val_docs": 0}, "val_docs must be an int >= 1, got 0"),
+        ({"hf_name": None}, "source='hf_stream' needs hf_name, got None"),
+        ({"tokenizer": "bpe:"}, "tokenizer must be 'bytes', 'bpe', 'bpe:<tokenizer.json>'"),
+    ],
+)
+def test_stream_config_errors(corpus, tmp_path, kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        _config(corpus, tmp_path, **kwargs)
+
+
+def test_stream_data_errors(corpus, tmp_path) -> None:
+    with pytest.raises(ValueError, match="no text field 'body'; columns: \\['id', 'text'\\]"):
+        LMDataModule(_config(corpus, tmp_path, text_field="body")).prepare_data()
+    with pytest.raises(ValueError, match="holds 24 records, fewer than val_docs \\+ test_docs = 30"):
+        LMDataModule(_config(corpus[:1], tmp_path, val_docs=20, test_docs=10)).prepare_data()
+    with pytest.raises(ValueError, match="no file at .*nope.json.*python -m hope.data.train_tokenizer"):
+        build_tokenizer(f"bpe:{tmp_path / 'nope.json'}")
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 257"):
+        train_tokenizer_main(["--out", str(tmp_path / "t.json"), "--name", "json", "--data-files", *corpus,
+                              "--vocab-size", "100"])
