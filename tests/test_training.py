@@ -88,18 +88,11 @@ STREAM = ["experiment=hope_stream_small", "model.config.cms=[{period:8,hidden:32
           "{period:256,hidden:32}]"]
 
 
-@pytest.mark.parametrize("mode", ["reset", "stream"])
-def test_resume_is_exact(tmp_path, mode):
-    """Resume from the step-4 checkpoint equals the uninterrupted run. In stream mode the carried state travels in
-    the checkpoint, and step 4 (128 tokens per row) is inside a period-256 chunk, whose carried gradient too."""
-    common = [*(STREAM if mode == "stream" else []), *TINY, "logger=csv", "model.size=tiny",
-              "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
-              "callbacks.model_checkpoint.every_n_train_steps=4", "test=false", "model.warmup_steps=2",
-              "model.lr_decay_steps=8"]
-    straight = make_cfg(tmp_path / "a", [*common, "trainer.max_steps=8"])
-    run(straight)
-    first = make_cfg(tmp_path / "b", [*common, "trainer.max_steps=4"])
-    run(first)
+def assert_resume_is_exact(tmp_path: Path, common: list[str]) -> dict:
+    """Runs 8 steps straight (in tmp_path/a) and 4 + 4 resumed from the step-4 checkpoint (in tmp_path/b), asserts
+    the same loss at every step and returns the resumed run's last checkpoint."""
+    run(make_cfg(tmp_path / "a", [*common, "trainer.max_steps=8"]))
+    run(make_cfg(tmp_path / "b", [*common, "trainer.max_steps=4"]))
     resumed = make_cfg(tmp_path / "b", [*common, "trainer.max_steps=8", "ckpt_path=last"])
     resumed.paths.output_dir = str(tmp_path / "b" / "out2")
     run(resumed)
@@ -109,7 +102,18 @@ def test_resume_is_exact(tmp_path, mode):
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
     (last,) = (tmp_path / "b" / "logs").glob("*/checkpoints/last.ckpt")
-    ckpt = torch.load(last, weights_only=False)
+    return torch.load(last, weights_only=False)
+
+
+@pytest.mark.parametrize("mode", ["reset", "stream"])
+def test_resume_is_exact(tmp_path, mode):
+    """Resume from the step-4 checkpoint equals the uninterrupted run. In stream mode the carried state travels in
+    the checkpoint, and step 4 (128 tokens per row) is inside a period-256 chunk, whose carried gradient too."""
+    common = [*(STREAM if mode == "stream" else []), *TINY, "logger=csv", "model.size=tiny",
+              "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+              "callbacks.model_checkpoint.every_n_train_steps=4", "test=false", "model.warmup_steps=2",
+              "model.lr_decay_steps=8"]
+    ckpt = assert_resume_is_exact(tmp_path, common)
     assert ckpt["hydra_config"]["trainer"]["max_steps"] == 8
     assert ckpt["global_step"] == 8
     assert ("stream_state" in ckpt) == (mode == "stream")
