@@ -181,25 +181,12 @@ def test_stream_data_errors(corpus, tmp_path) -> None:
 def test_train_py_resume_on_a_stream_is_exact(corpus, tmp_path) -> None:
     """`python train.py data=hf_stream …`: steps 5-8 resumed from the step-4 checkpoint (2 workers) have the losses of
     the uninterrupted run; the checkpoint holds the stream position."""
-    from test_training import TINY, losses_by_step, make_cfg
-
-    from hope.training.run import run
+    from test_training import TINY, assert_resume_is_exact
 
     common = [*TINY, "data=hf_stream", "data.hf_name=json", f"data.hf_data_files=[{','.join(corpus)}]",
               "data.val_docs=3", "data.test_docs=2", "data.max_val_tokens=64", "logger=csv", "model.size=tiny",
               "trainer.val_check_interval=4", "trainer.log_every_n_steps=1", "data.num_workers=2",
               "callbacks.model_checkpoint.every_n_train_steps=4", "test=false", "model.warmup_steps=2",
               "model.lr_decay_steps=8"]
-    run(make_cfg(tmp_path / "a", [*common, "trainer.max_steps=8"]))
-    run(make_cfg(tmp_path / "b", [*common, "trainer.max_steps=4"]))
-    resumed = make_cfg(tmp_path / "b", [*common, "trainer.max_steps=8", "ckpt_path=last"])
-    resumed.paths.output_dir = str(tmp_path / "b" / "out2")
-    run(resumed)
-    a = losses_by_step(tmp_path / "a" / "out")
-    b = {**losses_by_step(tmp_path / "b" / "out"), **losses_by_step(tmp_path / "b" / "out2")}
-    assert sorted(a) == sorted(b) and len(a) == 8
-    for step in a:
-        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
-    (last,) = (tmp_path / "b" / "logs").glob("*/checkpoints/last.ckpt")
-    stream = torch.load(last, weights_only=False)["LMDataModule"]["stream"]
+    stream = assert_resume_is_exact(tmp_path, common)["LMDataModule"]["stream"]
     assert stream["batches"] == 8 and stream["num_workers"] == 2 and len(stream["ranks"]) == 1
