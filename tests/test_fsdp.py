@@ -11,15 +11,13 @@ Run by the test as `python -m torch.distributed.run --nproc_per_node 2 tests/tes
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, STEPS, LR = 4, 160, 3, 0.5  # T crosses the period-64 writes twice and ends inside a period-64 chunk
@@ -114,14 +112,7 @@ def test_fsdp_config_gives_lightning_the_policy() -> None:
 @pytest.mark.slow
 def test_fsdp_two_cpu_processes_match_one(tmp_path) -> None:
     out = tmp_path / "fsdp.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(Path(__file__)), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(__file__, str(out))
     results = torch.load(out, weights_only=True)
     assert results["hope"]["units"] == 1 and results["transformer"]["units"] == 1 + 2  # root (+ one per block)
     for model in MODELS:

@@ -7,12 +7,15 @@ Dimension legend: B batch, T sequence length, W world size, K dataloader workers
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_two_ranks
 
 pytest.importorskip("datasets")
 
@@ -171,6 +174,8 @@ def test_stream_data_errors(corpus, tmp_path) -> None:
         LMDataModule(_config(corpus, tmp_path, text_field="body")).prepare_data()
     with pytest.raises(ValueError, match="holds 24 records, fewer than val_docs \\+ test_docs = 30"):
         LMDataModule(_config(corpus[:1], tmp_path, val_docs=20, test_docs=10)).prepare_data()
+    with pytest.raises(FileNotFoundError, match="Unable to find '.*missing.jsonl'"):
+        LMDataModule(_config([str(tmp_path / "missing.jsonl")], tmp_path)).prepare_data()
     with pytest.raises(ValueError, match="no file at .*nope.json.*python -m hope.data.train_tokenizer"):
         build_tokenizer(f"bpe:{tmp_path / 'nope.json'}")
     with pytest.raises(ValueError, match="vocab_size must be an int >= 257"):
@@ -190,3 +195,42 @@ def test_train_py_resume_on_a_stream_is_exact(corpus, tmp_path) -> None:
               "model.lr_decay_steps=8"]
     stream = assert_resume_is_exact(tmp_path, common)["LMDataModule"]["stream"]
     assert stream["batches"] == 8 and stream["num_workers"] == 2 and len(stream["ranks"]) == 1
+
+
+def _two_rank_worker(out: str, *files: str) -> None:
+    """One of 2 ranks × 2 workers: 3 batches, the gathered state, 3 more; then 3 batches resumed from the state."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    cfg = _config(list(files), Path(out).parent, batch_size=2)
+    dm = LMDataModule(cfg)
+    batches = iter(dm.train_dataloader())
+    first = [next(batches)["input_ids"] for _ in range(3)]
+    state = dm.state_dict()  # collective: every rank's reader positions
+    rest = [next(batches)["input_ids"] for _ in range(3)]
+    resumed = LMDataModule(cfg)
+    resumed.load_state_dict(state)
+    resumed.set_resume_batch(3)
+    again = [b["input_ids"] for b in itertools.islice(resumed.train_dataloader(), 3)]
+    result = {"ranks": len(state["stream"]["ranks"]), "world_size": state["stream"]["world_size"],
+              "same": all(torch.equal(a, b) for a, b in zip(rest, again)),
+              "tags": sorted(set(_tags(torch.cat([b.flatten() for b in first + rest]))))}
+    Path(f"{out}.{rank}").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_read_apart_and_resume_exactly(corpus, tmp_path) -> None:
+    """2 ranks (gloo) × 2 workers: the checkpoint state gathers both ranks' positions, each rank resumes exactly,
+    and the ranks read different records."""
+    out = tmp_path / "ranks"
+    run_two_ranks(__file__, str(out), *corpus)
+    results = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2)]
+    for r in results:
+        assert r["ranks"] == 2 and r["world_size"] == 2 and r["same"] and r["tags"]
+    assert not set(results[0]["tags"]) & set(results[1]["tags"])
+
+
+if __name__ == "__main__":
+    _two_rank_worker(*sys.argv[1:])
