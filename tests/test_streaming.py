@@ -20,7 +20,7 @@ from conftest import run_two_ranks
 pytest.importorskip("datasets")
 
 from hope.data.datamodule import DOC_SEPARATOR, DataConfig, LMDataModule  # noqa: E402
-from hope.data.streaming import PackedStream, StreamSource  # noqa: E402
+from hope.data.streaming import PackedStream, StreamExhausted, StreamSource  # noqa: E402
 from hope.data.tokenizers import ByteTokenizer, build_tokenizer  # noqa: E402
 from hope.data.train_tokenizer import main as train_tokenizer_main  # noqa: E402
 
@@ -53,6 +53,15 @@ def _tags(tokens: torch.Tensor) -> list[str]:
     return re.findall(r"<\d-\d\d>", bytes(tokens.tolist()).decode("utf-8", errors="replace"))
 
 
+def _until_exhausted(loader) -> list[dict[str, torch.Tensor]]:
+    """Every batch of a loader whose stream ends, checking that the end is the one-line error, not a new pass."""
+    batches, it = [], iter(loader)
+    with pytest.raises(StreamExhausted, match="reader 0 of rank 0 reached the end of dataset 'json'"):
+        while True:
+            batches.append(next(it))
+    return batches
+
+
 def test_one_reader_packs_the_train_records_in_order(corpus, tmp_path) -> None:
     """W = K = 1: the windows, overlapping by one token, are the tokens of every record but the held-out ones,
     each followed by the separator, in file order; the val/test splits are the first records."""
@@ -60,7 +69,7 @@ def test_one_reader_packs_the_train_records_in_order(corpus, tmp_path) -> None:
     dm.prepare_data()
     heldout = [d.text for s in ("val", "test") for d in dm.documents[s]]
     assert heldout == [_text(0, i) for i in range(5)] and not dm.documents["train"]
-    batches = list(dm.train_dataloader())  # the stream ends: 92 records of ~40 bytes
+    batches = _until_exhausted(dm.train_dataloader())  # 91 records of ~40 bytes
     stream = torch.cat([b["input_ids"].flatten() for b in batches] + [batches[-1]["labels"][-1, -1:]])
     expected = "".join(_text(f, i) + DOC_SEPARATOR for f in range(N_FILES) for i in range(PER_FILE) if f or i >= 5)
     expected = torch.tensor(list(expected.encode()))
@@ -88,7 +97,7 @@ def test_training_skips_heldout_texts_and_their_duplicates(corpus, tmp_path) -> 
     dup = tmp_path / "dup.jsonl"
     dup.write_text(json.dumps({"text": _text(0, 1)}) + "\n")  # a val text again, later in the stream
     dm = LMDataModule(_config([*corpus, str(dup)], tmp_path, num_workers=0))
-    trained = set(_tags(torch.cat([b["input_ids"].flatten() for b in dm.train_dataloader()])))
+    trained = set(_tags(torch.cat([b["input_ids"].flatten() for b in _until_exhausted(dm.train_dataloader())])))
     assert not trained & {f"<0-{i:02d}>" for i in range(5)} and "<0-05>" in trained
 
 

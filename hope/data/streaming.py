@@ -22,7 +22,8 @@ are exactly those of the uninterrupted run (`tests/test_streaming.py`). Resume w
 
 Sharding: with `num_shards % G == 0` (files of a Hub dataset, say) each reader reads whole shards; otherwise
 `datasets` gives each reader every G-th record and every reader reads the whole stream (G times the I/O: choose
-W·K to divide the number of shards; a warning says so). Documents are read in the dataset's order, unshuffled.
+W·K to divide the number of shards; a warning says so). Documents are read in the dataset's order, unshuffled,
+once: a reader that reaches the end of its share raises `StreamExhausted` rather than start a second pass.
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def read_heldout(source: StreamSource, val_docs: int, test_docs: int) -> dict[st
     return {"train": [], "val": docs[:val_docs], "test": docs[val_docs:n]}
 
 
+class StreamExhausted(RuntimeError):
+    """A reader's share of the corpus ended before training did."""
+
+
 class PackedStream(IterableDataset):
     """Windows `{"input_ids": [T], "labels": [T], "reader_state": [3]}` of this rank's readers (one per worker).
 
@@ -145,12 +150,12 @@ class PackedStream(IterableDataset):
         index = 0
         for batch in self._reader_stream(reader).iter(batch_size=_READ_BATCH):
             texts = self.source.texts(batch)
-            keep = [(index + j, t) for j, t in enumerate(texts) if index + j >= first]
+            keep = [(index + j, t, text_hash(t) in self.skip_texts) for j, t in enumerate(texts) if index + j >= first]
             index += len(texts)
-            trained = [t for _, t in keep if text_hash(t) not in self.skip_texts]
+            trained = [t for _, t, held_out in keep if not held_out]
             encoded = iter(self._encode(trained)) if trained else iter(())
-            for i, t in keep:
-                yield i, ([] if text_hash(t) in self.skip_texts else next(encoded))
+            for i, _, held_out in keep:
+                yield i, ([] if held_out else next(encoded))
 
     def windows(self, reader: int) -> Iterator[dict[str, torch.Tensor]]:
         """Local reader `reader`'s windows from its start (d, o); ends when its stream ends."""
@@ -177,13 +182,19 @@ class PackedStream(IterableDataset):
                 yield {"input_ids": window[:-1], "labels": window[1:], "reader_state": state}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This worker's reader's windows; raises `StreamExhausted` at its end."""
         info = get_worker_info()
         workers = 1 if info is None else info.num_workers
         if workers != self.num_readers:
             raise ValueError(f"PackedStream was built for {self.num_readers} readers per rank but runs in "
                              f"{workers} dataloader worker(s); pass num_readers = num_workers (or 1 without workers)")
-        worker = 0 if info is None else info.id
-        return self.windows((self.first_reader + worker) % self.num_readers)
+        reader = (self.first_reader + (0 if info is None else info.id)) % self.num_readers
+        yield from self.windows(reader)
+        raise StreamExhausted(
+            f"reader {reader} of rank {self.rank} reached the end of dataset {self.source.name!r}: the corpus holds "
+            f"fewer tokens than the run asks for; train fewer steps or stream a larger dataset (no cycling: a second "
+            f"pass would repeat text)"
+        )
 
 
 class StreamingLoader:
