@@ -206,6 +206,34 @@ def test_train_py_resume_on_a_stream_is_exact(corpus, tmp_path) -> None:
     assert stream["batches"] == 8 and stream["num_workers"] == 2 and len(stream["ranks"]) == 1
 
 
+def test_ranks_starting_together_encode_a_split_once(tmp_path, monkeypatch) -> None:
+    """Two data modules building the same token cache at once (as ranks that each run prepare_data): one encodes,
+    the other waits for the file lock and loads the result."""
+    import threading
+    import time
+
+    from hope.data import datamodule
+
+    text = tmp_path / "a.txt"
+    text.write_text("to be or not to be " * 400)
+    calls, encode = [], datamodule.encode_documents
+
+    def slow_encode(tokenizer, docs):
+        calls.append(1)
+        time.sleep(0.5)
+        return encode(tokenizer, docs)
+
+    monkeypatch.setattr(datamodule, "encode_documents", slow_encode)
+    cfg = DataConfig(source="text", paths=[str(text)], seq_len=16, cache_dir=str(tmp_path / "cache"))
+    got: list[torch.Tensor] = []
+    threads = [threading.Thread(target=lambda: got.append(LMDataModule(cfg).stream("train"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 2 and torch.equal(got[0], got[1])
+
+
 def _two_rank_worker(out: str, *files: str) -> None:
     """One of 2 ranks × 2 workers: 3 batches, the gathered state, 3 more; then 3 batches resumed from the state."""
     import torch.distributed as dist

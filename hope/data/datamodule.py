@@ -41,7 +41,8 @@ set for every W, so sum the loss and token counts over ranks (not a mean of per-
 Token streams are cached in `<cache_dir>/tokens/<source>-<split>-<key>.pt`, the key being a SHA-256 of the
 split's documents, the tokenizer (name, which for BPE holds its vocabulary size and training-text fingerprint;
 token byte lengths; encoding of a probe text) and the document separator.
-Caches are written atomically, so concurrent ranks never read half a file.
+Caches are written atomically, so concurrent ranks never read half a file, and built under a file lock
+(`build_once`), so of the ranks that each run `prepare_data` at once one encodes and the others load its file.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ from hope.data.streaming import (
     text_hash,
 )
 from hope.data.synthetic import IGNORE_INDEX, PAD, SYNTHETIC_TASKS, make_task
-from hope.data.tokenizers import ByteTokenizer, Tokenizer, build_tokenizer
+from hope.data.tokenizers import ByteTokenizer, Tokenizer, build_once, build_tokenizer
 
 SOURCES = ("default", *CORPORA, "text", "hf", "hf_stream", "synthetic")
 DOC_SEPARATOR = "\n\n"
@@ -485,12 +486,13 @@ class LMDataModule(L.LightningDataModule):
             key = [_CACHE_FORMAT, documents_fingerprint(docs), tokenizer_fingerprint(self.tokenizer), DOC_SEPARATOR]
             digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
             path = Path(self.config.cache_dir) / "tokens" / f"{self.config.source}-{split}-{digest}.pt"
-            if path.is_file():
-                cached = torch.load(path, weights_only=True)
-            else:
-                n_bytes = sum(len(d.text.encode()) for d in docs) + len(DOC_SEPARATOR.encode()) * (len(docs) - 1)
-                cached = {"tokens": encode_documents(self.tokenizer, docs), "n_bytes": n_bytes}
-                _atomic_save(cached, path)
+            with build_once(path):  # ranks that start together: one encodes, the others wait and load
+                if path.is_file():
+                    cached = torch.load(path, weights_only=True)
+                else:
+                    n_bytes = sum(len(d.text.encode()) for d in docs) + len(DOC_SEPARATOR.encode()) * (len(docs) - 1)
+                    cached = {"tokens": encode_documents(self.tokenizer, docs), "n_bytes": n_bytes}
+                    _atomic_save(cached, path)
             self._streams[split] = cached["tokens"]
             self.split_bytes[split] = int(cached["n_bytes"])
             self.split_tokens[split] = cached["tokens"].numel()

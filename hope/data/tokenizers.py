@@ -13,11 +13,12 @@ as one space and `<0xNN>` as one byte, which can miscount a leading space per do
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -103,8 +104,9 @@ class BPETokenizer:
             data = t.encode()
             h.update(len(data).to_bytes(8, "little") + data)
         path = Path(cache_dir) / f"bpe-{vocab_size}-{h.hexdigest()[:16]}.json"
-        if not path.is_file():
-            _atomic_write_text(path, _train_bpe_json(texts, vocab_size))
+        with build_once(path):
+            if not path.is_file():
+                _atomic_write_text(path, _train_bpe_json(texts, vocab_size))
         return cls(path)
 
     @property
@@ -136,6 +138,24 @@ def _train_bpe_json(texts: list[str], vocab_size: int) -> str:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok.to_str()
+
+
+@contextlib.contextmanager
+def build_once(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<path>.lock` (`fcntl.flock`): of the processes (ranks) that would build the same
+    cache file at once, one builds it and the others wait, then find it. A no-op where `fcntl` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent builds stay correct (atomic writes), only duplicated
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
