@@ -142,15 +142,19 @@ def _train_bpe_json(texts: list[str], vocab_size: int) -> str:
 
 @contextlib.contextmanager
 def build_once(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `<path>.lock` (`fcntl.flock`): of the processes (ranks) that would build the same
-    cache file at once, one builds it and the others wait, then find it. A no-op where `fcntl` is missing."""
+    """Hold an exclusive `fcntl.flock` lock named after `path`: of the processes (ranks) of one machine that would
+    build the same cache file at once, one builds it and the others wait, then find it. The lock file lives in the
+    temporary directory, not beside the cache. A no-op where `fcntl` is missing (concurrent builds then stay
+    correct, the writes being atomic, only duplicated)."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: concurrent builds stay correct (atomic writes), only duplicated
+    except ImportError:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a") as lock:
+    locks = Path(tempfile.gettempdir()) / "hope-locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+    with open(locks / f"{name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
