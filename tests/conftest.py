@@ -54,3 +54,22 @@ class TextbookFast(FastWeights):
 
     def grads(self, grads_w):
         return {name: torch.zeros_like(w) if g is None else g for (name, w), g in zip(self.weights.items(), grads_w)}
+
+
+def run_two_ranks(script: str, *args: str, timeout: int = 300) -> None:
+    """`python -m torch.distributed.run --nproc_per_node 2 <script> <args>` on a free local port (gloo on CPU);
+    fails the calling test with the end of stderr when a rank fails."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           script, *args]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -88,6 +88,20 @@ STREAM = ["experiment=hope_stream_small", "model.config.cms=[{period:8,hidden:32
           "{period:256,hidden:32}]"]
 
 
+def assert_resume_is_exact(tmp_path: Path, common: list[str]) -> dict:
+    """Runs 8 steps straight (in tmp_path/a) and 4 + 4 resumed from the step-4 checkpoint (in tmp_path/b, the same
+    run folder), asserts the same loss at every step and returns the resumed run's last checkpoint."""
+    run(make_cfg(tmp_path / "a", [*common, "trainer.max_steps=8"]))
+    run(make_cfg(tmp_path / "b", [*common, "trainer.max_steps=4"]))
+    run(make_cfg(tmp_path / "b", [*common, "trainer.max_steps=8", "ckpt_path=last"]))  # same run folder
+    a = losses_by_step(tmp_path / "a" / "out")
+    b = losses_by_step(tmp_path / "b" / "out")
+    assert sorted(a) == sorted(b) and len(a) == 8
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    return torch.load(tmp_path / "b" / "out" / "checkpoints" / "last.ckpt", weights_only=False)
+
+
 @pytest.mark.parametrize("mode", ["reset", "stream"])
 def test_resume_is_exact(tmp_path, mode):
     """Resume from the step-4 checkpoint equals the uninterrupted run. In stream mode the carried state travels in
@@ -96,17 +110,7 @@ def test_resume_is_exact(tmp_path, mode):
               "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
               "callbacks.model_checkpoint.every_n_train_steps=4", "test=false", "model.warmup_steps=2",
               "model.lr_decay_steps=8"]
-    straight = make_cfg(tmp_path / "a", [*common, "trainer.max_steps=8"])
-    run(straight)
-    first = make_cfg(tmp_path / "b", [*common, "trainer.max_steps=4"])
-    run(first)
-    run(make_cfg(tmp_path / "b", [*common, "trainer.max_steps=8", "ckpt_path=last"]))  # same run folder
-    a = losses_by_step(tmp_path / "a" / "out")
-    b = losses_by_step(tmp_path / "b" / "out")
-    assert sorted(a) == sorted(b) and len(a) == 8
-    for step in a:
-        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
-    ckpt = torch.load(tmp_path / "b" / "out" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = assert_resume_is_exact(tmp_path, common)
     assert ckpt["hydra_config"]["trainer"]["max_steps"] == 8
     assert ckpt["global_step"] == 8
     assert ("stream_state" in ckpt) == (mode == "stream")

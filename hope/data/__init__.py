@@ -1,4 +1,5 @@
-"""Data layer: offline corpora and their split, tokenizers, synthetic tasks, and the Lightning data module.
+"""Data layer: offline corpora and their split, streamed corpora (`hope.data.streaming`), tokenizers, synthetic tasks,
+and the Lightning data module.
 
 `LMDataModule`, `DataConfig` and the samplers live in `hope.data.datamodule` and are loaded on first access,
 so that `import hope.data` does not import Lightning.

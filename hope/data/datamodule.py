@@ -41,7 +41,8 @@ set for every W, so sum the loss and token counts over ranks (not a mean of per-
 Token streams are cached in `<cache_dir>/tokens/<source>-<split>-<key>.pt`, the key being a SHA-256 of the
 split's documents, the tokenizer (name, which for BPE holds its vocabulary size and training-text fingerprint;
 token byte lengths; encoding of a probe text) and the document separator.
-Caches are written atomically, so concurrent ranks never read half a file.
+Caches are written atomically, so concurrent ranks never read half a file, and built under a file lock
+(`build_once`), so of the ranks that each run `prepare_data` at once one encodes and the others load its file.
 """
 
 from __future__ import annotations
@@ -72,10 +73,19 @@ from hope.data.corpora import (
     load_text_files,
     split_documents,
 )
+from hope.data.streaming import (
+    SNAPSHOT_FORMAT,
+    PackedStream,
+    StreamingLoader,
+    StreamSource,
+    check_snapshot,
+    read_heldout,
+    text_hash,
+)
 from hope.data.synthetic import IGNORE_INDEX, PAD, SYNTHETIC_TASKS, make_task
-from hope.data.tokenizers import ByteTokenizer, Tokenizer, build_tokenizer
+from hope.data.tokenizers import ByteTokenizer, Tokenizer, build_once, build_tokenizer
 
-SOURCES = ("default", *CORPORA, "text", "hf", "synthetic")
+SOURCES = ("default", *CORPORA, "text", "hf", "hf_stream", "synthetic")
 DOC_SEPARATOR = "\n\n"
 INFINITE = 1 << 40  # indices per rank the train sampler yields: more than any run consumes
 _STREAM_CODES = {"train": 0, "val": 1, "test": 2}
@@ -102,8 +112,13 @@ class DataConfig:
         paths: .txt / .jsonl files for source "text".
         text_field: text column of .jsonl records and Hugging Face datasets.
         hf_name, hf_config, hf_split, hf_streaming, hf_limit: arguments of `load_hf_documents` for source "hf"
-            (the documents are then split like any corpus).
-        tokenizer: "bytes", "bpe" (trained on the train split) or "hf:<name-or-path>"; ignored for "synthetic".
+            (the documents are then split like any corpus). Source "hf_stream" streams `hf_name` (a Hub dataset,
+            or a builder such as "json" with `hf_data_files`) without holding it (`hope.data.streaming`).
+        hf_data_files: local files (or globs) for a builder `hf_name` ("json", "text", "parquet"), source "hf_stream".
+        val_docs, test_docs: source "hf_stream": the first `val_docs` records are the val split, the next
+            `test_docs` the test split; training skips their texts.
+        tokenizer: "bytes", "bpe" (trained on the train split), "bpe:<tokenizer.json>" (a file trained by
+            `python -m hope.data.train_tokenizer`) or "hf:<name-or-path>"; ignored for "synthetic".
         vocab_size: BPE vocabulary size (tokenizer "bpe" only).
         seq_len: tokens per training sequence (T); each item holds T + 1 tokens.
         batch_size: sequences per batch and rank (B).
@@ -127,6 +142,9 @@ class DataConfig:
     hf_split: str = "train"
     hf_streaming: bool = True
     hf_limit: int | None = None
+    hf_data_files: list[str] | None = None
+    val_docs: int = 500
+    test_docs: int = 500
     tokenizer: str = "bytes"
     vocab_size: int = 8192
     seq_len: int = 256
@@ -146,12 +164,15 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.source in SOURCES, f"DataConfig.source must be one of {SOURCES}, got {self.source!r}")
         self.paths = None if self.paths is None else [str(p) for p in _plain(self.paths)]
+        self.hf_data_files = None if self.hf_data_files is None else [str(p) for p in _plain(self.hf_data_files)]
         self.task_args, self.val_task_args = _plain(self.task_args or {}), _plain(self.val_task_args or {})
         self.cache_dir = str(self.cache_dir)
         if self.source == "text":
             _check(bool(self.paths), f"DataConfig.source='text' needs paths (.txt/.jsonl files), got {self.paths!r}")
-        if self.source == "hf":
-            _check(bool(self.hf_name), f"DataConfig.source='hf' needs hf_name, got {self.hf_name!r}")
+        if self.source in ("hf", "hf_stream"):
+            _check(bool(self.hf_name), f"DataConfig.source={self.source!r} needs hf_name, got {self.hf_name!r}")
+        if self.source == "hf_stream":
+            self._check_stream_source()
         _check(isinstance(self.stream, bool), f"DataConfig.stream must be a bool, got {self.stream!r}")
         if self.source == "synthetic":
             _check(
@@ -161,11 +182,14 @@ class DataConfig:
             tasks = tuple(SYNTHETIC_TASKS)
             _check(self.task in tasks, f"DataConfig.source='synthetic' needs task in {tasks}, got {self.task!r}")
         else:
-            ok = self.tokenizer in ("bytes", "bpe") or (self.tokenizer.startswith("hf:") and len(self.tokenizer) > 3)
-            _check(ok, f"DataConfig.tokenizer must be 'bytes', 'bpe' or 'hf:<name-or-path>', got {self.tokenizer!r}")
+            ok = self.tokenizer in ("bytes", "bpe") or (
+                self.tokenizer.startswith(("hf:", "bpe:")) and len(self.tokenizer.split(":", 1)[1]) > 0
+            )
+            _check(ok, "DataConfig.tokenizer must be 'bytes', 'bpe', 'bpe:<tokenizer.json>' or 'hf:<name-or-path>', "
+                   f"got {self.tokenizer!r}")
         if self.tokenizer == "bpe":
             _check(self.vocab_size >= 257, f"DataConfig.vocab_size must be >= 257 for BPE, got {self.vocab_size!r}")
-        for name in ("seq_len", "batch_size", "val_examples"):
+        for name in ("seq_len", "batch_size", "val_examples", "val_docs", "test_docs"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"DataConfig.{name} must be an int >= 1, got {value!r}")
         for name in ("num_workers", "seed"):
@@ -180,6 +204,16 @@ class DataConfig:
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             _check(0.0 < value < 0.5, f"DataConfig.{name} must be in (0, 0.5), got {value!r}")
+
+    def _check_stream_source(self) -> None:
+        _check(not self.stream, "DataConfig.stream=True (truncated-BPTT rows) needs an in-memory source, got "
+               "source='hf_stream'; use source='text' or 'hf' for stream rows")
+        _check(self.tokenizer != "bpe", "DataConfig.tokenizer='bpe' trains on an in-memory train split, which "
+               "source='hf_stream' does not hold: train a file with `python -m hope.data.train_tokenizer` and pass "
+               "tokenizer='bpe:<tokenizer.json>', or use 'hf:<name>' or 'bytes'")
+        files = self.hf_data_files
+        ok = files is None or (len(files) > 0 and all(files))
+        _check(ok, f"DataConfig.hf_data_files must be None or a non-empty list of paths, got {files!r}")
 
 
 def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -397,6 +431,8 @@ class LMDataModule(L.LightningDataModule):
         self._tokenizer: Tokenizer | None = None
         self._streams: dict[str, torch.Tensor] = {}
         self._resume_batch = 0
+        self._train_loader: StreamingLoader | None = None
+        self._stream_snapshot: dict[str, Any] | None = None
 
     @property
     def documents(self) -> dict[str, list[Document]]:
@@ -408,6 +444,9 @@ class LMDataModule(L.LightningDataModule):
             else:
                 if c.source == "text":
                     docs = load_text_files(c.paths, c.text_field)
+                elif c.source == "hf_stream":
+                    self._documents = read_heldout(self.stream_source, c.val_docs, c.test_docs)
+                    return self._documents
                 elif c.source == "hf":
                     docs = load_hf_documents(
                         c.hf_name, c.hf_config, c.hf_split, c.text_field, c.hf_streaming, c.hf_limit
@@ -447,21 +486,32 @@ class LMDataModule(L.LightningDataModule):
             key = [_CACHE_FORMAT, documents_fingerprint(docs), tokenizer_fingerprint(self.tokenizer), DOC_SEPARATOR]
             digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
             path = Path(self.config.cache_dir) / "tokens" / f"{self.config.source}-{split}-{digest}.pt"
-            if path.is_file():
-                cached = torch.load(path, weights_only=True)
-            else:
-                n_bytes = sum(len(d.text.encode()) for d in docs) + len(DOC_SEPARATOR.encode()) * (len(docs) - 1)
-                cached = {"tokens": encode_documents(self.tokenizer, docs), "n_bytes": n_bytes}
-                _atomic_save(cached, path)
+            with build_once(path):  # ranks that start together: one encodes, the others wait and load
+                if path.is_file():
+                    cached = torch.load(path, weights_only=True)
+                else:
+                    n_bytes = sum(len(d.text.encode()) for d in docs) + len(DOC_SEPARATOR.encode()) * (len(docs) - 1)
+                    cached = {"tokens": encode_documents(self.tokenizer, docs), "n_bytes": n_bytes}
+                    _atomic_save(cached, path)
             self._streams[split] = cached["tokens"]
             self.split_bytes[split] = int(cached["n_bytes"])
             self.split_tokens[split] = cached["tokens"].numel()
         return self._streams[split]
 
+    @property
+    def stream_source(self) -> StreamSource:
+        c = self.config
+        files = None if c.hf_data_files is None else tuple(c.hf_data_files)
+        return StreamSource(c.hf_name, c.hf_config, c.hf_split, files, c.text_field)
+
+    def _text_splits(self) -> tuple[str, ...]:
+        """The splits held as token streams: all, but only val and test for a streamed corpus."""
+        return SPLITS[1:] if self.config.source == "hf_stream" else SPLITS
+
     def prepare_data(self) -> None:
         """Rank 0 only (Lightning): train the tokenizer and write the token caches, so the ranks just load."""
         if self.config.source != "synthetic":
-            for split in SPLITS:
+            for split in self._text_splits():
                 self.stream(split)
 
     def setup(self, stage: str | None = None) -> None:
@@ -471,7 +521,7 @@ class LMDataModule(L.LightningDataModule):
         if c.source == "synthetic":
             return
         need = c.seq_len + 1
-        for split in SPLITS:
+        for split in self._text_splits():
             n = self.stream(split).numel()
             if n < need:
                 raise ValueError(
@@ -507,9 +557,11 @@ class LMDataModule(L.LightningDataModule):
             persistent_workers=c.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | StreamingLoader:
         c = self.config
         _, world_size = dist_rank_world()
+        if c.source == "hf_stream":
+            return self._streaming_loader()
         if c.source == "synthetic":
             dataset: Dataset = SyntheticWindows(c.task, c.task_args, c.seq_len, c.seed)
         else:
@@ -520,6 +572,61 @@ class LMDataModule(L.LightningDataModule):
                 dataset = TrainWindows(self.stream("train"), c.seq_len, c.seed)
         sampler = ResumableSampler(start=self._resume_batch * c.batch_size * world_size)
         return self._loader(dataset, sampler)
+
+    def _stream_layout(self) -> dict[str, Any]:
+        c = self.config
+        _, world_size = dist_rank_world()
+        return {"world_size": world_size, "num_workers": c.num_workers, "batch_size": c.batch_size,
+                "seq_len": c.seq_len, "source": repr(self.stream_source), "tokenizer": self.tokenizer.name}
+
+    def _streaming_loader(self) -> StreamingLoader:
+        """The train batches of source "hf_stream", from the restored stream position when resuming."""
+        c = self.config
+        rank, world_size = dist_rank_world()
+        self.setup("fit")
+        start = None
+        if self._resume_batch:
+            if self._stream_snapshot is None:
+                raise ValueError(f"resuming a streamed run after {self._resume_batch} batches, but the checkpoint "
+                                 "holds no stream position (LMDataModule.state_dict): not written by a streamed run")
+            check_snapshot(self._stream_snapshot, self._stream_layout())
+            saved = self._stream_snapshot["batches"]
+            if saved != self._resume_batch:
+                raise ValueError(f"the checkpoint's stream position is after {saved} batches but training resumes "
+                                 f"after {self._resume_batch}")
+            start = {"batches": saved, "readers": self._stream_snapshot["ranks"][rank]}
+        skip = frozenset(text_hash(d.text) for s in ("val", "test") for d in self.documents[s])
+        dataset = PackedStream(self.stream_source, self.tokenizer, c.seq_len, DOC_SEPARATOR, skip, rank, world_size,
+                               max(1, c.num_workers))
+        self._train_loader = StreamingLoader(dataset, c.batch_size, c.num_workers, start)
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Source "hf_stream": every rank's reader positions after the batches the trainer has consumed (called on
+        every rank when a checkpoint is written; gathers over ranks). Other sources: empty (they resume from the
+        step count alone)."""
+        if self.config.source != "hf_stream":
+            return {}
+        trainer = self.trainer
+        batches = None
+        if trainer is not None:
+            batches = int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+        if self._train_loader is not None:
+            mine = self._train_loader.snapshot(batches)
+        elif self._stream_snapshot is not None:  # not yet iterating since the restore: still at the saved position
+            rank, _ = dist_rank_world()
+            mine = {"batches": self._stream_snapshot["batches"], "readers": self._stream_snapshot["ranks"][rank]}
+        else:
+            mine = {"batches": 0, "readers": [[0, 0]] * max(1, self.config.num_workers)}
+        ranks = [mine["readers"]]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine["readers"])
+        layout = self._stream_layout()
+        return {"stream": {"format": SNAPSHOT_FORMAT, "batches": mine["batches"], "ranks": ranks, **layout}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._stream_snapshot = state_dict.get("stream")
 
     def _eval_dataset(self, split: str) -> Dataset:
         c = self.config

@@ -7,23 +7,24 @@ tokens), so that bits per byte = Σ_t NLL_t / (ln 2 · Σ_t token_bytes[label_t]
 vocabularies (bytes, the BPE here, GPT-2-style Hugging Face tokenizers); for SentencePiece vocabularies "▁" counts
 as one space and `<0xNN>` as one byte, which can miscount a leading space per document.
 
-`build_tokenizer(spec)` picks one by spec: "bytes", "bpe" (trained on the training text, cached on disk), or
-"hf:<name-or-path>".
+`build_tokenizer(spec)` picks one by spec: "bytes", "bpe" (trained on the training text, cached on disk),
+"bpe:<tokenizer.json>" (a file written by `python -m hope.data.train_tokenizer`), or "hf:<name-or-path>".
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 
-TOKENIZER_SPECS = ("bytes", "bpe", "hf:<name-or-path>")
+TOKENIZER_SPECS = ("bytes", "bpe", "bpe:<tokenizer.json>", "hf:<name-or-path>")
 
 
 @runtime_checkable
@@ -103,8 +104,9 @@ class BPETokenizer:
             data = t.encode()
             h.update(len(data).to_bytes(8, "little") + data)
         path = Path(cache_dir) / f"bpe-{vocab_size}-{h.hexdigest()[:16]}.json"
-        if not path.is_file():
-            _atomic_write_text(path, _train_bpe_json(texts, vocab_size))
+        with build_once(path):
+            if not path.is_file():
+                _atomic_write_text(path, _train_bpe_json(texts, vocab_size))
         return cls(path)
 
     @property
@@ -136,6 +138,28 @@ def _train_bpe_json(texts: list[str], vocab_size: int) -> str:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok.to_str()
+
+
+@contextlib.contextmanager
+def build_once(path: Path) -> Iterator[None]:
+    """Hold an exclusive `fcntl.flock` lock named after `path`: of the processes (ranks) of one machine that would
+    build the same cache file at once, one builds it and the others wait, then find it. The lock file lives in the
+    temporary directory, not beside the cache. A no-op where `fcntl` is missing (concurrent builds then stay
+    correct, the writes being atomic, only duplicated)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    locks = Path(tempfile.gettempdir()) / "hope-locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+    with open(locks / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -232,13 +256,19 @@ def build_tokenizer(
     cache_dir: str | Path = "data_cache/tokenizers",
 ) -> Tokenizer:
     """A tokenizer from its spec: "bytes", "bpe" (needs `train_text`; `vocab_size`, cached in `cache_dir`),
-    or "hf:<name-or-path>"."""
+    "bpe:<tokenizer.json>" or "hf:<name-or-path>"."""
     if spec == "bytes":
         return ByteTokenizer()
     if spec == "bpe":
         if train_text is None:
             raise ValueError("tokenizer 'bpe' is trained on the training text: pass train_text")
         return BPETokenizer.train(train_text, vocab_size, cache_dir)
+    if isinstance(spec, str) and spec.startswith("bpe:") and len(spec) > 4:
+        path = Path(spec[4:])
+        if not path.is_file():
+            raise ValueError(f"tokenizer {spec!r}: no file at {str(path)!r}; train one with: python -m "
+                             f"hope.data.train_tokenizer --out {path} (see docs/scaling.md)")
+        return BPETokenizer(path)
     if isinstance(spec, str) and spec.startswith("hf:") and len(spec) > 3:
         return HFTokenizer(spec[3:])
     raise ValueError(f"unknown tokenizer spec {spec!r}; expected one of {TOKENIZER_SPECS}")
