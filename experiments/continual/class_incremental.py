@@ -1,6 +1,9 @@
 """Class-incremental text classification as next-token prediction of a label token.
 
     python -m experiments.continual.class_incremental --tiny                # BBC topics only; CPU smoke run
+    python -m experiments.continual.class_incremental --mode cpu \
+        --backbone transformer=logs/ls_transformer_small/checkpoints/last.ckpt \
+        --backbone hope=logs/ls_hope_small/checkpoints/last.ckpt             # which corpus; pretrained backbones
     python -m experiments.continual.class_incremental                       # BBC topics, KJV sections, plays
     python -m experiments.continual.class_incremental --sources hf:clinc150,hf:banking77,hf:dbpedia14  # network
     python -m experiments.continual.class_incremental --sources file:my.jsonl    # {"text": ..., "label": ...}
@@ -13,18 +16,25 @@ a seeded random order and cut into tasks of `classes_per_task`; each model learn
 sequential, reservoir replay, EWC) and is scored, after each task, by single-head accuracy: argmax over the K
 label tokens of the whole benchmark, so old classes compete with new ones (the class-incremental protocol,
 van de Ven et al. 2022, "Three types of incremental learning"). R[i][j] is the accuracy on task j's classes
-after task i, for `hope.eval.continual_metrics`.
+after task i, for `hope.eval.continual_metrics`. The `joint` strategy is the upper bound: the same total number
+of steps on all tasks shuffled together, then the mean of the per-task accuracies. A setting is informative when
+that bound reaches at least twice chance (1/K); the result file says so per model (`informative`).
+
+`--backbone NAME=PATH` starts model NAME from a `train.py` checkpoint, or from Hope-Attention made with
+`python -m hope.convert` (the paper's §7.3 path); the checkpoint must hold NAME's architecture.
 
 Offline sources: BBC News (5 topics), the KJV with books grouped into 7 sections, Shakespeare's 37 plays (one
-class per play, modern spelling). Held-out examples come from the `test` split of
-`hope.data.corpora.split_documents` (whole articles for BBC; the last 5% of each book or play otherwise).
-The paper's Figure 6 uses CLINC150, Banking77 and DBpedia14 with Llama-3 backbones; `hf:<name>` loads them.
+class per play, modern spelling), and `corpora`: which of Shakespeare, KJV, Wikipedia and BBC a piece comes from.
+Held-out examples come from the `test` split of `hope.data.corpora.split_documents` (whole articles for BBC; the
+last 5% of each book or play otherwise). The paper's Figure 6 uses CLINC150, Banking77 and DBpedia14 with Llama-3
+backbones; `hf:<name>` loads them.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -316,12 +326,15 @@ def _run(args: argparse.Namespace, sources: Mapping[str, Sequence] | None) -> di
                      functools.partial(build_model, entry.name, size, args.seed, args.device))
             for strategy in strategies:
                 key, label = f"{source}/{entry.name}/{strategy}", f"{source}: {entry.name} / {strategy}"
+                fresh, load_before = partial.get(key) is None, os.getloadavg()[0]
                 if strategy == "joint":
                     cfg = strategy_config(mode, steps, "sequential", args.seed)
                     unit = run_joint(partial, key, label, build, tasks, cfg, candidates)
                 else:
                     unit = run_strategy(partial, key, label, build, tasks,
                                         strategy_config(mode, steps, strategy, args.seed), candidates=candidates)
+                if fresh:  # the machine's 1-minute load average when the unit started and ended (shared CPUs)
+                    unit = partial.put(key, {**unit, "load_average": [load_before, os.getloadavg()[0]]})
                 runs["strategies"][strategy] = unit
                 rows.append(table_row(source, entry, backbones.get(entry.name), strategy, unit, chance))
         for entry in results[source]["models"].values():
