@@ -154,6 +154,7 @@ def test_backbone_and_joint_upper_bound(tmp_path):
     assert joint["steps"] == 2 * ci.MODES["tiny"]["steps"] and len(joint["accuracy"]) == 2
     assert joint["average_accuracy"] == pytest.approx(sum(joint["accuracy"]) / 2)
     assert entry["informative"] == (joint["average_accuracy"] >= 2 * res["chance"])
+    assert all(len(u["load_average"]) == 2 for u in (joint, seq))  # the machine's load, start and end
     # the sequential run starts from the checkpoint: its untrained scores are the checkpoint's
     tasks, cand = ci.build_tasks(docs, res["groups"], ci.MODES["tiny"]["seq_len"], ci.MODES["tiny"]["max_per_class"],
                                  ci.MODES["tiny"]["eval_per_class"], 0)
