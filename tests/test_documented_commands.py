@@ -62,6 +62,7 @@ TINY_RUN_ELSEWHERE = {
     "experiments.memory_tasks.formal_languages": ("test_eval_memory_tasks.py", 'formal_languages.run(["--tiny"'),
     "experiments.memory_tasks": ("test_eval_memory_tasks.py", "mqar, passkey and formal_languages, as above"),
     "experiments.optimizers.lm_compare_optimizers": ("test_optimizers_lm.py", 'lmo.main(["--tiny"'),
+    "hope.convert": ("test_convert.py", 'main([str(tmp_path / "src.ckpt"), str(tmp_path / "ha.ckpt"), "--periods"'),
 }
 
 # Commands that are neither run nor parsed here, and why.
@@ -85,6 +86,14 @@ PARSE_ONLY = {
     "python evaluate.py out/hope_hf --device cuda --batch-size 16 --num-fewshot 0 --output results/ --tasks "
     "wikitext,lambada_openai,piqa,hellaswag,winogrande,arc_easy,arc_challenge,social_iqa,boolq":
         "one GPU; the paper's zero-shot tasks from the Hub",
+    # corpora streamed from the Hub (tests/test_streaming.py runs data=hf_stream and the tokenizer on local files)
+    "python -m hope.data.train_tokenizer --name HuggingFaceFW/fineweb-edu --config sample-10BT --vocab-size 32768 "
+    "--docs 200000 --out tokenizers/fineweb-edu-32k.json": "FineWeb-Edu from the Hub",
+    "python train.py experiment=hope_base data=fineweb_edu data.tokenizer=bpe:tokenizers/fineweb-edu-32k.json":
+        "FineWeb-Edu from the Hub, and a tokenizer trained on it",
+    "python train.py data=fineweb_edu data.tokenizer=hf:gpt2": "FineWeb-Edu and the gpt2 tokenizer from the Hub",
+    "python train.py experiment=hope_base data=fineweb_edu data.tokenizer=bpe:tokenizers/fineweb-edu-32k.json "
+    "trainer=fsdp trainer.devices=8": "eight GPUs, FineWeb-Edu from the Hub (tests/test_fsdp.py runs two CPU ranks)",
     # installs packages from the network, or is this test suite itself
     "bash scripts/setup.sh": "network (pip); checked with `bash -n`",
     "HOPE_TORCH=torch bash scripts/setup.sh": "network (pip, a CUDA build); checked with `bash -n`",

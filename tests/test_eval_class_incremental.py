@@ -125,3 +125,54 @@ def test_hf_path_with_local_dataset(monkeypatch):
     docs = ci.labelled_documents("hf:clinc150")
     assert calls == [("clinc_oos", "plus", "train")]
     assert [(d.text, d.label) for d in docs] == [("book a flight", "book_flight"), ("what is my balance", "balance")]
+
+
+def tiny_checkpoint(path: Path, name: str) -> None:
+    """A train.py-style checkpoint of a tiny `name` model (random weights)."""
+    from hope.training.module import LMModule
+
+    torch.manual_seed(3)
+    module = LMModule(preset=name, size="tiny")
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "hydra_config": {"data": {"tokenizer": "bytes"}}}, path)
+
+
+def test_backbone_and_joint_upper_bound(tmp_path):
+    from experiments.common.train import evaluate
+    from hope.training.inference import load_checkpoint
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    tiny_checkpoint(ckpt, "transformer")
+    docs = fake_docs()
+    doc = ci.run(["--tiny", "--models", "transformer", "--strategies", "joint,sequential", "--backbone",
+                  f"transformer={ckpt}", "--out", str(tmp_path / "out")], sources={"colours": docs})
+    res = doc["sources"]["colours"]
+    entry = res["models"]["transformer"]
+    assert res["chance"] == 1 / len(CLASSES) and entry["backbone"] == str(ckpt)
+    joint, seq = entry["strategies"]["joint"], entry["strategies"]["sequential"]
+    assert joint["steps"] == 2 * ci.MODES["tiny"]["steps"] and len(joint["accuracy"]) == 2
+    assert joint["average_accuracy"] == pytest.approx(sum(joint["accuracy"]) / 2)
+    assert entry["informative"] == (joint["average_accuracy"] >= 2 * res["chance"])
+    assert all(len(u["load_average"]) == 2 for u in (joint, seq))  # the machine's load, start and end
+    # the sequential run starts from the checkpoint: its untrained scores are the checkpoint's
+    tasks, cand = ci.build_tasks(docs, res["groups"], ci.MODES["tiny"]["seq_len"], ci.MODES["tiny"]["max_per_class"],
+                                 ci.MODES["tiny"]["eval_per_class"], 0)
+    model = load_checkpoint(ckpt)[0].model
+    assert seq["baseline"] == [evaluate(model, t.eval_inputs, t.eval_targets, candidates=cand) for t in tasks]
+    assert "| run | joint (upper bound," in doc["table"] and "| run | sequential |" in doc["table"]
+
+
+def test_bad_backbones_and_strategies_are_refused(tmp_path):
+    ckpt = tmp_path / "hope.ckpt"
+    tiny_checkpoint(ckpt, "hope")
+    sources = {"colours": fake_docs(per_class=4)}
+    with pytest.raises(ValueError, match=r"--backbone transformer=.*holds a hope model \(core 'self_modifying'"):
+        ci.run(["--tiny", "--models", "transformer", "--backbone", f"transformer={ckpt}", "--out",
+                str(tmp_path)], sources=sources)
+    with pytest.raises(ValueError, match="NAME one of the --models \\['transformer'\\], got 'hope=x'"):
+        ci.run(["--tiny", "--models", "transformer", "--backbone", "hope=x"], sources=sources)
+    with pytest.raises(FileNotFoundError, match="checkpoint 'missing.ckpt' does not exist"):
+        ci.run(["--tiny", "--models", "transformer", "--backbone", "transformer=missing.ckpt"], sources=sources)
+    with pytest.raises(ValueError, match="--strategies must list names from .*got 'joint,gem'"):
+        ci.run(["--tiny", "--models", "transformer", "--strategies", "joint,gem"], sources=sources)

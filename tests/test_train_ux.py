@@ -82,6 +82,7 @@ def test_warmup_cosine_is_torchs_schedule_then_flat():
     ("+model.bogus=1", "model.bogus: hope.training.LMModule has no argument 'bogus'; it accepts config, preset"),
     ("+trainer.bogus=1", "trainer.bogus: lightning.Trainer has no argument 'bogus'"),
     ("+model.config.d_model=-1", "model: HopeConfig.d_model must be a positive int, got -1"),  # its own check
+    ("data=hf_stream", "data.hf_name must be set for data.source='hf_stream' (it has no default): add data.hf_name="),
 ])
 def test_unknown_or_bad_config_values_are_named(tmp_path, override, expected):
     cfg = make_cfg(tmp_path, [*SMALL, "logger=none", override])

@@ -46,6 +46,10 @@ class ConfigInCheckpoint(Callback):
 def build_datamodule(cfg: DictConfig):
     from hope.data.datamodule import DataConfig, LMDataModule
 
+    missing = [f"data.{k}" for k in cfg.data if OmegaConf.is_missing(cfg.data, k)]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} must be set for data.source={cfg.data.get('source')!r} (it has no "
+                         f"default): add {missing[0]}=<value> to the command")
     data_cfg = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
     dm = LMDataModule(data_cfg)
     dm.prepare_data()
