@@ -206,7 +206,8 @@ def _saved_on_train_batch_end(loop: dict[str, Any]) -> bool:
     return done["ready"] == done["started"] == done["processed"] == done["completed"] + 1
 
 
-def rerun_pending_validation(checkpoint: dict[str, Any], val_check_interval: Any, limit_val_batches: Any) -> bool:
+def rerun_pending_validation(checkpoint: dict[str, Any], val_check_interval: Any, limit_val_batches: Any,
+                             max_steps: int = -1) -> bool:
     """Make Lightning run the validation that a checkpoint was written before; True if there was one.
 
     Every checkpoint is written at the end of a training batch (`ModelCheckpoint.on_train_batch_end`), before the
@@ -216,12 +217,22 @@ def rerun_pending_validation(checkpoint: dict[str, Any], val_check_interval: Any
     first batch", which Lightning's restart runs in full ("restarted mid evaluation"), and the logging step is set
     one back, since that restart counts the step twice (`reset` and `on_advance_end`). Edits `checkpoint` in
     place, before Lightning restores its loops from it; only for a validation every `val_check_interval` batches.
+
+    A checkpoint at `max_steps` leaves the resumed fit nothing to do, so Lightning runs no validation there; the
+    final validation of `hope.training.run.run` (the weights' last validation is not at their step) does it. The
+    logging step is left where the uninterrupted run logs that validation: one back if it was due at this step
+    (Lightning logs it inside the step), else at the step.
     """
     loop = checkpoint.get("loops", {}).get("fit_loop")
-    if not loop or not _saved_on_train_batch_end(loop) or limit_val_batches == 0:
+    if not loop or not _saved_on_train_batch_end(loop):
         return False
     batches = loop["epoch_loop.batch_progress"]["total"]["ready"]
-    if not isinstance(val_check_interval, int) or batches % val_check_interval:
+    due = limit_val_batches != 0 and isinstance(val_check_interval, int) and batches % val_check_interval == 0
+    if 0 < max_steps <= checkpoint.get("global_step", 0):
+        if not due:
+            loop["epoch_loop.state_dict"]["_batches_that_stepped"] += 1
+        return False
+    if not due:
         return False
     val = loop["epoch_loop.val_loop.batch_progress"]
     done = val["total"]["completed"]

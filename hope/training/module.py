@@ -260,7 +260,8 @@ class LMModule(L.LightningModule):
             self._saved_stream_state = checkpoint["stream_state"]
         trainer = self._trainer
         if trainer is not None:
-            rerun_pending_validation(checkpoint, trainer.val_check_interval, trainer.limit_val_batches)
+            rerun_pending_validation(checkpoint, trainer.val_check_interval, trainer.limit_val_batches,
+                                     trainer.max_steps)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         if dm is not None and hasattr(dm, "set_resume_batch"):
             dm.set_resume_batch(int(checkpoint["global_step"]) * int(trainer.accumulate_grad_batches))

@@ -126,6 +126,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     steps = {"val": validated.step if validated.step is not None and "val/loss" in metrics else None, "test": None}
     if cfg.get("test", True):
+        # test metrics are logged at the step of the weights tested; a resume from a checkpoint at max_steps (a run
+        # killed after its last step) has Lightning's logging step one back, or where its final validation left it
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
         for result in trainer.test(module, datamodule=dm, verbose=False):
             metrics.update({k: float(v) for k, v in result.items()})
         steps["test"] = trainer.global_step
