@@ -62,6 +62,7 @@ TINY_RUN_ELSEWHERE = {
     "experiments.memory_tasks.formal_languages": ("test_eval_memory_tasks.py", 'formal_languages.run(["--tiny"'),
     "experiments.memory_tasks": ("test_eval_memory_tasks.py", "mqar, passkey and formal_languages, as above"),
     "experiments.optimizers.lm_compare_optimizers": ("test_optimizers_lm.py", 'lmo.main(["--tiny"'),
+    "experiments.reliability.kill_resume": ("test_faults.py", 'kill_resume.run(["--tiny"'),
     "hope.convert": ("test_convert.py", 'main([str(tmp_path / "src.ckpt"), str(tmp_path / "ha.ckpt"), "--periods"'),
 }
 

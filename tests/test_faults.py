@@ -9,7 +9,6 @@ Faults are injected from inside the process by `Fault`, a callback added through
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 import resource
@@ -22,6 +21,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+
+from experiments.reliability.kill_resume import logged  # per attempt: {(step, metric): value}
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,13 +38,6 @@ TRANSFORMER = ["experiment=transformer_small", *RUN]
 HOPE_STREAM = ["experiment=hope_stream_small", *RUN,
                "model.config.cms=[{period:8,hidden:32},{period:32,hidden:32},{period:256,hidden:32}]"]
 
-
-def process_local(key: str) -> bool:
-    """Values no resume can reproduce: Lightning's ThroughputMonitor logs wall-clock times and rates, and counts of
-    batches, samples and tokens since the process started (`<stage>/time`, `<stage>/batches`, ...)."""
-    stage, _, name = key.partition("/")
-    return stage in ("train", "validate", "test") and (name in ("time", "batches", "samples", "lengths")
-                                                         or name.startswith("device/") or name.endswith("_per_sec"))
 
 
 class Fault(L.Callback):
@@ -147,31 +141,16 @@ def train(root: Path, name: str, overrides: list[str], **kwargs) -> tuple[int, s
     return finish(start(root, name, overrides, **kwargs))
 
 
-def attempts(run_dir: Path) -> list[dict[tuple[int, str], str]]:
-    """What each attempt of a run logged, in order: {(step, metric): value as written}."""
-    logs = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    out = []
-    for path in logs:
-        values = {}
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                for key, value in row.items():
-                    if value and key not in ("step", "epoch") and not process_local(key):
-                        values[(int(row["step"]), key)] = value
-        out.append(values)
-    return out
-
-
 def assert_same_log(reference: Path, interrupted: Path) -> int:
     """Every value logged by any attempt of `interrupted` equals the reference's; together they log all of it.
     Returns the number of values compared."""
-    (ref,) = attempts(reference)
+    (ref,) = logged(reference)
     seen = set()
-    for n, logged in enumerate(attempts(interrupted)):
-        for key, value in logged.items():
+    for n, values in enumerate(logged(interrupted)):
+        for key, value in values.items():
             assert key in ref, f"attempt {n} logged {key}, which the uninterrupted run did not"
             assert value == ref[key], f"attempt {n}, step {key[0]}, {key[1]}: {value} != {ref[key]} (uninterrupted)"
-        seen |= logged.keys()
+        seen |= values.keys()
     assert seen == set(ref), f"never logged after the faults: {sorted(set(ref) - seen)}"
     return len(ref)
 
@@ -345,3 +324,16 @@ def test_fresh_start_into_a_used_run_folder_is_refused(tmp_path):
         check_fresh_start(str(tmp_path), [ModelCheckpoint(dirpath=tmp_path)])
     check_fresh_start(str(tmp_path), [])  # no checkpoints written: nothing to protect
     check_fresh_start(str(tmp_path / "new"), [ModelCheckpoint(dirpath=tmp_path / "new")])
+
+
+def test_kill_resume_benchmark_tiny(tmp_path):
+    """`python -m experiments.reliability.kill_resume --tiny`: the random-moment kills and the comparison it reports."""
+    from experiments.reliability import kill_resume
+
+    out = kill_resume.run(["--tiny", "--presets", "transformer_small", "--steps", "8", "--every", "2", "--kills", "1",
+                           "--threads", "1", "--out", str(tmp_path)])
+    (res,) = out["presets"]
+    assert res["exact"] and res["compared"] > 50 and len(res["kills"]) == 1 and res["attempts"] == 2
+    assert (tmp_path / "kill_resume_tiny.md").read_text().count("| transformer_small | 8 |") == 1
+    with pytest.raises(SystemExit, match="need steps >= every >= 1 and kills >= 0, got steps=2 every=4"):
+        kill_resume.run(["--steps", "2", "--every", "4"])

@@ -178,7 +178,8 @@ def test_a_train_checkpoint_converts_with_one_command(tmp_path, monkeypatch, cap
     cfg = make_cfg(tmp_path, [*TINY, "model.size=tiny", "trainer.max_steps=1", "test=false",
                               "callbacks.model_checkpoint.every_n_train_steps=1"])
     run(cfg)
-    (ckpt,) = (tmp_path / "logs").glob("*/checkpoints/last.ckpt")
+    capsys.readouterr()  # the run's final metrics table
+    ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"  # make_cfg: the run folder is tmp_path/out
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out_dir = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "hope.hf.export", str(ckpt), str(out_dir)], capture_output=True,
