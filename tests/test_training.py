@@ -103,14 +103,20 @@ def assert_resume_is_exact(tmp_path: Path, common: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("mode", ["reset", "stream"])
-def test_resume_is_exact(tmp_path, mode):
+def test_resume_is_exact(tmp_path, mode, monkeypatch):
     """Resume from the step-4 checkpoint equals the uninterrupted run. In stream mode the carried state travels in
-    the checkpoint, and step 4 (128 tokens per row) is inside a period-256 chunk, whose carried gradient too."""
+    the checkpoint, and step 4 (128 tokens per row) is inside a period-256 chunk, whose carried gradient too. The
+    resumed run reads its checkpoint file once (checked, then handed to Lightning)."""
+    from hope.training import checkpoint as ckpt_module
+
+    reads, real_load = [], ckpt_module.load_checkpoint_file
+    monkeypatch.setattr(ckpt_module, "load_checkpoint_file", lambda path, *a: reads.append(path) or real_load(path, *a))
     common = [*(STREAM if mode == "stream" else []), *TINY, "logger=csv", "model.size=tiny",
               "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
               "callbacks.model_checkpoint.every_n_train_steps=4", "test=false", "model.warmup_steps=2",
               "model.lr_decay_steps=8"]
     ckpt = assert_resume_is_exact(tmp_path, common)
+    assert len(reads) == 1 and reads[0].endswith("last.ckpt"), reads
     assert ckpt["hydra_config"]["trainer"]["max_steps"] == 8
     assert ckpt["global_step"] == 8
     assert ("stream_state" in ckpt) == (mode == "stream")

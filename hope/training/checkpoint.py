@@ -108,7 +108,14 @@ class _WholeWrites:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's `TorchCheckpointIO` with crash-consistent local writes (`_write_local`) and a clear error when a
-    write fails: `CheckpointWriteError` names the file and the reason, and says that nothing was replaced."""
+    write fails: `CheckpointWriteError` names the file and the reason, and says that nothing was replaced.
+
+    `preloaded`: (path, content) of the checkpoint the run resumes from, already read on the CPU by
+    `resolve_ckpt_path` to check it; Lightning's one load of that path gets it instead of reading the file again."""
+
+    def __init__(self, preloaded: tuple[str, dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self._preloaded = preloaded
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         try:
@@ -124,6 +131,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from e
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None):
+        if self._preloaded is not None and str(path) == self._preloaded[0]:
+            ckpt, self._preloaded = self._preloaded[1], None  # handed over once: Lightning edits it while restoring
+            return ckpt
         return load_checkpoint_file(path, map_location)
 
 

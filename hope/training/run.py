@@ -101,7 +101,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks")
     if ckpt is not None:
         check_compatible(ckpt, module, ckpt_path)
-        del ckpt
     elif cfg.get("train", True):
         check_fresh_start(cfg.paths.ckpt_dir, callbacks)
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
@@ -111,8 +110,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     loggers = _instantiate_all(cfg.get("logger"), "logger")
     if not loggers:  # logger=none: Lightning refuses a LearningRateMonitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    io = AtomicCheckpointIO(preloaded=(ckpt_path, ckpt) if ckpt is not None else None)  # read once, above
     trainer: L.Trainer = instantiate_checked(
-        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, plugins=[io],
         use_distributed_sampler=False,
     )
     for lg in loggers:
