@@ -23,6 +23,24 @@ def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
 
 
+def self_modifying_core(knobs: dict, seed: int = 0, d_model: int = 16, n_heads: int = 2):
+    """A small fp64 `SelfModifyingCore` (chunks of 8, projection chunks of 4, conv width 3) with `MemoryConfig`
+    fields `knobs`, every parameter moved by 0.1·N(0, 1) from the LM init so that every path changes the output
+    measurably."""
+    from hope.config import HopeConfig
+    from hope.layers.self_modifying import SelfModifyingCore
+    from hope.memory.config import MemoryConfig
+
+    memory = MemoryConfig(chunk_size=8, proj_chunk_size=4, conv_width=3, **knobs)
+    torch.manual_seed(seed)
+    config = HopeConfig(d_model=d_model, n_heads=n_heads, n_layers=2, memory=memory)
+    core = SelfModifyingCore(config).to(torch.float64)
+    with torch.no_grad():
+        for p in core.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return core
+
+
 def memory_inputs(B: int, T: int, H: int, K: int, V: int, *, seed: int = 0, dtype: torch.dtype = torch.float64):
     """Inputs of the memory rule as HOPE makes them, for the `test_memory_*` files: q, k (unit rows) `[B, T, H, K]`,
     v `[B, T, H, V]`, η = 0.5·sigmoid and α = sigmoid(· + 2) `[B, T, H]`, drawn in this order from one generator

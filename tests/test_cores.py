@@ -27,6 +27,10 @@ VARIANTS = {
     "hope_momentum": ("self_modifying", {"momentum": True}),
     "hope_gd": ("self_modifying", {"erase": "gd", "eta_max": 2 / 64, "momentum": True}),
     "titans": ("titans", {}),
+    # retention toward the initial state (tests/test_retain_toward_init.py has its token-by-token oracle)
+    "hope_retain_init": ("self_modifying", {"retain_toward": "init", "momentum": True}),
+    "hope_retain_init_plain": ("self_modifying", {"retain_toward": "init", "self_targets": False,
+                                                  "adaptive_q": True, "objective": "dot"}),
     # the paper's literal HOPE (preset "hope_paper"), and full-width linear projection memories
     "hope_paper": ("self_modifying", HOPE_PAPER_MEMORY),
     "hope_full_linear": ("self_modifying", {"proj_width": "full", "adaptive_q": True, "momentum": True,

@@ -156,6 +156,24 @@ def test_passkey_stream_mode_reads_in_windows(tmp_path, monkeypatch):
     assert len(doc["results"]["hope"]["exact_match"]) == 2
 
 
+def test_sweep_memory_flag_reaches_the_core_and_tags_the_files(tmp_path, monkeypatch):
+    """`--memory` builds HOPE's core with those MemoryConfig fields (shown in the table); `--tag` names the files."""
+    from experiments.memory_tasks import harness
+
+    built = []
+    real = harness.build_model
+    monkeypatch.setattr(harness, "build_model", lambda *a, **kw: built.append(kw) or real(*a, **kw))
+    passkey.run(["--tiny", "--models", "hope", "--memory", "retain_toward=init", "--tag", "_init",
+                 "--out", str(tmp_path)])
+    assert built[0]["memory"] == {"retain_toward": "init"}
+    doc = json.loads((tmp_path / "passkey_init.json").read_text())
+    assert doc["config"]["memory"] == {"retain_toward": "init"} and "(retain_toward=init)" in doc["table"]
+    with pytest.raises(ValueError, match="unknown MemoryConfig field 'retain'"):
+        passkey.run(["--tiny", "--models", "hope", "--memory", "retain=init", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--memory sets the core of"):
+        passkey.run(["--tiny", "--models", "transformer", "--memory", "retain_toward=init", "--out", str(tmp_path)])
+
+
 def test_windowed_logits_carry_the_state_and_skip_autograd_where_nothing_is_scored():
     from hope import CMSLevel, HopeLM, preset
     from hope.eval import windowed_logits

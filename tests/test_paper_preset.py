@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_rms
+from conftest import rel_rms, self_modifying_core
 
 from hope import HopeLM, preset
-from hope.config import HOPE_PAPER_MEMORY, HopeConfig
+from hope.config import HOPE_PAPER_MEMORY
 from hope.layers.self_modifying import SelfModifyingCore, SelfModifyingState
 from hope.memory.config import MemoryConfig
 from hope.memory.deep import activation, inner_grad, mlp
@@ -37,13 +37,7 @@ ORACLE_CASES = {
 
 
 def make_core(knobs: dict, seed: int = 0) -> SelfModifyingCore:
-    memory = MemoryConfig(chunk_size=8, proj_chunk_size=4, conv_width=3, **knobs)
-    torch.manual_seed(seed)
-    core = SelfModifyingCore(HopeConfig(d_model=D, n_heads=H, n_layers=2, memory=memory)).to(DT)
-    with torch.no_grad():  # larger than the LM init so that every path moves the output measurably
-        for p in core.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return core
+    return self_modifying_core(knobs, seed, D, H)
 
 
 def _write(weights: dict, start: dict, key, target, eta, alpha, beta, chunk: int, residual: bool, act: str,

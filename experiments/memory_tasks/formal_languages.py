@@ -30,7 +30,14 @@ from experiments.common.cli import base_parser, configured, mode_name, parse_mod
 from experiments.common.models import LABELS, available_models, build_model
 from experiments.common.results import Partial, markdown_table, plot_bars, publish
 from experiments.common.train import Diverged
-from experiments.memory_tasks.harness import score, sweep_mode, train_on_synthetic
+from experiments.memory_tasks.harness import (
+    MEMORY_MODELS,
+    add_memory_flag,
+    parse_memory,
+    score,
+    sweep_mode,
+    train_on_synthetic,
+)
 
 NAME = "formal_languages"
 # arXiv:2512.24695 Table 5, accuracy (%) Bin0 / Bin1 (transcribed in /work/shared/paper_notes.md §5).
@@ -44,7 +51,6 @@ PAPER_TABLE5: dict[str, dict[str, tuple[float, float]]] = {
     "SRWM": _ALL100,
     "Hope": _ALL100,
 }
-MEMORY_MODELS = ("hope",)  # the models whose core takes `--memory` (the self-modifying core)
 TITLES = {"parity": "Parity", "aa_star": "(aa)*", "abab_star": "(abab)*", "anbn": "aⁿbⁿ", "anbncn": "aⁿbⁿcⁿ",
           "shuffle2": "Shuffle-2"}
 MODES: dict[str, dict[str, Any]] = {
@@ -137,40 +143,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
-def parse_memory(text: str) -> dict[str, Any]:
-    """`--memory "negative_eigenvalues=true,proj_chunk_size=1"` → MemoryConfig fields (validated by MemoryConfig)."""
-    from dataclasses import fields
-
-    from hope.memory.config import MemoryConfig
-
-    known = [f.name for f in fields(MemoryConfig)]
-    out: dict[str, Any] = {}
-    for item in (i.strip() for i in text.split(",") if i.strip()):
-        key, sep, value = item.partition("=")
-        if not sep or not value:
-            raise ValueError(f"--memory takes KEY=VALUE items separated by commas, got {item!r}")
-        if key not in known:
-            raise ValueError(f"--memory: unknown MemoryConfig field {key!r}; choose from {known}")
-        low = value.lower()
-        out[key] = (low == "true" if low in ("true", "false") else
-                    int(value) if value.lstrip("-").isdigit() else _number_or_text(value))
-    MemoryConfig(**out)  # unknown fields and bad values fail here, with MemoryConfig's message
-    return out
-
-
-def _number_or_text(value: str) -> float | str:
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--languages", default=None, help=f"comma-separated subset of {tuple(TITLES)}")
     p.add_argument("--steps", type=int, default=None, help="training steps per language and model")
-    p.add_argument("--memory", default="", help="MemoryConfig fields of HOPE's core, e.g. "
-                   "negative_eigenvalues=true,proj_chunk_size=1 (docs/design.md §4.1)")
+    add_memory_flag(p)
     return p
 
 

@@ -27,6 +27,8 @@ from experiments.common.results import Partial
 from experiments.common.train import Diverged, Task, TrainConfig, model_device, train_on_tasks
 from hope.eval import IGNORE_INDEX, windowed_logits
 
+MEMORY_MODELS = ("hope",)  # the models whose core takes `--memory` (the self-modifying core)
+
 
 @dataclass
 class Trained:
@@ -123,9 +125,11 @@ def sweep(
         print(f"{name}: {mode['steps']} steps × {mode['batch']} at setting {train_setting}"
               + "".join(f", then {p['steps']} at {p['train_len']}" for p in mode.get("then", ()))
               + (f", read in windows of {window} tokens" if window else ""), flush=True)
+        extra = {"memory": mode["memory"]} if mode.get("memory") and name in MEMORY_MODELS else {}
         try:
             trained = train_on_synthetic(name, mode["size"], vocab_size, train, held_out, mode["steps"],
-                                         mode["batch"], mode["lr"], seed, mode.get("device", "cpu"), window, then)
+                                         mode["batch"], mode["lr"], seed, mode.get("device", "cpu"), window, then,
+                                         **extra)
         except Diverged as err:  # recorded and shown as such; the other models still run
             print(f"{name:>15}: {err}")
             none = [None] * len(tests)
@@ -145,10 +149,47 @@ def sweep(
 
 
 def sweep_parser(description: str) -> argparse.ArgumentParser:
-    """The flags of a length or load sweep (MQAR, passkey): the shared ones and `--steps`."""
+    """The flags of a length or load sweep (MQAR, passkey): the shared ones, `--steps`, `--memory` and `--tag`."""
     p = base_parser(description)
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    add_memory_flag(p)
+    p.add_argument("--tag", default="", help="suffix of the result files (e.g. passkey_stream<tag>.json)")
     return p
+
+
+def add_memory_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", default="", help=f"MemoryConfig fields of the core of {', '.join(MEMORY_MODELS)}, "
+                   "e.g. negative_eigenvalues=true,proj_chunk_size=1 or retain_toward=init (docs/design.md §3–4)")
+
+
+def parse_memory(text: str) -> dict[str, Any]:
+    """`--memory "negative_eigenvalues=true,proj_chunk_size=1"` → MemoryConfig fields (validated by MemoryConfig)."""
+    from dataclasses import fields
+
+    from hope.memory.config import MemoryConfig
+
+    known = [f.name for f in fields(MemoryConfig)]
+    out: dict[str, Any] = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ValueError(f"--memory takes KEY=VALUE items separated by commas, got {item!r}")
+        if key not in known:
+            raise ValueError(f"--memory: unknown MemoryConfig field {key!r}; choose from {known}")
+        low = value.lower()
+        out[key] = (low == "true" if low in ("true", "false") else
+                    int(value) if value.lstrip("-").isdigit() else _number_or_text(value))
+    MemoryConfig(**out)  # unknown fields and bad values fail here, with MemoryConfig's message
+    return out
+
+
+def _number_or_text(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 
 
 def sweep_mode(modes: Mapping[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -157,6 +198,8 @@ def sweep_mode(modes: Mapping[str, dict[str, Any]], args: argparse.Namespace) ->
     mode["size"] = args.size or mode["size"]
     mode["steps"] = args.steps or mode["steps"]
     mode["device"] = args.device
+    if getattr(args, "memory", ""):
+        mode["memory"] = parse_memory(args.memory)
     return mode
 
 
@@ -167,6 +210,9 @@ def run_sweep(bench: str, args: argparse.Namespace, mode: dict[str, Any], make: 
     at each of `test_settings` (`sweep`, resumable with `--resume`), then its result files (`write_sweep`, the
     settings on a log axis); `score` says what the numbers are. Returns the result document."""
     names, skipped = available_models(parse_models(args.models))
+    if mode.get("memory") and not set(names) & set(MEMORY_MODELS):
+        raise ValueError(f"--memory sets the core of {MEMORY_MODELS}, which --models={args.models!r} does not list")
+    bench += args.tag
     partial = Partial(bench, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
     results = sweep(names, make, train_setting, test_settings, vocab_size, candidates, mode, args.seed, partial)
     doc = {"mode": mode_name(args), "config": mode, "train_setting": train_setting, "test_settings": test_settings,
@@ -180,7 +226,9 @@ def sweep_table(doc: dict[str, Any], xlabel: str) -> str:
     from experiments.common.results import markdown_table
 
     settings = doc["test_settings"]
-    rows = [[LABELS[m], r["params"]] + (["diverged"] * len(settings) if r.get("diverged") else
+    memory = doc.get("config", {}).get("memory") or {}
+    note = lambda m: f" ({', '.join(f'{k}={v}' for k, v in memory.items())})" if memory and m in MEMORY_MODELS else ""
+    rows = [[LABELS[m] + note(m), r["params"]] + (["diverged"] * len(settings) if r.get("diverged") else
                                         [f"{100 * e:.1f} / {100 * a:.1f}" for e, a in
                                          zip(r["exact_match"], r["token_accuracy"])])
             for m, r in doc["results"].items()]

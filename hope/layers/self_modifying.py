@@ -293,9 +293,16 @@ class SelfModifyingCore(MemoryCore):
         v = r["v_in"] if self.mem_objective == "self" else r["v"]
         if isinstance(mem, LinearState):
             return ops.memory_stream(q, r["k"], v, eta, r["alpha"], beta, C, mem, pos % C, mc.backend, gamma=gamma,
-                                     objective=self.mem_objective)
+                                     objective=self.mem_objective, anchor=self._anchor("mem"))
         return ops.deep_memory(q, r["k"], v, eta, r["alpha"], beta, C, mem, pos % C, gamma=gamma,
                                objective=self.mem_objective, act=mc.activation)
+
+    def _anchor(self, name: str) -> Tensor | None:
+        """S₀ᵀ toward which retention pulls the linear memory `name` ("proj": `[H|1, K|D, P]`, "mem": `[H, K, K]`),
+        or None when it pulls toward zero (`MemoryConfig.retain_toward`)."""
+        if self.mc.retain_toward == "zero":
+            return None
+        return self.proj_init if name == "proj" else self.mem_init["S"]
 
     @property
     def mem_objective(self) -> str:
@@ -348,12 +355,16 @@ class SelfModifyingCore(MemoryCore):
         S, S_start, Z = mem.S, mem.S if boundary else mem.S_start, mem.Z
         v = r["v_in"] if self.mem_objective == "self" else r["v"]
         y, z = ops.write_terms(r["k"], v, eta, self.mem_objective)  # x_t = y_t − S_cᵀ z_t
-        if boundary and gamma is None:
-            o, S = ops.linear_chunk(ops_n, S, y, z)
+        A = self._anchor("mem")  # retention toward S₀: the rule on D = S − S₀, read D_t q_t + S₀ q_t
+        D = S if A is None else S - A
+        if boundary and gamma is None:  # x_t = y_t − S_cᵀz_t = (y_t − S₀ᵀz_t) − D_cᵀz_t
+            o, D = ops.linear_chunk(ops_n, D, y if A is None or z is None else ops.chunk_write(y, z, A), z)
         else:
-            o, S, Z_new = ops.chunk_step(ops_n, S, ops.chunk_write(y, z, S_start), Z)
+            o, D, Z_new = ops.chunk_step(ops_n, D, ops.chunk_write(y, z, S_start), Z)
             Z = Z if Z_new is None else Z_new
-        return o, LinearState(S, S_start, Z)
+        if A is not None:
+            o, D = o + r["q"] @ A, D + A
+        return o, LinearState(D, S_start, Z)
 
     def _projection_chunk(self, x: Tensor, proj: LinearState, deep: dict[str, DeepState], aligned: bool,
                           q: Tensor | None, with_query: bool
@@ -395,16 +406,20 @@ class SelfModifyingCore(MemoryCore):
         if self.linear_names:
             vector_cols = sum(self.out_width[n] for n in self.linear_names if n in self.vectors)
             plain = not mc.self_targets and vector_cols > 0
+            A = self._anchor("proj")  # retention toward S₀: the rule on D = S − S₀, writes taken at the whole S_c
+            D = proj.S if A is None else proj.S - A
             # self-generated targets M_□,c(v): u = M_c(v) − M_c(k) = (v − k) S_c for a linear memory (eq. 93)
             if aligned and not plain:
-                _, new_S = ops.linear_chunk(ops_k, proj.S, None, eta_m[..., None] * (km - vm))
+                z = eta_m[..., None] * (km - vm)  # x_t = −z_t S_c = −z_t S₀ − z_t D_c
+                _, new_S = ops.linear_chunk(ops_k, D, None if A is None else -(z @ A), z)
             else:
                 write = -(km - vm) @ start  # [B, H, C, P]
                 if plain:  # u = v̄ − S_c k for M_k, M_v, M_q; the scalar read-outs keep their self-generated targets
                     n_vec = vector_cols // self.proj_in
                     write = torch.cat([vm.repeat(1, 1, 1, n_vec) - km @ start[..., :vector_cols],
                                        write[..., vector_cols:]], dim=-1)
-                _, new_S, _ = ops.chunk_step(ops_k, proj.S, eta_m[..., None] * write)
+                _, new_S, _ = ops.chunk_step(ops_k, D, eta_m[..., None] * write)
+            new_S = new_S if A is None else new_S + A
         new_deep = {}
         for name in self.deep_names:
             d, residual = deep[name], name in self.vectors

@@ -77,6 +77,9 @@ class TitansCore(MemoryCore):
 
     def __init__(self, config: HopeConfig) -> None:
         super().__init__(config)
+        if self.mc.retain_toward != "zero":
+            raise ValueError("the Titans core's memory is deep and retains toward zero: MemoryConfig.retain_toward="
+                             f"{self.mc.retain_toward!r} is for the self-modifying core's linear memories")
         D, H, K = config.d_model, self.n_heads, self.head_dim
         self.qkv = nn.Linear(D, 3 * D, bias=False)
         self.conv = CausalConv(3 * D, self.mc.conv_width)

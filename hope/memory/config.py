@@ -18,6 +18,7 @@ DEPTHS = ("linear", "deep")
 WIDTHS = ("head", "full")  # what a projection memory reads: its head's slice of x̃, or all of x̃
 ACTIVATIONS = ("silu", "gelu")  # σ of a deep memory (`deep.activation`)
 BACKENDS = ("auto", "torch", "recurrent", "triton")  # `hope.memory.ops.resolve_backend`
+RETAIN_TOWARD = ("zero", "init")  # what retention α pulls a memory toward: zero, or its initial state S₀
 
 
 @dataclass
@@ -67,6 +68,12 @@ class MemoryConfig:
             reading of eq. 85) instead of v_t.
         target_norm: self-generated (and plain) targets read v̄ = v/‖v‖; False reads the raw v_t, as eqs. 84/87
             write M_□(v_t).
+        retain_toward: what the retention α_t pulls the self-modifying core's linear memories toward. "zero"
+            (eq. 88 as printed): S_t = S_{t−1}(α_t I − β_t k_t k_tᵀ) + η_t u_t k_tᵀ, so a memory decays to 0.
+            "init": S_t − S₀ = (S_{t−1} − S₀)(α_t I − β_t k_t k_tᵀ) + η_t u_t k_tᵀ, with S₀ the meta-learned
+            initial state and u_t taken at the whole chunk-start memory S_c, so a memory decays to S₀ and stays
+            within a bounded distance of it over a stream of any length (what carrying the core across windows
+            needs; docs/design.md §3). Linear memories only (`mem_depth`, `proj_depth`, `gate_depth` "linear").
         conv_width: width of the causal depthwise convolution on the core's input (eq. 97 text: 4).
         backend: kernel choice of `hope.ops.memory_update` for M_mem: "auto", "torch", "recurrent", "triton"
             (`hope.ops.resolve_backend` says which one runs).
@@ -89,6 +96,7 @@ class MemoryConfig:
     self_targets: bool = True
     self_target_mem: bool = False
     target_norm: bool = True
+    retain_toward: str = "zero"
     conv_width: int = 4
     backend: str = "auto"
 
@@ -99,7 +107,8 @@ class MemoryConfig:
             check(ok, f"MemoryConfig.{name} must be an int >= 1, got {value!r}")
         for name, allowed in (("erase", ERASES), ("objective", OBJECTIVES), ("mem_depth", DEPTHS),
                               ("proj_depth", DEPTHS), ("gate_depth", DEPTHS), ("proj_width", WIDTHS),
-                              ("activation", ACTIVATIONS), ("backend", BACKENDS)):
+                              ("activation", ACTIVATIONS), ("backend", BACKENDS),
+                              ("retain_toward", RETAIN_TOWARD)):
             value = getattr(self, name)
             check(value in allowed, f"MemoryConfig.{name} must be one of {allowed}, got {value!r}")
         for name in ("momentum", "negative_eigenvalues", "adaptive_q", "self_targets", "self_target_mem",
@@ -130,6 +139,13 @@ class MemoryConfig:
             not (self.self_target_mem and self.objective == "dot"),
             "MemoryConfig.self_target_mem=True needs objective='l2' (a self-generated target is an ℓ2 regression "
             f"target), got objective={self.objective!r}",
+        )
+
+        deep = [n for n in ("mem_depth", "proj_depth", "gate_depth") if getattr(self, n) != "linear"]
+        check(
+            not (self.retain_toward == "init" and deep),
+            "MemoryConfig.retain_toward='init' is built for linear memories only, got "
+            + ", ".join(f"{n}={getattr(self, n)!r}" for n in deep),
         )
 
     def hidden(self, head_dim: int) -> int:

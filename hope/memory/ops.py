@@ -193,7 +193,7 @@ def memory_update(
 def memory_stream(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor,
     beta: torch.Tensor | None, chunk_size: int, state: LinearState, offset: int, backend: str = "auto", *,
-    gamma: torch.Tensor | None = None, objective: str = "l2",
+    gamma: torch.Tensor | None = None, objective: str = "l2", anchor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LinearState]:
     """`memory_update` for a stream fed in pieces: chunks aligned to the stream's start, not to this call's.
 
@@ -201,7 +201,23 @@ def memory_stream(
     tokens of the current chunk already seen (stream position mod chunk_size). The tokens finishing the current
     chunk and those after the last boundary run as partial chunks; the aligned middle goes to `memory_update`
     (Triton-capable). Returns (o `[B, T, H, V]`, the new state).
+
+    `anchor` S₀ᵀ `[H, K, V]` or `[B, H, K, V]` (`MemoryConfig.retain_toward="init"`): retention pulls the memory
+    toward S₀ instead of 0, S_t − S₀ = (S_{t−1} − S₀)(α_t I − β_t k_t k_tᵀ) + η_t u_t k_tᵀ with u_t taken at the
+    whole S_c. That is the rule itself on D = S − S₀ with the target v_t − S₀k_t ("l2"; v_t for "dot") and the
+    read o_t = D_t q_t + S₀ q_t, which is how it is computed here ("self" would need S₀ inside the rule: refused).
     """
+    if anchor is not None:
+        if objective == "self":
+            raise ValueError("memory_stream: anchor (retain_toward='init') needs objective 'l2' or 'dot', got 'self' "
+                             "(the fused PyTorch path of the self-modifying core handles it)")
+        A = anchor.to(state.S.dtype).expand_as(state.S)  # S₀ᵀ  # [B, H, K, V]
+        read = lambda z: torch.einsum("bthk,bhkv->bthv", z.to(A.dtype), A)  # S₀ z  # [B, T, H, V]
+        v = v - read(k).to(v.dtype) if objective == "l2" else v
+        shifted = LinearState(state.S - A, state.S_start - A, state.Z)
+        o, new = memory_stream(q, k, v, eta, alpha, beta, chunk_size, shifted, offset, backend, gamma=gamma,
+                               objective=objective)
+        return o + read(q).to(o.dtype), LinearState(new.S + A, new.S_start + A, new.Z)
     T, C = q.shape[1], chunk_size
     head, n_full, _ = head_body_tail(T, offset, C)
     body = n_full * C
