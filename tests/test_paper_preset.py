@@ -264,7 +264,7 @@ def test_formal_languages_memory_switches(tmp_path):
     with pytest.raises(ValueError, match=r"--memory sets the core of \('hope',\)"):
         fl.run(["--tiny", "--models", "transformer", "--memory", "momentum=true", "--out", str(tmp_path)])
     fl.run(["--tiny", "--models", "hope", "--languages", "parity", "--memory", "negative_eigenvalues=true",
-            "--out", str(tmp_path)])
-    doc = json.loads((tmp_path / "formal_languages.json").read_text())
+            "--tag", "_neg", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "formal_languages_neg.json").read_text())
     assert doc["config"]["memory"] == {"negative_eigenvalues": True}
     assert "ours: HOPE (negative_eigenvalues=True)" in doc["table"]

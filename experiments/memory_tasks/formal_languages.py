@@ -131,13 +131,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if not languages or bad:
         raise ValueError(f"--languages must list languages from {tuple(TITLES)}, got {args.languages!r}")
     names, skipped = available_models(names)
-    partial = Partial(NAME, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
+    partial = Partial(NAME + args.tag, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
     results = {lang: run_language(lang, names, mode, args.seed, partial) for lang in languages}
     table = comparison_table(results, languages, mode["memory"])
     doc = {"mode": mode_name(args), "config": mode, "score": "recognition accuracy (%) Bin0 / Bin1",
            "paper_table5": PAPER_TABLE5, "results": results, "skipped": skipped, "table": table}
     series = {f"{LABELS[m]} {b}": [results[lang][m][b] for lang in languages] for m in names for b in ("bin0", "bin1")}
-    publish(NAME, doc, args.out, lambda png: plot_bars(
+    publish(NAME + args.tag, doc, args.out, lambda png: plot_bars(
         png, [TITLES[lang] for lang in languages], series,
         "Formal languages: trained on Bin0 (1-50), tested on Bin0 and Bin1 (51-100)", "accuracy (%)"), partial)
     return doc
@@ -148,6 +148,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--languages", default=None, help=f"comma-separated subset of {tuple(TITLES)}")
     p.add_argument("--steps", type=int, default=None, help="training steps per language and model")
     add_memory_flag(p)
+    p.add_argument("--tag", default="", help="suffix of the result files (formal_languages<tag>.json)")
     return p
 
 
