@@ -17,11 +17,12 @@ Writes `<out>/domain_incremental.json`, `.png` (loss on the first domain after e
 
 `--stream` runs the stream protocol instead (plain sequential training; HOPE and Transformer++, each in its
 stream configuration: `experiment=hope_stream_small`'s CMS levels of periods 64/512/4096 with retention 1/16 and
-the core reset between windows, and a Transformer-XL cache of one window). Each of `batch` rows reads the
-domains' training splits one after the other as one continuing stream, `seq_len` tokens a step, and the fast
-state (CMS fast weights, KV cache) is carried from window to window and across the domain switches, cut from the
-graph between windows (truncated BPTT); `--train-state reset` trains the same models with the state reset at
-every window instead, for comparison. After each domain, every domain's held-out stream is read twice:
+the core carried, retaining toward its initial state, and a Transformer-XL cache of one window). Each of `batch`
+rows reads the domains' training splits one after the other as one continuing stream, `seq_len` tokens a step,
+and the fast state (core memories, CMS fast weights, KV cache) is carried from window to window and across the
+domain switches, cut from the graph between windows (truncated BPTT); `--train-state reset` trains the same
+models with the state reset at every window instead, for comparison. After each domain, every domain's held-out
+stream is read twice:
 
 - carried: `eval_windows` consecutive windows per row, starting from the state the training stream holds then
   (a fork of it) and carrying it: what the model knows, weights and memory together; `R_stream`;
@@ -76,6 +77,7 @@ STREAM_MODES: dict[str, dict[str, Any]] = {
 STREAM_MODELS = ("hope", "transformer")
 STREAM_PERIODS = (64, 512, 4096)  # experiment=hope_stream_small
 STREAM_DECAY = 1 / 16
+STREAM_MEMORY = {"retain_toward": "init"}  # the core carried over the stream retains toward its initial state
 
 
 def build_tasks(corpora: Mapping[str, Sequence], seq_len: int, n_train: int, n_eval: int, seed: int) -> list[Task]:
@@ -177,7 +179,7 @@ def stream_model(name: str, size: str | int, seed: int, seq_len: int, device: st
         return build_model(name, size, seed, device, persist=True, kv_cache=seq_len)
     levels = preset(name, size).cms
     cms = [replace(level, period=period, decay=STREAM_DECAY) for level, period in zip(levels, STREAM_PERIODS)]
-    return build_model(name, size, seed, device, persist=True, carry_core=False, cms=cms)
+    return build_model(name, size, seed, device, persist=True, carry_core=True, memory=STREAM_MEMORY, cms=cms)
 
 
 @torch.no_grad()

@@ -293,8 +293,8 @@ def run_cost(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
         ("small", args.batch, args.window, args.rounds, args.steps)
     periods = [{"period": 64}, {"period": 512}, {"period": 4096}] if not args.tiny else \
         [{"period": 16}, {"period": 128}, {"period": 1024}]
-    base = preset("hope", size)  # experiment=hope_stream_small: retention 1/16, the cores reset at every window
-    config = preset("hope", size, carry_core=False,
+    base = preset("hope", size)  # experiment=hope_stream_small: retention 1/16, the cores carried (toward S₀)
+    config = preset("hope", size, carry_core=True, memory={"retain_toward": "init"},
                     cms=[{**p, "hidden": lvl.hidden, "decay": 1 / 16} for p, lvl in zip(periods, base.cms)])
     torch.set_num_threads(args.threads)
     result = step_cost(config, batch, window, rounds, steps, args.seed)
