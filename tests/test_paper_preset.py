@@ -252,15 +252,16 @@ def test_formal_languages_memory_switches(tmp_path):
     import json
 
     from experiments.memory_tasks import formal_languages as fl
+    from experiments.memory_tasks.harness import parse_memory
 
-    assert fl.parse_memory("negative_eigenvalues=true, proj_chunk_size=1,eta_max=0.25") == {
+    assert parse_memory("negative_eigenvalues=true, proj_chunk_size=1,eta_max=0.25") == {
         "negative_eigenvalues": True, "proj_chunk_size": 1, "eta_max": 0.25}
     with pytest.raises(ValueError, match="unknown MemoryConfig field 'negative'"):
-        fl.parse_memory("negative=true")
+        parse_memory("negative=true")
     with pytest.raises(ValueError, match="KEY=VALUE items separated by commas, got 'momentum'"):
-        fl.parse_memory("momentum")
+        parse_memory("momentum")
     with pytest.raises(ValueError, match=r"eta_max=0.9 must be in \(0, 0.5\]"):
-        fl.parse_memory("eta_max=0.9")
+        parse_memory("eta_max=0.9")
     with pytest.raises(ValueError, match=r"--memory sets the core of \('hope',\)"):
         fl.run(["--tiny", "--models", "transformer", "--memory", "momentum=true", "--out", str(tmp_path)])
     fl.run(["--tiny", "--models", "hope", "--languages", "parity", "--memory", "negative_eigenvalues=true",

@@ -33,7 +33,7 @@ from experiments.common.train import Diverged
 from experiments.memory_tasks.harness import (
     MEMORY_MODELS,
     add_memory_flag,
-    parse_memory,
+    check_memory_models,
     score,
     sweep_mode,
     train_on_synthetic,
@@ -122,10 +122,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     mode = sweep_mode(MODES, args)
-    mode["memory"] = parse_memory(args.memory)
+    mode["memory"] = mode.get("memory", {})  # parsed by sweep_mode; {} recorded when --memory is not given
     names = parse_models(args.models)
-    if mode["memory"] and not set(names) & set(MEMORY_MODELS):
-        raise ValueError(f"--memory sets the core of {MEMORY_MODELS}, which --models={args.models!r} does not list")
+    check_memory_models(mode, names, args.models)
     languages = [lang for lang in (args.languages or mode["languages"]).split(",") if lang]
     bad = [lang for lang in languages if lang not in TITLES]
     if not languages or bad:

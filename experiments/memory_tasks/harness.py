@@ -162,6 +162,12 @@ def add_memory_flag(p: argparse.ArgumentParser) -> None:
                    "e.g. negative_eigenvalues=true,proj_chunk_size=1 or retain_toward=init (docs/design.md §3–4)")
 
 
+def check_memory_models(mode: Mapping[str, Any], names: Sequence[str], models_arg: str) -> None:
+    """`--memory` must reach a model whose core takes it (`MEMORY_MODELS`)."""
+    if mode.get("memory") and not set(names) & set(MEMORY_MODELS):
+        raise ValueError(f"--memory sets the core of {MEMORY_MODELS}, which --models={models_arg!r} does not list")
+
+
 def parse_memory(text: str) -> dict[str, Any]:
     """`--memory "negative_eigenvalues=true,proj_chunk_size=1"` → MemoryConfig fields (validated by MemoryConfig)."""
     from dataclasses import fields
@@ -210,8 +216,7 @@ def run_sweep(bench: str, args: argparse.Namespace, mode: dict[str, Any], make: 
     at each of `test_settings` (`sweep`, resumable with `--resume`), then its result files (`write_sweep`, the
     settings on a log axis); `score` says what the numbers are. Returns the result document."""
     names, skipped = available_models(parse_models(args.models))
-    if mode.get("memory") and not set(names) & set(MEMORY_MODELS):
-        raise ValueError(f"--memory sets the core of {MEMORY_MODELS}, which --models={args.models!r} does not list")
+    check_memory_models(mode, names, args.models)
     bench += args.tag
     partial = Partial(bench, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
     results = sweep(names, make, train_setting, test_settings, vocab_size, candidates, mode, args.seed, partial)
