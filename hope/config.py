@@ -198,6 +198,26 @@ _PRESETS: dict[str, dict[str, Any]] = {
                 {"period": None, "hidden_frac": 0.31}],
         "memory": HOPE_PAPER_MEMORY,
     },
+    # Stream training (experiment=hope_stream_small, experiments/continual/README.md "Long streams"): each batch
+    # row is one continuing stream and the whole state is carried between windows. The CMS spans the stream:
+    # periods of 64, 512 and 4,096 tokens, each write first shrinking Δ by 1/16 (memories of about 1K, 8K and 64K
+    # tokens, bounded); the core's memories are carried too and retain toward their initial state (docs/design.md
+    # §3: retaining toward zero they collapse or blow up over a long stream). Same parameters as "hope".
+    "hope_stream": {
+        "core": "self_modifying",
+        "cms": [{"period": 64, "hidden_frac": 1 / 3, "decay": 1 / 16},
+                {"period": 512, "hidden_frac": 1 / 3, "decay": 1 / 16},
+                {"period": 4096, "hidden_frac": 1 / 3, "decay": 1 / 16}],
+        "memory": {"retain_toward": "init"},
+        "config": {"persist": True, "carry_core": True},
+    },
+    # Transformer++ on the same streams with a Transformer-XL memory: the keys and values of the previous
+    # 512-token window stay in the state (set `kv_cache` to the window length). Same parameters as "transformer".
+    "transformer_stream": {
+        "core": "attention",
+        "cms": [{"period": None}],
+        "config": {"persist": True, "kv_cache": 512},
+    },
 }
 
 
@@ -205,7 +225,9 @@ def preset(name: str, size: str | int = "small", **overrides: Any) -> HopeConfig
     """A named architecture at a named size: `preset("hope", "small", vocab_size=256)`.
 
     Names: "transformer" (Transformer++), "hope_attention" (attention core + CMS), "titans" (Titans LMM core +
-    FFN), "hope" (self-modifying core + CMS), "hope_paper" (the paper's literal HOPE, docs/design.md §4.1).
+    FFN), "hope" (self-modifying core + CMS), "hope_paper" (the paper's literal HOPE, docs/design.md §4.1);
+    "hope_stream" and "transformer_stream" are "hope" and "transformer" configured for stream training (the state
+    carried from window to window: `experiment=hope_stream_small`, `transformer_stream_small`).
     Size: "tiny" | "small" | "base" or a depth; width = 64·depth, heads = depth. `overrides` replace any
     `HopeConfig` field; a `memory` override given as a dict changes only the `MemoryConfig` fields it names.
     """
@@ -224,8 +246,9 @@ def preset(name: str, size: str | int = "small", **overrides: Any) -> HopeConfig
     for lvl in spec["cms"]:
         frac = lvl.get("hidden_frac")
         hidden = None if frac is None else 8 * max(1, round(base.ffn_hidden * frac / 8))
-        cms.append(CMSLevel(period=lvl["period"], hidden=hidden))
-    kwargs: dict[str, Any] = {"d_model": d_model, "n_heads": depth, "n_layers": depth, "core": spec["core"], "cms": cms}
+        cms.append(CMSLevel(period=lvl["period"], hidden=hidden, decay=lvl.get("decay", 0.0)))
+    kwargs: dict[str, Any] = {"d_model": d_model, "n_heads": depth, "n_layers": depth, "core": spec["core"], "cms": cms,
+                              **spec.get("config", {})}
     memory = overrides.pop("memory", None)
     if memory is None or isinstance(memory, Mapping):  # a dict of MemoryConfig fields refines the preset's
         memory = {**spec.get("memory", {}), **(memory or {})} or None

@@ -144,7 +144,7 @@ def test_stream_protocol_tiny(tmp_path):
         assert 0 < unit["metrics_stream"]["average_accuracy"] < 10
         assert unit["R_stream"] != unit["R_weights"]  # the carried state changes what the model predicts
     cfg = di.stream_model("hope", "tiny", 0, 64).model.config
-    assert [lvl.period for lvl in cfg.cms] == list(di.STREAM_PERIODS) and cfg.carry_core
+    assert [lvl.period for lvl in cfg.cms] == [64, 512, 4096] and cfg.carry_core and cfg.persist
     assert cfg.memory.retain_toward == "init"
     assert di.stream_model("transformer", "tiny", 0, 64).model.config.kv_cache == 64
 

@@ -36,7 +36,7 @@ RUN = ["model.size=tiny", "data.seq_len=32", "data.batch_size=2", "data.max_val_
        f"paths.data_cache={ROOT}/.cache/data"]
 TRANSFORMER = ["experiment=transformer_small", *RUN]
 HOPE_STREAM = ["experiment=hope_stream_small", *RUN,
-               "model.config.cms=[{period:8,hidden:32},{period:32,hidden:32},{period:256,hidden:32}]"]
+               "+model.config.cms=[{period:8,hidden:32},{period:32,hidden:32},{period:256,hidden:32}]"]
 
 
 

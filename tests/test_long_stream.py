@@ -10,17 +10,16 @@ import torch
 
 from experiments.common.models import load_checkpoints
 from experiments.continual import long_stream
-from hope import CMSLevel, HopeLM, preset
+from hope import HopeLM, preset
 
 
 def tiny_stream_model(core: str = "self_modifying", **overrides) -> HopeLM:
-    """`experiment=hope_stream_small`'s CMS (periods 64, 512, 4096 with decay 1/16) at the tiny size; a
-    self-modifying core is carried and retains toward its initial state, as in that experiment."""
+    """`experiment=hope_stream_small`'s preset at the tiny size (CMS periods 64, 512, 4096 with decay 1/16; a
+    self-modifying core carried, retaining toward its initial state), with another `core` if given."""
     torch.manual_seed(0)
-    levels = [CMSLevel(period=C, hidden=64, decay=1 / 16) for C in (64, 512, 4096)]
-    if core == "self_modifying":
-        overrides = {"carry_core": True, "memory": {"retain_toward": "init"}, **overrides}
-    return HopeLM(preset("hope", "tiny", core=core, cms=levels, persist=True, **overrides)).eval()
+    if core != "self_modifying":
+        overrides = {"core": core, **overrides}  # an attention core ignores the memory settings
+    return HopeLM(preset("hope_stream", "tiny", **overrides)).eval()
 
 
 def test_read_stream_carried_equals_one_call_when_nothing_is_cut():
@@ -44,6 +43,22 @@ def test_bucket_means_cover_the_stream():
     means = long_stream.bucket_means(losses, 20000)
     assert list(means) == ["0–512", "512–2K", "2K–8K", "8K–16K", "16K–20000"]
     assert means["0–512"] == pytest.approx(255.5)
+
+
+def test_stream_presets_are_their_models_configured_for_streams():
+    """`hope_stream` (experiment=hope_stream_small) is `hope` with the CMS spanning the stream and the core carried,
+    `transformer_stream` is Transformer++ with a one-window KV cache; each has its model's parameters."""
+    from experiments.common.models import count_params
+
+    for size in ("tiny", "small"):
+        cfg = preset("hope_stream", size)
+        assert [(lvl.period, lvl.decay) for lvl in cfg.cms] == [(64, 1 / 16), (512, 1 / 16), (4096, 1 / 16)]
+        assert cfg.persist and cfg.carry_core and cfg.memory.retain_toward == "init"
+        assert [lvl.hidden for lvl in cfg.cms] == [lvl.hidden for lvl in preset("hope", size).cms]
+        for stream, base in (("hope_stream", "hope"), ("transformer_stream", "transformer")):
+            assert count_params(HopeLM(preset(stream, size))) == count_params(HopeLM(preset(base, size)))
+    cfg = preset("transformer_stream", "small")
+    assert cfg.persist and cfg.kv_cache == 512 and preset("transformer_stream", "small", kv_cache=256).kv_cache == 256
 
 
 def test_every_fast_memory_stays_bounded_over_64k_tokens():

@@ -84,8 +84,8 @@ def losses_by_step(log_dir: Path) -> dict[int, float]:
     return out
 
 
-STREAM = ["experiment=hope_stream_small", "model.config.cms=[{period:8,hidden:32},{period:32,hidden:32},"
-          "{period:256,hidden:32}]"]
+STREAM = ["experiment=hope_stream_small", "+model.config.cms=[{period:8,hidden:32,decay:0.0625},"
+          "{period:32,hidden:32,decay:0.0625},{period:256,hidden:32,decay:0.0625}]"]
 
 
 def assert_resume_is_exact(tmp_path: Path, common: list[str]) -> dict:

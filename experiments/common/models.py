@@ -42,9 +42,11 @@ def count_params(model: nn.Module) -> int:
 
 
 def build_model(
-    name: str, size: str | int = "tiny", seed: int = 0, device: str | torch.device = "cpu", **overrides: Any
+    name: str, size: str | int = "tiny", seed: int = 0, device: str | torch.device = "cpu",
+    preset_name: str | None = None, **overrides: Any
 ) -> BuiltModel:
-    """`HopeLM(preset(name, size, **overrides))` initialised from `seed`, smoke-tested on two tokens.
+    """`HopeLM(preset(preset_name or name, size, **overrides))` initialised from `seed`, smoke-tested on two tokens.
+    `preset_name` builds a configuration of the model `name` under another preset (e.g. "hope_stream" for "hope").
 
     Raises `ValueError` for an unknown name and `ModelUnavailable` (with the import error) when the preset's core
     or CMS levels are not available yet, so a benchmark can skip that model and say why.
@@ -55,7 +57,7 @@ def build_model(
 
     torch.manual_seed(seed)
     try:
-        model = HopeLM(preset(name, size, **overrides))
+        model = HopeLM(preset(preset_name or name, size, **overrides))
         with torch.no_grad():
             model(torch.zeros(1, 2, dtype=torch.long))  # cores and CMS levels import lazily: fail here, not mid-run
     except (ImportError, NotImplementedError) as err:

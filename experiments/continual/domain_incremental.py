@@ -16,8 +16,9 @@ Writes `<out>/domain_incremental.json`, `.png` (loss on the first domain after e
 `--replot <out>/domain_incremental.json` redraws the PNG from the JSON alone.
 
 `--stream` runs the stream protocol instead (plain sequential training; HOPE and Transformer++, each in its
-stream configuration: `experiment=hope_stream_small`'s CMS levels of periods 64/512/4096 with retention 1/16 and
-the core carried, retaining toward its initial state, and a Transformer-XL cache of one window). Each of `batch`
+stream configuration, the presets of `experiment=hope_stream_small` and `transformer_stream_small`: CMS levels of
+periods 64/512/4096 with retention 1/16 and the core carried, retaining toward its initial state, and a
+Transformer-XL cache of one window). Each of `batch`
 rows reads the domains' training splits one after the other as one continuing stream, `seq_len` tokens a step,
 and the fast state (core memories, CMS fast weights, KV cache) is carried from window to window and across the
 domain switches, cut from the graph between windows (truncated BPTT); `--train-state reset` trains the same
@@ -75,9 +76,6 @@ STREAM_MODES: dict[str, dict[str, Any]] = {
              "switch": 1024, "lr": 1e-3},
 }
 STREAM_MODELS = ("hope", "transformer")
-STREAM_PERIODS = (64, 512, 4096)  # experiment=hope_stream_small
-STREAM_DECAY = 1 / 16
-STREAM_MEMORY = {"retain_toward": "init"}  # the core carried over the stream retains toward its initial state
 
 
 def build_tasks(corpora: Mapping[str, Sequence], seq_len: int, n_train: int, n_eval: int, seed: int) -> list[Task]:
@@ -167,19 +165,13 @@ def plot(doc: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def stream_model(name: str, size: str | int, seed: int, seq_len: int, device: str = "cpu"):
-    """`name` in its stream configuration (see the module docstring), as `build_model` builds it."""
-    from dataclasses import replace
-
-    from hope import preset
-
+    """`name` in its stream configuration (presets "hope_stream" and "transformer_stream", the latter keeping
+    the previous `seq_len` tokens' keys and values), as `build_model` builds it."""
     if name not in STREAM_MODELS:
         raise ValueError(f"--stream compares the models that have a stream configuration, {STREAM_MODELS}; "
                          f"got {name!r}")
-    if name == "transformer":
-        return build_model(name, size, seed, device, persist=True, kv_cache=seq_len)
-    levels = preset(name, size).cms
-    cms = [replace(level, period=period, decay=STREAM_DECAY) for level, period in zip(levels, STREAM_PERIODS)]
-    return build_model(name, size, seed, device, persist=True, carry_core=True, memory=STREAM_MEMORY, cms=cms)
+    overrides = {"kv_cache": seq_len} if name == "transformer" else {}
+    return build_model(name, size, seed, device, preset_name=f"{name}_stream", **overrides)
 
 
 @torch.no_grad()

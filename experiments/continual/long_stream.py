@@ -31,6 +31,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -291,17 +292,15 @@ def run_norms(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
 def run_cost(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
     size, batch, window, rounds, steps = ("tiny", 2, 128, 3, 2) if args.tiny else \
         ("small", args.batch, args.window, args.rounds, args.steps)
-    periods = [{"period": 64}, {"period": 512}, {"period": 4096}] if not args.tiny else \
-        [{"period": 16}, {"period": 128}, {"period": 1024}]
-    base = preset("hope", size)  # experiment=hope_stream_small: retention 1/16, the cores carried (toward S₀)
-    config = preset("hope", size, carry_core=True, memory={"retain_toward": "init"},
-                    cms=[{**p, "hidden": lvl.hidden, "decay": 1 / 16} for p, lvl in zip(periods, base.cms)])
+    config = preset("hope_stream", size)  # experiment=hope_stream_small
+    if args.tiny:  # periods that a 128-token window reaches
+        config.cms = [replace(lvl, period=p) for lvl, p in zip(config.cms, (16, 128, 1024))]
     torch.set_num_threads(args.threads)
     result = step_cost(config, batch, window, rounds, steps, args.seed)
     table = markdown_table(
         ["model", "tokens/step", "reset s/step (median)", "stream s/step (median)", "stream / reset (median)",
          "range"],
-        [[f"hope_stream_{size} (periods {', '.join(str(p['period']) for p in periods)})", result["tokens_per_step"],
+        [[f"hope_stream_{size} (periods {', '.join(str(lvl.period) for lvl in config.cms)})", result["tokens_per_step"],
           statistics.median(result["reset_s"]), statistics.median(result["stream_s"]), result["median_ratio"],
           f"{result['min_ratio']:.3f}–{result['max_ratio']:.3f}"]])
     doc = {"command": command_line("experiments.continual.long_stream", argv), "mode": "tiny" if args.tiny else "cpu",
