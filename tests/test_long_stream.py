@@ -86,6 +86,17 @@ def test_smoke_runs_write_their_results(command, tmp_path):
     assert doc["mode"] == "tiny" and "commit" in json.dumps(doc) and path.with_suffix(".png").is_file()
 
 
+def test_norms_replot_redraws_from_the_json_alone(tmp_path):
+    path = long_stream.main(["norms", "--tiny", "--out", str(tmp_path)])
+    png = path.with_suffix(".png")
+    png.unlink()
+    assert long_stream.main(["norms", "--replot", str(path)]) == png and png.stat().st_size > 0
+    with pytest.raises(SystemExit, match="no such file"):
+        long_stream.main(["norms", "--replot", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="'eval'"):
+        long_stream.main(["eval", "--replot", str(path)])
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(SystemExit, match="--ckpt"):
         long_stream.main(["eval"])

@@ -3,6 +3,7 @@
     python -m experiments.continual.long_stream eval --ckpt hope=logs/hope_stream_small/checkpoints/last.ckpt \
         --ckpt transformer=logs/transformer_stream_small/checkpoints/last.ckpt      # loss against position
     python -m experiments.continual.long_stream norms --ckpt hope=...               # state norms over 1M tokens
+    python -m experiments.continual.long_stream norms --replot results/long_stream_norms.json  # redraw its plot
     python -m experiments.continual.long_stream cost                                # stream vs reset step cost
     python -m experiments.continual.long_stream eval --tiny                         # seconds (what the tests run)
 
@@ -15,8 +16,9 @@ Dimensions: B batch (streams read side by side), T window (tokens per call), N s
   carried against reset, and the plot the mean loss of each window. Memory helps where carried < reset.
 - `norms`: B streams of the train split read with the state carried for N tokens in all (default 1M); after
   every window the Frobenius norm (mean over rows) of every fast memory: each core memory of each block (e.g.
-  `proj.S`, `mem.S`) and each CMS level's fast weights θ_0 − Δ. The plot shows norm against tokens, one line per
-  memory and level; bounded memories stay flat.
+  `proj.S`, `mem.S`) and each CMS level's fast weights θ_0 − Δ. The plot shows each norm against tokens, divided
+  by its value after the first window, one panel per block and one line per memory and level; bounded memories
+  level off.
 - `cost`: a training step of one model in stream mode (state carried, cut after the step) against the same model
   with its state reset, alternated over rounds (reset, stream, reset, stream, …) in one process; prints the median
   ratio of step times and its range.
@@ -274,19 +276,39 @@ def run_norms(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
     doc = {"command": command_line("experiments.continual.long_stream", argv), "mode": "tiny" if args.tiny else "cpu",
            "tokens": n, "batch": batch, "window": window, "results": results, "table": table}
 
-    def plot(png: Path) -> None:
-        plt = pyplot()
-        fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
-        for ax, (name, r) in zip(axes[0], results.items()):
-            for key, v in r["norms"].items():
-                ax.plot(r["tokens"], v, label=key, lw=1)
-            ax.set(title=f"{name}: fast-memory norms, state carried", xlabel="tokens read", ylabel="‖state‖_F",
-                   yscale="log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6, ncol=2)
-        save_figure(fig, png)
+    return publish(f"{NAME}_norms{args.tag}", doc, args.out, lambda png: plot_norms(results, png))
 
-    return publish(f"{NAME}_norms{args.tag}", doc, args.out, plot)
+
+def plot_norms(results: dict[str, Any], png: Path) -> None:
+    """One row of panels per model, one panel per block: each fast memory's norm over the stream, divided by its
+    norm after the first window (1 = where it started; a bounded memory levels off)."""
+    plt = pyplot()
+    blocks = sorted({key.split(".")[0] for r in results.values() for key in r["norms"]})
+    fig, axes = plt.subplots(len(results), max(1, len(blocks)), figsize=(3.6 * max(1, len(blocks)),
+                             3.2 * len(results)), squeeze=False, sharey=True)
+    for row, (name, r) in zip(axes, results.items()):
+        for ax, block in zip(row, blocks):
+            for key, v in r["norms"].items():
+                if key.split(".")[0] == block:
+                    ax.plot(r["tokens"], [x / v[0] for x in v], lw=1.2,
+                            label=f"{key.partition('.')[2]} ({v[0]:.3g})")
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set(title=f"{name}, block {block[1:]}", xlabel="tokens read")
+            ax.grid(alpha=0.3)
+            if ax.lines[:-1]:
+                ax.legend(fontsize=6, title="memory (norm after window 1)", title_fontsize=6)
+        row[0].set_ylabel("‖state‖_F / after window 1")
+    save_figure(fig, png)
+
+
+def replot_norms(path: Path) -> Path:
+    """Redraw `<name>.png` from a `norms` result JSON alone."""
+    import json
+
+    doc = json.loads(Path(path).read_text())
+    png = Path(path).with_suffix(".png")
+    plot_norms(doc["results"], png)
+    return png
 
 
 def run_cost(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
@@ -329,11 +351,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
     p.add_argument("--tag", default="", help="suffix of the result files (long_stream_<command><tag>.json)")
+    p.add_argument("--replot", default=None, metavar="JSON", help="norms: redraw the PNG of a result JSON, run nothing")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parser().parse_args(argv)
+    if args.replot is not None:
+        if args.command != "norms":
+            raise SystemExit(f"--replot redraws a norms result; got command {args.command!r}")
+        if not Path(args.replot).is_file():
+            raise SystemExit(f"--replot: no such file {args.replot!r}")
+        return replot_norms(Path(args.replot))
     if args.tokens is None:
         args.tokens = {"eval": 65536, "norms": 1 << 20, "cost": 0}[args.command]
     if args.command in ("eval", "norms") and not args.tiny and not args.ckpt:
