@@ -156,6 +156,29 @@ def test_passkey_stream_mode_reads_in_windows(tmp_path, monkeypatch):
     assert len(doc["results"]["hope"]["exact_match"]) == 2
 
 
+def test_passkey_stream_window_and_phases_flags(tmp_path, monkeypatch, capsys):
+    """`--window` sets the window of training and test, `--then` the longer-haystack phases; both need `--stream`
+    and well-formed values."""
+    from experiments.memory_tasks import harness
+
+    seen = []
+    real = harness.train_on_synthetic
+    monkeypatch.setattr(harness, "train_on_synthetic", lambda *a, **k: seen.append(a) or real(*a, **k))
+    passkey.run(["--tiny", "--stream", "--models", "hope", "--window", "128", "--then", "128:1,256:1",
+                 "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "passkey_stream.json").read_text())
+    assert doc["config"]["window"] == 128
+    assert doc["config"]["then"] == [{"train_len": 128, "steps": 1}, {"train_len": 256, "steps": 1}]
+    window, then = seen[0][10], seen[0][11]
+    assert window == 128 and [(t[0].inputs.shape[1], n) for t, n in ((p[:2], p[2]) for p in then)] == \
+        [(128, 1), (256, 1)]
+    for bad, match in ((["--window", "64"], "add --stream"), (["--stream", "--window", "0"], "--window must"),
+                       (["--stream", "--then", "128"], "LEN:STEPS")):
+        with pytest.raises(SystemExit):
+            passkey.parse_args(["--tiny", *bad])
+        assert match in capsys.readouterr().err
+
+
 def test_sweep_memory_flag_reaches_the_core_and_tags_the_files(tmp_path, monkeypatch):
     """`--memory` builds HOPE's core with those MemoryConfig fields (shown in the table); `--tag` names the files."""
     from experiments.memory_tasks import harness

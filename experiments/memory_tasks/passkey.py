@@ -15,7 +15,8 @@ does retrieval survive contexts longer than any seen in training? Writes `<out>/
 `--stream` trains and tests as a stream model would run: every haystack is read in windows of `window` tokens
 (512 in cpu mode) with the state carried and cut between windows (truncated BPTT; attention keeps a Transformer-XL
 cache of the last window), after a curriculum that goes on from the short haystacks to ones of `then` tokens; it
-tests at 1K, 4K, 16K and 64K tokens. Writes `<out>/passkey_stream.*`.
+tests at 1K, 4K, 16K and 64K tokens. Writes `<out>/passkey_stream.*`. `--window` and `--then 1024:150` change the
+window and the longer-haystack phases (a haystack no longer than the window is trained with its whole gradient).
 """
 
 from __future__ import annotations
@@ -49,11 +50,15 @@ STREAM_MODES: dict[str, dict[str, Any]] = {
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     with configured(args):
         from hope.data.synthetic import DIGIT0, passkey_task
 
         mode = sweep_mode(STREAM_MODES if args.stream else MODES, args)
+        if args.window is not None:
+            mode["window"] = args.window
+        if args.then is not None:
+            mode["then"] = args.then
         digits = torch.arange(DIGIT0, DIGIT0 + 10)  # [K] the ten digit tokens
 
         def make(length: int, n: int, seed: int):
@@ -68,7 +73,33 @@ def parser() -> argparse.ArgumentParser:
     p = sweep_parser(__doc__.splitlines()[0])
     p.add_argument("--stream", action="store_true",
                    help="read haystacks in windows with the state carried, after a longer-haystack phase")
+    p.add_argument("--window", type=int, default=None,
+                   help="--stream: tokens per window, in training and test (default: the mode's)")
+    p.add_argument("--then", type=_phases, default=None, metavar="LEN:STEPS[,LEN:STEPS]",
+                   help="--stream: the longer-haystack phases after the first (default: the mode's)")
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed flags; `--window` and `--then` only with `--stream`, and a window of at least 1 token."""
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.stream and (args.window is not None or args.then is not None):
+        p.error("--window and --then set the stream protocol; add --stream")
+    if args.window is not None and args.window < 1:
+        p.error(f"--window must be >= 1, got {args.window}")
+    return args
+
+
+def _phases(text: str) -> list[dict[str, int]]:
+    """`"1024:150,2048:100"` → [{"train_len": 1024, "steps": 150}, {"train_len": 2048, "steps": 100}]."""
+    out = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        length, sep, steps = item.partition(":")
+        if not (sep and length.isdigit() and steps.isdigit() and int(length) > 0 and int(steps) > 0):
+            raise argparse.ArgumentTypeError(f"a phase is LEN:STEPS with two positive ints, got {item!r}")
+        out.append({"train_len": int(length), "steps": int(steps)})
+    return out
 
 
 if __name__ == "__main__":
