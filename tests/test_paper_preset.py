@@ -199,6 +199,27 @@ def test_negative_eigenvalues_stay_bounded_over_a_long_stream():
         assert torch.isfinite(o).all() and S.abs().max() < 10 * v.abs().max(), chunk
 
 
+def test_parity_takes_one_token_chunks():
+    """Why `negative_eigenvalues` solves parity only with `chunk_size=1` (experiments/memory_tasks/README.md): gates at
+    the bound (α = 1; η = β = (1 + α)/2 = 1 on a 1, 0 on a 0), one fixed key, no target. With C = 1 each 1 multiplies
+    S k by α − β − η = −1, so the read S_t k is (−1)^(ones so far). Inside a chunk the gradient term is taken at the
+    chunk-start state, so a token multiplies S k by α − β = 0 and adds −η S_c k: the second 1 of a chunk does not
+    flip the sign back, and the read stops tracking parity."""
+    from hope.ops import memory_update
+
+    T, Kk = 64, 4
+    bits = torch.randint(0, 2, (1, T, 1), generator=torch.Generator().manual_seed(3)).to(DT)  # [B, T, H]
+    k = F.normalize(torch.ones(1, T, 1, Kk, dtype=DT), dim=-1)
+    v = torch.zeros(1, T, 1, Kk, dtype=DT)
+    alpha, eta = torch.ones_like(bits), bits.clone()
+    S0 = k[0, 0, 0][None, None, :, None] * torch.ones(1, 1, 1, Kk, dtype=DT)  # Sᵀ: S k = 1 in every value column
+    parity = (-1.0) ** bits.cumsum(1)  # [B, T, H]
+    for chunk, tracks in ((1, True), (16, False)):
+        o, _ = memory_update(k, k, v, eta, alpha, eta, chunk, S0, True, "torch")
+        assert torch.equal(o[..., 0].abs(), torch.ones_like(parity))  # a sign is read at every token
+        assert torch.equal(torch.sign(o[..., 0]), parity) == tracks, chunk
+
+
 def test_preset_within_budget_and_hope_unchanged():
     def count(name):
         return sum(p.numel() for p in HopeLM(preset(name, "small")).parameters())
