@@ -78,6 +78,7 @@ def test_formal_languages_tiny_mode(tmp_path):
     assert 0.0 <= cell["bin0"] <= 100.0 and 0.0 <= cell["bin1"] <= 100.0
     assert doc["paper_table5"]["Hope"]["parity"] == [100.0, 100.0]
     assert "ours: Transformer++" in (tmp_path / "formal_languages.md").read_text()
+    assert doc["config"]["languages"] == "parity"  # what ran, not the mode's default list
 
 
 def test_render_rebuilds_table_and_plot_and_keeps_the_run_record(tmp_path):

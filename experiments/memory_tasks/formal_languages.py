@@ -130,7 +130,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if not languages or bad:
         raise ValueError(f"--languages must list languages from {tuple(TITLES)}, got {args.languages!r}")
     names, skipped = available_models(names)
-    partial = Partial(NAME + args.tag, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
+    mode["languages"] = ",".join(languages)  # recorded as run; units are per language, so resume needs no match
+    budget = {k: v for k, v in mode.items() if k != "languages"}
+    partial = Partial(NAME + args.tag, args.out, {"mode": mode_name(args), **budget, "seed": args.seed}, args.resume)
     results = {lang: run_language(lang, names, mode, args.seed, partial) for lang in languages}
     table = comparison_table(results, languages, mode["memory"])
     doc = {"mode": mode_name(args), "config": mode, "score": "recognition accuracy (%) Bin0 / Bin1",
