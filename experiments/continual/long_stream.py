@@ -43,7 +43,7 @@ from torch import Tensor
 
 from experiments.common.cli import command_line
 from experiments.common.models import load_checkpoints
-from experiments.common.results import markdown_table, plot_lines, publish, pyplot, save_figure
+from experiments.common.results import markdown_table, plot_lines, publish, pyplot, replot, save_figure
 from hope import HopeConfig, HopeLM, preset
 from hope.state import StreamState
 
@@ -288,27 +288,16 @@ def plot_norms(results: dict[str, Any], png: Path) -> None:
                              3.2 * len(results)), squeeze=False, sharey=True)
     for row, (name, r) in zip(axes, results.items()):
         for ax, block in zip(row, blocks):
-            for key, v in r["norms"].items():
-                if key.split(".")[0] == block:
-                    ax.plot(r["tokens"], [x / v[0] for x in v], lw=1.2,
-                            label=f"{key.partition('.')[2]} ({v[0]:.3g})")
+            series = {key: v for key, v in r["norms"].items() if key.split(".")[0] == block}
+            for key, v in series.items():
+                ax.plot(r["tokens"], [x / v[0] for x in v], lw=1.2, label=f"{key.partition('.')[2]} ({v[0]:.3g})")
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set(title=f"{name}, block {block[1:]}", xlabel="tokens read")
             ax.grid(alpha=0.3)
-            if ax.lines[:-1]:
+            if series:
                 ax.legend(fontsize=6, title="memory (norm after window 1)", title_fontsize=6)
         row[0].set_ylabel("‖state‖_F / after window 1")
     save_figure(fig, png)
-
-
-def replot_norms(path: Path) -> Path:
-    """Redraw `<name>.png` from a `norms` result JSON alone."""
-    import json
-
-    doc = json.loads(Path(path).read_text())
-    png = Path(path).with_suffix(".png")
-    plot_norms(doc["results"], png)
-    return png
 
 
 def run_cost(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
@@ -362,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             raise SystemExit(f"--replot redraws a norms result; got command {args.command!r}")
         if not Path(args.replot).is_file():
             raise SystemExit(f"--replot: no such file {args.replot!r}")
-        return replot_norms(Path(args.replot))
+        replot(args.replot, lambda doc, png: plot_norms(doc["results"], png))
+        return Path(args.replot).with_suffix(".png")
     if args.tokens is None:
         args.tokens = {"eval": 65536, "norms": 1 << 20, "cost": 0}[args.command]
     if args.command in ("eval", "norms") and not args.tiny and not args.ckpt:
