@@ -6,6 +6,8 @@ Legend: B batch, T time, D model width.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import rel_rms
@@ -200,11 +202,25 @@ def test_bad_inputs_raise(name):
         ({"self_target_mem": True, "objective": "dot"}, "self_target_mem=True needs objective='l2'"),
         ({"momentum": 1}, "momentum must be a bool, got 1"),
         ({"hidden_mult": 0}, "hidden_mult must be > 0, got 0"),
+        ({"max_horizon": 8}, "max_horizon must be an int >= 16 .*, got 8"),
     ],
 )
 def test_memory_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MemoryConfig(**kwargs)
+
+
+@pytest.mark.parametrize("core", [SelfModifyingCore, TitansCore])
+def test_max_horizon_sets_the_initial_retentions(core):
+    """The heads start at horizons τ = 1/(1 − α) log-spaced in [16, max_horizon] tokens, for both cores."""
+    for horizon in (1024, 16384):
+        kind = "self_modifying" if core is SelfModifyingCore else "titans"
+        memory = MemoryConfig(max_horizon=horizon)
+        module = core(HopeConfig(d_model=32, n_heads=4, n_layers=1, core=kind, memory=memory))
+        bias = module.alpha_bias if core is SelfModifyingCore else module.gates.bias[:4]
+        tau = 1 / (1 - torch.sigmoid(bias.detach().double()))
+        expected = torch.logspace(math.log10(16), math.log10(horizon), 4, dtype=torch.float64)
+        assert torch.allclose(tau, expected, rtol=1e-4), (horizon, tau)
 
 
 def test_conv_carries_its_inputs():

@@ -159,22 +159,23 @@ def test_passkey_stream_mode_reads_in_windows(tmp_path, monkeypatch):
 
 def test_passkey_stream_window_and_phases_flags(tmp_path, monkeypatch, capsys):
     """`--window` sets the window of training and test, `--then` the longer-haystack phases; both need `--stream`
-    and well-formed values."""
+    and well-formed values. `--test-lens` sets the lengths tested."""
     from experiments.memory_tasks import harness
 
     seen = []
     real = harness.train_on_synthetic
     monkeypatch.setattr(harness, "train_on_synthetic", lambda *a, **k: seen.append(a) or real(*a, **k))
     passkey.run(["--tiny", "--stream", "--models", "hope", "--window", "128", "--then", "128:1,256:1",
-                 "--out", str(tmp_path)])
+                 "--test-lens", "96,320", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "passkey_stream.json").read_text())
-    assert doc["config"]["window"] == 128
+    assert doc["config"]["window"] == 128 and doc["test_settings"] == [96, 320]
     assert doc["config"]["then"] == [{"train_len": 128, "steps": 1}, {"train_len": 256, "steps": 1}]
     window, then = seen[0][10], seen[0][11]
     assert window == 128 and [(t[0].inputs.shape[1], n) for t, n in ((p[:2], p[2]) for p in then)] == \
         [(128, 1), (256, 1)]
     for bad, match in ((["--window", "64"], "add --stream"), (["--stream", "--window", "0"], "--window must"),
-                       (["--stream", "--then", "128"], "LEN:STEPS")):
+                       (["--stream", "--then", "128"], "LEN:STEPS"),
+                       (["--test-lens", "1024,x"], "positive ints"), (["--test-lens", "0"], "positive ints")):
         with pytest.raises(SystemExit):
             passkey.parse_args(["--tiny", *bad])
         assert match in capsys.readouterr().err

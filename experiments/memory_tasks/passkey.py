@@ -16,7 +16,9 @@ does retrieval survive contexts longer than any seen in training? Writes `<out>/
 (512 in cpu mode) with the state carried and cut between windows (truncated BPTT; attention keeps a Transformer-XL
 cache of the last window), after a curriculum that goes on from the short haystacks to ones of `then` tokens; it
 tests at 1K, 4K, 16K and 64K tokens. Writes `<out>/passkey_stream.*`. `--window` and `--then 1024:150` change the
-window and the longer-haystack phases (a haystack no longer than the window is trained with its whole gradient).
+window and the longer-haystack phases (a haystack no longer than the window is trained with its whole gradient;
+a longer one is trained in windows with the state passed on, so only its last window's gradient reaches the gates
+that keep the needle). `--test-lens` changes the lengths tested.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             mode["window"] = args.window
         if args.then is not None:
             mode["then"] = args.then
+        if args.test_lens is not None:
+            mode["test_lens"] = args.test_lens
         digits = torch.arange(DIGIT0, DIGIT0 + 10)  # [K] the ten digit tokens
 
         def make(length: int, n: int, seed: int):
@@ -77,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
                    help="--stream: tokens per window, in training and test (default: the mode's)")
     p.add_argument("--then", type=_phases, default=None, metavar="LEN:STEPS[,LEN:STEPS]",
                    help="--stream: the longer-haystack phases after the first (default: the mode's)")
+    p.add_argument("--test-lens", type=_lengths, default=None, metavar="LEN[,LEN]",
+                   help="haystack lengths tested, in tokens (default: the mode's)")
     return p
 
 
@@ -89,6 +95,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.window is not None and args.window < 1:
         p.error(f"--window must be >= 1, got {args.window}")
     return args
+
+
+def _lengths(text: str) -> list[int]:
+    """`"1024,4096"` → [1024, 4096]; every item a positive int."""
+    items = [i.strip() for i in text.split(",") if i.strip()]
+    if not items or not all(i.isdigit() and int(i) > 0 for i in items):
+        raise argparse.ArgumentTypeError(f"--test-lens takes positive ints separated by commas, got {text!r}")
+    return [int(i) for i in items]
 
 
 def _phases(text: str) -> list[dict[str, int]]:

@@ -100,9 +100,11 @@ def check_input(x: object, d_model: int) -> None:
         raise ValueError(f"core input must be floating point, got dtype {x.dtype}")
 
 
-def retention_bias(n_heads: int) -> Tensor:
-    """b_α per head so that sigmoid(b_α) = 1 − 1/τ with memory horizons τ log-spaced in [16, 1024] tokens."""
-    tau = torch.logspace(math.log10(16), math.log10(1024), n_heads)
+def retention_bias(n_heads: int, max_horizon: int = 1024) -> Tensor:
+    """b_α per head so that sigmoid(b_α) = 1 − 1/τ with memory horizons τ log-spaced in [16, max_horizon] tokens."""
+    if max_horizon < 16:
+        raise ValueError(f"retention_bias needs max_horizon >= 16 tokens, got {max_horizon!r}")
+    tau = torch.logspace(math.log10(16), math.log10(max_horizon), n_heads)
     return torch.log(tau - 1)  # logit(1 − 1/τ)
 
 
@@ -220,7 +222,7 @@ class SelfModifyingCore(MemoryCore):
           with `proj_width="full"`.
         - proj_deep (deep M_k, M_v, M_q, M_η, M_α): w2 N(0, 1/d_in), w1 N(0, init_std²) (M(z) ≈ z for the
           residual M_k, M_v, M_q, and M_η, M_α ≈ 0 like the linear scalar columns at the start).
-        - eta_bias: 0 (η = η_max/2 at the start); alpha_bias: `retention_bias` (horizons 16…1024 tokens).
+        - eta_bias: 0 (η = η_max/2 at the start); alpha_bias: `retention_bias` (horizons 16…`max_horizon` tokens).
         - mem_init: linear Sᵀ N(0, init_std²); deep w2 N(0, 1/K), w1 N(0, init_std²).
         """
         std = self.config.init_std
@@ -237,7 +239,7 @@ class SelfModifyingCore(MemoryCore):
                 self.proj_init.normal_(std=std)
                 self.proj_init[..., :vector_cols].normal_(std=self.proj_in**-0.5)
             self.eta_bias.zero_()
-            self.alpha_bias.copy_(retention_bias(self.n_heads))
+            self.alpha_bias.copy_(retention_bias(self.n_heads, self.mc.max_horizon))
         for name, p in [*self.proj_deep.items(), *self.mem_init.items()]:
             nn.init.normal_(p, std=p.shape[-2] ** -0.5 if name.endswith("w2") else std)  # w2: [H, d_in, F]
 

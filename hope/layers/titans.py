@@ -93,7 +93,7 @@ class TitansCore(MemoryCore):
         """Initialisation of every parameter:
 
         - qkv: N(0, init_std²); conv: see `CausalConv.init_weights`; output: see `MemoryOutput.init_weights`.
-        - gates: weight N(0, init_std²); bias [α | θ | γ] = [`retention_bias` (horizons 16…1024 tokens) | 0 |
+        - gates: weight N(0, init_std²); bias [α | θ | γ] = [`retention_bias` (horizons 16…`max_horizon` tokens) | 0 |
           2.2 (γ ≈ 0.9)].
         - mem_w2 (W₂ᵀ of the initial memory): N(0, 1/K); mem_w1 (W₁ᵀ): N(0, init_std²), so M(z) ≈ z at the start.
         """
@@ -103,7 +103,8 @@ class TitansCore(MemoryCore):
         self.output.init_weights()
         nn.init.normal_(self.gates.weight, std=std)
         with torch.no_grad():
-            self.gates.bias.copy_(torch.cat([retention_bias(H), torch.zeros(H), torch.full((H,), 2.2)]))
+            alpha = retention_bias(H, self.mc.max_horizon)
+            self.gates.bias.copy_(torch.cat([alpha, torch.zeros(H), torch.full((H,), 2.2)]))
         nn.init.normal_(self.mem_w2, std=K**-0.5)
         nn.init.normal_(self.mem_w1, std=std)
 

@@ -74,6 +74,10 @@ class MemoryConfig:
             initial state and u_t taken at the whole chunk-start memory S_c, so a memory decays to S₀ and stays
             within a bounded distance of it over a stream of any length (what carrying the core across windows
             needs; docs/design.md §3). Linear memories only (`mem_depth`, `proj_depth`, `gate_depth` "linear").
+        max_horizon: the longest memory horizon at initialisation, in tokens: the retention biases start the heads
+            at horizons τ log-spaced in [16, max_horizon] (σ(b_α) = 1 − 1/τ, `retention_bias`). The default 1,024
+            spans a 512-token training window; a stream read far past its training length (passkey at 16K) may
+            want longer.
         conv_width: width of the causal depthwise convolution on the core's input (eq. 97 text: 4).
         backend: kernel choice of `hope.ops.memory_update` for M_mem: "auto", "torch", "recurrent", "triton"
             (`hope.ops.resolve_backend` says which one runs).
@@ -97,6 +101,7 @@ class MemoryConfig:
     self_target_mem: bool = False
     target_norm: bool = True
     retain_toward: str = "zero"
+    max_horizon: int = 1024
     conv_width: int = 4
     backend: str = "auto"
 
@@ -105,6 +110,9 @@ class MemoryConfig:
             value = getattr(self, name)
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             check(ok, f"MemoryConfig.{name} must be an int >= 1, got {value!r}")
+        ok = isinstance(self.max_horizon, int) and not isinstance(self.max_horizon, bool) and self.max_horizon >= 16
+        check(ok, f"MemoryConfig.max_horizon must be an int >= 16 (the shortest initial horizon), "
+                  f"got {self.max_horizon!r}")
         for name, allowed in (("erase", ERASES), ("objective", OBJECTIVES), ("mem_depth", DEPTHS),
                               ("proj_depth", DEPTHS), ("gate_depth", DEPTHS), ("proj_width", WIDTHS),
                               ("activation", ACTIVATIONS), ("backend", BACKENDS),
