@@ -54,6 +54,8 @@ def test_formal_comparison_table_and_bad_languages():
     assert "| paper: Transformer | 46.4 / 0.0 |" in table and "| ours: Transformer++ | 75.0 / 50.0 |" in table
     with pytest.raises(ValueError, match="'klingon'"):
         formal_languages.run(["--tiny", "--languages", "klingon"])
+    with pytest.raises(ValueError, match="--lr must be > 0, got -0.1"):
+        formal_languages.run(["--tiny", "--lr", "-0.1"])
     a = formal_language_task("parity", 6, (1, 50), seed=3)
     b = formal_language_task("parity", 6, (1, 50), seed=3)
     assert torch.equal(a.inputs, b.inputs)  # the benchmark's data are reproducible by seed
@@ -72,9 +74,11 @@ def test_sweep_tiny_modes(tmp_path, bench, key):
 
 
 def test_formal_languages_tiny_mode(tmp_path):
-    formal_languages.run(["--tiny", "--models", "transformer", "--languages", "parity", "--out", str(tmp_path)])
+    formal_languages.run(["--tiny", "--models", "transformer", "--languages", "parity", "--lr", "1e-3",
+                          "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "formal_languages.json").read_text())
     cell = doc["results"]["parity"]["transformer"]
+    assert doc["config"]["lr"] == 1e-3
     assert 0.0 <= cell["bin0"] <= 100.0 and 0.0 <= cell["bin1"] <= 100.0
     assert doc["paper_table5"]["Hope"]["parity"] == [100.0, 100.0]
     assert "ours: Transformer++" in (tmp_path / "formal_languages.md").read_text()

@@ -123,6 +123,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     mode = sweep_mode(MODES, args)
     mode["memory"] = mode.get("memory", {})  # parsed by sweep_mode; {} recorded when --memory is not given
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {args.lr!r}")
+        mode["lr"] = args.lr
     names = parse_models(args.models)
     check_memory_models(mode, names, args.models)
     languages = [lang for lang in (args.languages or mode["languages"]).split(",") if lang]
@@ -148,6 +152,7 @@ def parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--languages", default=None, help=f"comma-separated subset of {tuple(TITLES)}")
     p.add_argument("--steps", type=int, default=None, help="training steps per language and model")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the mode's)")
     add_memory_flag(p)
     p.add_argument("--tag", default="", help="suffix of the result files (formal_languages<tag>.json)")
     return p
