@@ -85,6 +85,27 @@ def test_formal_languages_tiny_mode(tmp_path):
     assert doc["config"]["languages"] == "parity"  # what ran, not the mode's default list
 
 
+def test_formal_languages_curriculum_trains_short_strings_first(tmp_path, monkeypatch, capsys):
+    """`--curriculum LEN:STEPS`: a first phase on strings of length 1–LEN, then the mode's steps on Bin0."""
+    from experiments.memory_tasks import formal_languages as fl
+
+    seen = []
+    real = fl.train_on_synthetic
+    monkeypatch.setattr(fl, "train_on_synthetic", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
+    fl.run(["--tiny", "--models", "hope", "--languages", "parity", "--curriculum", "6:2", "--out", str(tmp_path)])
+    (args, kwargs), = seen
+    first, steps, then = args[3], args[5], kwargs["then"]
+    lengths = (first.inputs != 0).sum(1) - 1  # symbols before QUERY
+    assert steps == 2 and int(lengths.max()) <= 6 and first.inputs.shape[0] == 2 * fl.MODES["tiny"]["batch"]
+    assert len(then) == 1 and then[0][2] == fl.MODES["tiny"]["steps"] and then[0][0].inputs.shape[1] > 7
+    doc = json.loads((tmp_path / "formal_languages.json").read_text())
+    assert doc["config"]["curriculum"] == {"max_len": 6, "steps": 2}
+    for bad in ("60:10", "6", "0:5", "6:0"):
+        with pytest.raises(SystemExit):
+            fl.parser().parse_args(["--tiny", "--curriculum", bad])
+        assert "--curriculum is LEN:STEPS" in capsys.readouterr().err
+
+
 def test_render_rebuilds_table_and_plot_and_keeps_the_run_record(tmp_path):
     from experiments.memory_tasks import harness
 

@@ -12,7 +12,8 @@ For each language (Parity, (aa)*, (abab)*, aⁿbⁿ, aⁿbⁿcⁿ, Shuffle-2) ea
 more mass on ACCEPT or REJECT, whichever is right (`hope.data.synthetic.formal_language_task`; half positive,
 negatives are near misses). The result table sets our numbers next to the paper's Table 5. `--memory` sets
 `MemoryConfig` fields of HOPE's self-modifying core (docs/design.md §4.1: `negative_eigenvalues`,
-`proj_chunk_size`, `momentum`, …); the result file and the table record them.
+`proj_chunk_size`, `momentum`, …); the result file and the table record them. `--curriculum 10:200` first trains
+200 steps on strings of length 1–10, then the mode's steps on Bin0; `--lr` sets the learning rate.
 
 Caveat: the paper (after Irie et al. 2023) scores a different protocol, so the comparison is of trends (who
 generalises to Bin1) rather than of digits; on our balanced recognition task chance is 50%, and 0% is impossible.
@@ -72,6 +73,11 @@ def run_language(language: str, names: Sequence[str], mode: dict[str, Any], seed
     tests = {b: formal_language_task(language, mode["n_test"], FORMAL_BINS[b], seed=seed + 1 + i)
              for i, b in enumerate(("bin0", "bin1"))}
     candidates = torch.tensor([ACCEPT, REJECT])
+    phases: list[tuple[Any, Any, int]] = [(train, tests["bin0"], mode["steps"])]
+    if mode.get("curriculum"):  # first the short strings, then Bin0
+        short, n = mode["curriculum"]["max_len"], mode["curriculum"]["steps"]
+        phases.insert(0, (formal_language_task(language, n * mode["batch"], (1, short), seed=seed + 100),
+                          formal_language_task(language, mode["n_test"], (1, short), seed=seed + 101), n))
     out: dict[str, Any] = {}
     for name in names:
         if partial is not None and partial.get(f"{language}/{name}") is not None:
@@ -79,8 +85,9 @@ def run_language(language: str, names: Sequence[str], mode: dict[str, Any], seed
             continue
         extra = {"memory": mode["memory"]} if mode.get("memory") and name in MEMORY_MODELS else {}
         try:
-            trained = train_on_synthetic(name, mode["size"], FORMAL_VOCAB_SIZE, train, tests["bin0"], mode["steps"],
-                                         mode["batch"], mode["lr"], seed, mode.get("device", "cpu"), **extra)
+            (first, held, n), *then = phases
+            trained = train_on_synthetic(name, mode["size"], FORMAL_VOCAB_SIZE, first, held, n, mode["batch"],
+                                         mode["lr"], seed, mode.get("device", "cpu"), then=then, **extra)
         except Diverged as err:  # recorded and shown as such; the other models still run
             out[name] = {"params": build_model(name, mode["size"], seed, vocab_size=FORMAL_VOCAB_SIZE).params,
                          "bin0": None, "bin1": None, "diverged": str(err)}
@@ -89,7 +96,7 @@ def run_language(language: str, names: Sequence[str], mode: dict[str, Any], seed
                    for b, t in tests.items()}
             out[name] = {"params": trained.params, "bin0": acc["bin0"], "bin1": acc["bin1"],
                          "train_seconds": trained.train["seconds"],
-                         "final_train_loss": trained.train["train_loss"][0][-1]}
+                         "final_train_loss": trained.train["train_loss"][-1][-1]}
         if partial is not None:
             partial.put(f"{language}/{name}", out[name])
         print(f"{TITLES[language]:>9} {name:>15}: " + (out[name].get("diverged") or
@@ -127,6 +134,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.lr > 0:
             raise ValueError(f"--lr must be > 0, got {args.lr!r}")
         mode["lr"] = args.lr
+    if args.curriculum is not None:
+        mode["curriculum"] = args.curriculum
     names = parse_models(args.models)
     check_memory_models(mode, names, args.models)
     languages = [lang for lang in (args.languages or mode["languages"]).split(",") if lang]
@@ -153,9 +162,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--languages", default=None, help=f"comma-separated subset of {tuple(TITLES)}")
     p.add_argument("--steps", type=int, default=None, help="training steps per language and model")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the mode's)")
+    p.add_argument("--curriculum", type=_curriculum, default=None, metavar="LEN:STEPS",
+                   help="first train STEPS steps on strings of length 1-LEN (LEN <= 50), then the mode's steps on Bin0")
     add_memory_flag(p)
     p.add_argument("--tag", default="", help="suffix of the result files (formal_languages<tag>.json)")
     return p
+
+
+def _curriculum(text: str) -> dict[str, int]:
+    """`"10:200"` → {"max_len": 10, "steps": 200}: a first phase on strings of length 1–10, inside Bin0."""
+    length, sep, steps = text.partition(":")
+    if not (sep and length.isdigit() and steps.isdigit() and 1 <= int(length) <= 50 and int(steps) >= 1):
+        raise argparse.ArgumentTypeError(f"--curriculum is LEN:STEPS with 1 <= LEN <= 50 and STEPS >= 1, got {text!r}")
+    return {"max_len": int(length), "steps": int(steps)}
 
 
 if __name__ == "__main__":
