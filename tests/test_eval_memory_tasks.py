@@ -206,6 +206,30 @@ def test_passkey_stream_window_and_phases_flags(tmp_path, monkeypatch, capsys):
         assert match in capsys.readouterr().err
 
 
+def test_saved_models_are_scored_again_without_training(tmp_path, monkeypatch):
+    """`--save-models DIR` writes each trained model; `--from-saved DIR` scores it at other lengths, trains nothing,
+    and gives the same scores where the lengths are the same."""
+    from experiments.memory_tasks import harness
+
+    first = ["--tiny", "--stream", "--models", "hope", "--memory", "max_horizon=64", "--seed", "3"]
+    passkey.run([*first, "--save-models", str(tmp_path / "models"), "--out", str(tmp_path)])
+    trained = json.loads((tmp_path / "passkey_stream.json").read_text())["results"]["hope"]
+    monkeypatch.setattr(harness, "train_on_synthetic", lambda *a, **k: pytest.fail("--from-saved trained a model"))
+    lens = [*passkey.STREAM_MODES["tiny"]["test_lens"], 384]
+    passkey.run([*first, "--from-saved", str(tmp_path / "models"), "--test-lens", ",".join(map(str, lens)),
+                 "--tag", "_again", "--out", str(tmp_path)])
+    again = json.loads((tmp_path / "passkey_stream_again.json").read_text())["results"]["hope"]
+    for key in ("exact_match", "token_accuracy"):
+        assert again[key][:2] == trained[key]
+    assert len(again["exact_match"]) == 3 and again["loaded_from"].endswith("hope.pt")
+    assert again["train_seconds"] == trained["train_seconds"] and again["params"] == trained["params"]
+    model, info = harness.load_trained(tmp_path / "models" / "hope.pt")
+    assert model.config.memory.max_horizon == 64  # the --memory field of the run that saved it
+    assert not model.training and info["final_train_loss"] == trained["final_train_loss"]
+    with pytest.raises(FileNotFoundError, match="no saved model at .*nowhere.*--save-models"):
+        passkey.run([*first, "--from-saved", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+
+
 def test_sweep_memory_flag_reaches_the_core_and_tags_the_files(tmp_path, monkeypatch):
     """`--memory` builds HOPE's core with those MemoryConfig fields (shown in the table); `--tag` names the files."""
     from experiments.memory_tasks import harness

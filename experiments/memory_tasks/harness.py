@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,13 +103,17 @@ def sweep(
     mode: dict[str, Any],
     seed: int,
     partial: Partial | None = None,
+    save_dir: str | None = None,
+    load_dir: str | None = None,
 ) -> dict[str, Any]:
     """Train each model at `train_setting`, score it at every test setting (context length, number of pairs, ...).
 
     `make(setting, n_examples, seed)` returns a `SyntheticBatch`; training, validation and each test set use
     different seeds, so no test example was trained on. Returns {model: {"params", "train_seconds",
     "token_accuracy": [...], "exact_match": [...]}} with one entry per test setting. With `partial`, each model's
-    result is saved as it ends and models it already holds are not run again.
+    result is saved as it ends and models it already holds are not run again. With `save_dir` each trained model is
+    written to `<save_dir>/<name>.pt` (`save_trained`); with `load_dir` none is trained: each is read from there and
+    only scored (its result keeps the training time and loss it was saved with, and says where it came from).
     """
     train = make(train_setting, mode["steps"] * mode["batch"], seed)
     held_out = make(train_setting, mode["n_test"], seed + 1)
@@ -121,6 +126,15 @@ def sweep(
     for name in names:
         if partial is not None and partial.get(name) is not None:
             out[name] = partial.get(name)
+            continue
+        if load_dir is not None:
+            model, info = load_trained(Path(load_dir) / f"{name}.pt")
+            scores = [score(model, t.inputs, t.targets, candidates, mode["eval_batch"], window) for t in tests]
+            out[name] = {**info, "token_accuracy": [s["token_accuracy"] for s in scores],
+                         "exact_match": [s["exact_match"] for s in scores]}
+            print(f"{name:>15}: " + "  ".join(f"{s}: {v['exact_match']:.2f}" for s, v in zip(test_settings, scores)))
+            if partial is not None:
+                partial.put(name, out[name])
             continue
         print(f"{name}: {mode['steps']} steps × {mode['batch']} at setting {train_setting}"
               + "".join(f", then {p['steps']} at {p['train_len']}" for p in mode.get("then", ()))
@@ -138,14 +152,38 @@ def sweep(
         else:
             scores = [score(trained.model, t.inputs, t.targets, candidates, mode["eval_batch"], window)
                       for t in tests]
-            out[name] = {"params": trained.params, "train_seconds": trained.train["seconds"],
-                         "final_train_loss": trained.train["train_loss"][0][-1],
-                         "token_accuracy": [s["token_accuracy"] for s in scores],
+            info = {"params": trained.params, "train_seconds": trained.train["seconds"],
+                    "final_train_loss": trained.train["train_loss"][-1][-1]}
+            if save_dir is not None:
+                save_trained(trained.model, Path(save_dir) / f"{name}.pt", info)
+            out[name] = {**info, "token_accuracy": [s["token_accuracy"] for s in scores],
                          "exact_match": [s["exact_match"] for s in scores]}
             print(f"{name:>15}: " + "  ".join(f"{s}: {v['exact_match']:.2f}" for s, v in zip(test_settings, scores)))
         if partial is not None:
             partial.put(name, out[name])
     return out
+
+
+def save_trained(model: nn.Module, path: Path, info: dict[str, Any]) -> Path:
+    """Write a trained benchmark model (its config, weights and `info`: params, training time and loss) to `path`,
+    through a temporary file beside it, so that a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict(), "info": dict(info)}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_trained(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model `save_trained` wrote to `path` (in eval mode, on the CPU) and its info, plus "loaded_from"."""
+    from hope import HopeConfig, HopeLM
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved model at {str(path)!r} (write one with --save-models)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = HopeLM(HopeConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), {**saved["info"], "loaded_from": str(path)}
 
 
 def sweep_parser(description: str) -> argparse.ArgumentParser:
@@ -154,6 +192,9 @@ def sweep_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
     add_memory_flag(p)
     p.add_argument("--tag", default="", help="suffix of the result files (e.g. passkey_stream<tag>.json)")
+    p.add_argument("--save-models", metavar="DIR", default=None, help="write each trained model to DIR/<model>.pt")
+    p.add_argument("--from-saved", metavar="DIR", default=None,
+                   help="train nothing: score the models that --save-models wrote to DIR")
     return p
 
 
@@ -219,7 +260,8 @@ def run_sweep(bench: str, args: argparse.Namespace, mode: dict[str, Any], make: 
     check_memory_models(mode, names, args.models)
     bench += args.tag
     partial = Partial(bench, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
-    results = sweep(names, make, train_setting, test_settings, vocab_size, candidates, mode, args.seed, partial)
+    results = sweep(names, make, train_setting, test_settings, vocab_size, candidates, mode, args.seed, partial,
+                    args.save_models, args.from_saved)
     doc = {"mode": mode_name(args), "config": mode, "train_setting": train_setting, "test_settings": test_settings,
            "score": score, "results": results, "skipped": skipped}
     return write_sweep(bench, doc, test_settings, xlabel, args.out, logx=True, partial=partial)
