@@ -149,7 +149,34 @@ def test_stream_protocol_tiny(tmp_path):
     assert di.stream_model("transformer", "tiny", 0, 64).model.config.kv_cache == 64
 
 
-def test_stream_protocol_bad_arguments(tmp_path):
+def test_stream_outer_periods_hold_the_slow_levels(tmp_path, monkeypatch):
+    """--outer-periods 1,1,1000: HOPE's period-4,096 CMS level never takes an outer step in the tiny run (its
+    initial weights stay as built) while level 0 moves; the result goes to files named with --tag."""
+    seen = {}
+    real = di.train_stream
+
+    def keep(model, *a, **k):
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out = real(model, *a, **k)
+        seen["after"] = dict(model.named_parameters())
+        return out
+
+    monkeypatch.setattr(di, "train_stream", keep)
+    di.run(["--tiny", "--stream", "--models", "hope", "--outer-periods", "1,1,1000", "--tag", "_slow",
+            "--out", str(tmp_path)], corpora=fake_corpora())
+    doc = json.loads((tmp_path / "domain_incremental_stream_carried_slow.json").read_text())
+    assert doc["config"]["outer_periods"] == [1, 1, 1000]
+    moved = {n for n, p in seen["after"].items() if not torch.equal(p, seen["before"][n])}
+    assert not any(".cms.2." in n for n in moved) and any(".cms.0." in n for n in moved)
+    assert any(".core." in n for n in moved)
+
+
+def test_stream_protocol_bad_arguments(tmp_path, capsys):
+    with pytest.raises(ValueError, match="add --stream"):
+        di.run(["--tiny", "--outer-periods", "1,8,64", "--out", str(tmp_path)], corpora=fake_corpora())
+    with pytest.raises(SystemExit):
+        di.parser().parse_args(["--tiny", "--stream", "--outer-periods", "1,0"])
+    assert "--outer-periods takes ints >= 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="stream configuration.*'titans'"):
         di.run(["--tiny", "--stream", "--models", "titans", "--out", str(tmp_path)], corpora=fake_corpora())
     with pytest.raises(ValueError, match="sequential strategy only.*'replay'"):

@@ -54,6 +54,7 @@ from experiments.common.data import check_fits, lm_task
 from experiments.common.models import LABELS, MODEL_NAMES, build_model, build_models, fork_state
 from experiments.common.results import Partial, markdown_table, plot_lines, publish, replot
 from experiments.common.train import STRATEGIES, Diverged, Task, run_strategy, strategy_config
+from hope.optim.multi_frequency import MultiFrequency, cms_level_periods
 
 NAME = "domain_incremental"
 DOMAINS = ("shakespeare", "kjv", "wikipedia", "bbc")
@@ -115,6 +116,8 @@ def run(argv: Sequence[str] | None = None, corpora: Mapping[str, Sequence] | Non
 def _run(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None) -> dict[str, Any]:
     if args.stream:
         return _run_stream(args, corpora)
+    if args.outer_periods is not None or args.tag:
+        raise ValueError("--outer-periods and --tag belong to the stream protocol; add --stream")
     mode = dict(MODES[mode_name(args)])
     size = args.size or mode["size"]
     steps = args.steps or mode["steps"]
@@ -203,6 +206,8 @@ def train_stream(model, streams: Sequence[tuple[str, Tensor, Tensor]], mode: Map
     B, T, steps = mode["batch"], mode["seq_len"], mode["steps"]
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=mode["lr"], weight_decay=0.1)
+    if mode.get("outer_periods") and len(model.config.cms) > 1:  # the models with CMS levels (HOPE)
+        opt = MultiFrequency(opt, cms_level_periods(model, mode["outer_periods"]))
     state, losses, R_stream, R_weights, switches = None, [], [], [], []
     start = time.perf_counter()
     from hope.data.datamodule import StreamWindows
@@ -245,6 +250,8 @@ def _run_stream(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None
 
     mode = dict(STREAM_MODES[mode_name(args)])
     size, mode["steps"] = args.size or mode["size"], args.steps or mode["steps"]
+    if args.outer_periods is not None:
+        mode["outer_periods"] = args.outer_periods
     if args.strategies not in (",".join(STRATEGIES), "sequential"):
         raise ValueError(f"--stream trains with the sequential strategy only, got --strategies {args.strategies!r}")
     names = parse_models(args.models if args.models != ",".join(MODEL_NAMES) else ",".join(STREAM_MODELS))
@@ -254,7 +261,8 @@ def _run_stream(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None
         parts = split_documents(docs)
         streams.append((name, stream(parts["train"]), stream(parts["test"] or parts["val"])))
     carry = args.train_state == "carried"
-    partial = Partial(f"{NAME}_stream_{args.train_state}", args.out,
+    bench = f"{NAME}_stream_{args.train_state}{args.tag}"
+    partial = Partial(bench, args.out,
                       {"mode": mode_name(args), **mode, "size": size, "seed": args.seed,
                        "domains": [s[0] for s in streams]}, args.resume)
     results, rows = {}, []
@@ -287,7 +295,7 @@ def _run_stream(args: argparse.Namespace, corpora: Mapping[str, Sequence] | None
     doc = {"mode": mode_name(args), "size": size, "protocol": "stream", "train_state": args.train_state,
            "tasks": [s[0] for s in streams], "config": mode, "score": "test loss per byte (nats), lower is better",
            "models": results, "table": table}
-    publish(f"{NAME}_stream_{args.train_state}", doc, args.out, lambda png: plot_stream(doc, png), partial)
+    publish(bench, doc, args.out, lambda png: plot_stream(doc, png), partial)
     return doc
 
 
@@ -311,7 +319,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="the stream protocol (module docstring)")
     p.add_argument("--train-state", dest="train_state", choices=("carried", "reset"), default="carried",
                    help="--stream: carry the fast state across windows and domains in training, or reset it")
+    p.add_argument("--outer-periods", dest="outer_periods", type=_periods, default=None, metavar="P0,P1,...",
+                   help="--stream: HOPE's CMS level ℓ takes an outer step every Pℓ steps (hope.optim.multi_frequency)")
+    p.add_argument("--tag", default="", help="--stream: suffix of the result files")
     return continual_flags(p, "domain")
+
+
+def _periods(text: str) -> list[int]:
+    items = [i.strip() for i in text.split(",")]
+    if not all(i.isdigit() and int(i) >= 1 for i in items):
+        raise argparse.ArgumentTypeError(f"--outer-periods takes ints >= 1 separated by commas, got {text!r}")
+    return [int(i) for i in items]
 
 
 if __name__ == "__main__":

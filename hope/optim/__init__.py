@@ -7,12 +7,16 @@ Two entry points share one set of pure rules (`update(state, grad) -> (state, di
 - `build_optimizer(name, params, lr, weight_decay, **kwargs)`: a `torch.optim.Optimizer` for the outer loop
   ("adamw" default, "adam", "sgd", "momentum", "adam_memory", "preconditioned_momentum", "delta_momentum",
   "deep_momentum", "muon", "m3").
+
+`MultiFrequency(optimizer, periods)` wraps any outer optimizer so that chosen parameters (e.g. the slow CMS levels',
+`cms_level_periods`) step once per `period` steps with their mean gradient.
 """
 
 from hope.optim.base import MemoryRule, State
 from hope.optim.build import DEFAULT_OPTIMIZER, OPTIMIZERS, build_optimizer
 from hope.optim.delta import DeepMomentumRule, DeltaMomentumRule, deep_memory_grads, deep_memory_loss
 from hope.optim.elementwise import AdamRule, MomentumRule, PreconditionedMomentumRule, SGDRule
+from hope.optim.multi_frequency import MultiFrequency, cms_level_periods
 from hope.optim.optimizers import (
     M3,
     AdamMemory,
@@ -27,6 +31,7 @@ from hope.optim.orthogonal import M3Rule, MuonRule, newton_schulz
 from hope.optim.registry import RULES, memory_rule
 
 __all__ = [
+    "cms_level_periods",
     "DEFAULT_OPTIMIZER",
     "M3",
     "OPTIMIZERS",
@@ -38,6 +43,7 @@ __all__ = [
     "DeltaMomentum",
     "DeltaMomentumRule",
     "M3Rule",
+    "MultiFrequency",
     "MemoryOptimizer",
     "MemoryRule",
     "Momentum",
