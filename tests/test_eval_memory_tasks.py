@@ -199,7 +199,7 @@ def test_passkey_stream_window_and_phases_flags(tmp_path, monkeypatch, capsys):
     assert window == 128 and [(t[0].inputs.shape[1], n) for t, n in ((p[:2], p[2]) for p in then)] == \
         [(128, 1), (256, 1)]
     for bad, match in ((["--window", "64"], "add --stream"), (["--stream", "--window", "0"], "--window must"),
-                       (["--stream", "--then", "128"], "LEN:STEPS"),
+                       (["--stream", "--then", "128"], "LEN:STEPS"), (["--stream", "--then", ""], "at least one"),
                        (["--test-lens", "1024,x"], "positive ints"), (["--test-lens", "0"], "positive ints")):
         with pytest.raises(SystemExit):
             passkey.parse_args(["--tiny", *bad])

@@ -113,6 +113,8 @@ def _phases(text: str) -> list[dict[str, int]]:
         if not (sep and length.isdigit() and steps.isdigit() and int(length) > 0 and int(steps) > 0):
             raise argparse.ArgumentTypeError(f"a phase is LEN:STEPS with two positive ints, got {item!r}")
         out.append({"train_len": int(length), "steps": int(steps)})
+    if not out:
+        raise argparse.ArgumentTypeError(f"--then takes at least one LEN:STEPS phase, got {text!r}")
     return out
 
 
