@@ -139,6 +139,21 @@ def test_checkpoint_write_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]  # no temporary left behind
 
 
+def test_checkpoint_load_maps_to_the_cpu_by_default(tmp_path, monkeypatch):
+    """Without a map_location a checkpoint is read onto the CPU, as Lightning's own checkpoint IO reads it."""
+    from hope.training import checkpoint
+
+    io = checkpoint.AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "c.ckpt")
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(checkpoint.torch, "load", lambda f, map_location=None, **k: seen.append(map_location)
+                        or real(f, map_location=map_location, **k))
+    io.load_checkpoint(tmp_path / "c.ckpt")
+    io.load_checkpoint(tmp_path / "c.ckpt", map_location="meta")
+    assert seen == ["cpu", "meta"]
+
+
 def test_nan_loss_stops_with_message(tmp_path):
     cfg = make_cfg(tmp_path, [*TINY, "model.size=tiny", "trainer.max_steps=3", "+model.config.init_std=1e38"])
     from hope.training.module import NonFiniteLossError

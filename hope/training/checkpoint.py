@@ -134,7 +134,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if self._preloaded is not None and str(path) == self._preloaded[0]:
             ckpt, self._preloaded = self._preloaded[1], None  # handed over once: Lightning edits it while restoring
             return ckpt
-        return load_checkpoint_file(path, map_location)
+        # Lightning's own `TorchCheckpointIO` loads onto the CPU when no map_location is given (a checkpoint written
+        # on a GPU then opens on a machine without one); so does this one
+        return load_checkpoint_file(path, "cpu" if map_location is None else map_location)
 
 
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
