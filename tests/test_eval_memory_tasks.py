@@ -230,6 +230,34 @@ def test_saved_models_are_scored_again_without_training(tmp_path, monkeypatch):
         passkey.run([*first, "--from-saved", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
 
 
+def test_init_from_trains_a_saved_model_on_the_later_phases_only(tmp_path, monkeypatch):
+    """`--init-from DIR` starts from the saved model (same weights) and trains only the `--then` phases; it refuses
+    a run with no such phase, and `--from-saved` beside it."""
+    from experiments.memory_tasks import harness
+
+    first = ["--tiny", "--stream", "--models", "hope"]
+    passkey.run([*first, "--save-models", str(tmp_path / "models"), "--out", str(tmp_path)])
+    saved, _ = harness.load_trained(tmp_path / "models" / "hope.pt")
+    seen = []
+    real = harness.train_on_tasks
+
+    def record(model, tasks, cfg, **k):
+        seen.append(([t.train_inputs.shape[1] for t in tasks], [p.detach().clone() for p in model.parameters()]))
+        return real(model, tasks, cfg, **k)
+
+    monkeypatch.setattr(harness, "train_on_tasks", record)
+    passkey.run([*first, "--init-from", str(tmp_path / "models"), "--then", "256:1", "--tag", "_more",
+                 "--out", str(tmp_path)])
+    (lengths, weights), = seen
+    assert lengths == [256] and all(torch.equal(a, b) for a, b in zip(weights, saved.parameters()))
+    doc = json.loads((tmp_path / "passkey_stream_more.json").read_text())
+    assert doc["results"]["hope"]["started_from"].endswith("hope.pt")
+    with pytest.raises(ValueError, match="give one of them"):
+        passkey.run([*first, "--init-from", "a", "--from-saved", "b", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="phases of --then, and there are none"):
+        passkey.run(["--tiny", "--models", "hope", "--init-from", str(tmp_path / "models"), "--out", str(tmp_path)])
+
+
 def test_sweep_memory_flag_reaches_the_core_and_tags_the_files(tmp_path, monkeypatch):
     """`--memory` builds HOPE's core with those MemoryConfig fields (shown in the table); `--tag` names the files."""
     from experiments.memory_tasks import harness

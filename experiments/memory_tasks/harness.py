@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from experiments.common.cli import base_parser, mode_name, parse_models
 from experiments.common.data import check_fits
-from experiments.common.models import available_models, build_model
+from experiments.common.models import BuiltModel, available_models, build_model, count_params
 from experiments.common.results import Partial
 from experiments.common.train import Diverged, Task, TrainConfig, model_device, train_on_tasks
 from hope.eval import IGNORE_INDEX, windowed_logits
@@ -42,7 +42,7 @@ class Trained:
 def train_on_synthetic(
     name: str, size: str | int, vocab_size: int, train: Any, held_out: Any, steps: int, batch: int, lr: float,
     seed: int, device: str = "cpu", window: int | None = None, then: Sequence[tuple[Any, Any, int]] = (),
-    **overrides: Any,
+    start: nn.Module | None = None, **overrides: Any,
 ) -> Trained:
     """Build `name` with the task's vocabulary and train it for `steps` on `train` (a `SyntheticBatch`), then on
     each `(train, held_out, steps)` of `then` in turn (a curriculum, e.g. longer sequences).
@@ -50,12 +50,19 @@ def train_on_synthetic(
     With `window`, every sequence is read in windows of that many tokens with the state carried and cut between
     windows (truncated BPTT, `hope.eval.windowed_logits`), and attention models keep a cache of the last `window`
     tokens (`kv_cache`, Transformer-XL style), so no call sees more than two windows. Raises `ValueError` when a
-    call would be longer than the model's `max_seq_len`.
+    call would be longer than the model's `max_seq_len`. With `start` (a model `load_trained` read) nothing is
+    built: `start` goes on with the phases of `then` only (the first phase is what it was trained on before).
     """
     if window is not None:
         overrides.setdefault("kv_cache", window)
-    built = build_model(name, size, seed, device, vocab_size=vocab_size, **overrides)
-    phases = [(train, held_out, steps), *then]
+    if start is not None:
+        if not then:
+            raise ValueError(f"{name}: a saved model goes on with the phases of --then, and there are none")
+        built = BuiltModel(name, start.to(device).train(), count_params(start))
+        phases = list(then)
+    else:
+        built = build_model(name, size, seed, device, vocab_size=vocab_size, **overrides)
+        phases = [(train, held_out, steps), *then]
     longest = max(max(t.inputs.shape[1], h.inputs.shape[1]) for t, h, _ in phases)
     check_fits(built.model, longest if window is None else min(longest, window))
     tasks = [Task(f"train{i or ''}", t.inputs, t.targets, h.inputs, h.targets, steps=n)
@@ -105,6 +112,7 @@ def sweep(
     partial: Partial | None = None,
     save_dir: str | None = None,
     load_dir: str | None = None,
+    init_dir: str | None = None,
 ) -> dict[str, Any]:
     """Train each model at `train_setting`, score it at every test setting (context length, number of pairs, ...).
 
@@ -113,7 +121,8 @@ def sweep(
     "token_accuracy": [...], "exact_match": [...]}} with one entry per test setting. With `partial`, each model's
     result is saved as it ends and models it already holds are not run again. With `save_dir` each trained model is
     written to `<save_dir>/<name>.pt` (`save_trained`); with `load_dir` none is trained: each is read from there and
-    only scored (its result keeps the training time and loss it was saved with, and says where it came from).
+    only scored (its result keeps the training time and loss it was saved with, and says where it came from); with
+    `init_dir` each starts from the model saved there and is trained on the `then` phases only.
     """
     train = make(train_setting, mode["steps"] * mode["batch"], seed)
     held_out = make(train_setting, mode["n_test"], seed + 1)
@@ -140,10 +149,11 @@ def sweep(
               + "".join(f", then {p['steps']} at {p['train_len']}" for p in mode.get("then", ()))
               + (f", read in windows of {window} tokens" if window else ""), flush=True)
         extra = {"memory": mode["memory"]} if mode.get("memory") and name in MEMORY_MODELS else {}
+        start, before = load_trained(Path(init_dir) / f"{name}.pt") if init_dir is not None else (None, {})
         try:
             trained = train_on_synthetic(name, mode["size"], vocab_size, train, held_out, mode["steps"],
                                          mode["batch"], mode["lr"], seed, mode.get("device", "cpu"), window, then,
-                                         **extra)
+                                         start=start, **extra)
         except Diverged as err:  # recorded and shown as such; the other models still run
             print(f"{name:>15}: {err}")
             none = [None] * len(tests)
@@ -154,6 +164,9 @@ def sweep(
                       for t in tests]
             info = {"params": trained.params, "train_seconds": trained.train["seconds"],
                     "final_train_loss": trained.train["train_loss"][-1][-1]}
+            if start is not None:  # the time of the phases before it, and where they came from
+                info.update(train_seconds=before["train_seconds"] + info["train_seconds"],
+                            started_from=before["loaded_from"])
             if save_dir is not None:
                 save_trained(trained.model, Path(save_dir) / f"{name}.pt", info)
             out[name] = {**info, "token_accuracy": [s["token_accuracy"] for s in scores],
@@ -195,6 +208,8 @@ def sweep_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--save-models", metavar="DIR", default=None, help="write each trained model to DIR/<model>.pt")
     p.add_argument("--from-saved", metavar="DIR", default=None,
                    help="train nothing: score the models that --save-models wrote to DIR")
+    p.add_argument("--init-from", metavar="DIR", default=None,
+                   help="start each model from the one --save-models wrote to DIR, and train only the --then phases")
     return p
 
 
@@ -260,8 +275,10 @@ def run_sweep(bench: str, args: argparse.Namespace, mode: dict[str, Any], make: 
     check_memory_models(mode, names, args.models)
     bench += args.tag
     partial = Partial(bench, args.out, {"mode": mode_name(args), **mode, "seed": args.seed}, args.resume)
+    if args.from_saved and args.init_from:
+        raise ValueError("--from-saved scores saved models and --init-from trains them further: give one of them")
     results = sweep(names, make, train_setting, test_settings, vocab_size, candidates, mode, args.seed, partial,
-                    args.save_models, args.from_saved)
+                    args.save_models, args.from_saved, args.init_from)
     doc = {"mode": mode_name(args), "config": mode, "train_setting": train_setting, "test_settings": test_settings,
            "score": score, "results": results, "skipped": skipped}
     return write_sweep(bench, doc, test_settings, xlabel, args.out, logx=True, partial=partial)

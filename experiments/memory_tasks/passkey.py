@@ -18,7 +18,9 @@ cache of the last window), after a curriculum that goes on from the short haysta
 tests at 1K, 4K, 16K and 64K tokens. Writes `<out>/passkey_stream.*`. `--window` and `--then 1024:150` change the
 window and the longer-haystack phases (a haystack no longer than the window is trained with its whole gradient;
 a longer one is trained in windows with the state passed on, so only its last window's gradient reaches the gates
-that keep the needle). `--test-lens` changes the lengths tested.
+that keep the needle). `--test-lens` changes the lengths tested. `--save-models DIR` keeps the trained models;
+`--from-saved DIR` scores them again (other lengths, no training) and `--init-from DIR --then ...` trains them on
+further phases only (with a fresh optimizer).
 """
 
 from __future__ import annotations
