@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,10 +137,7 @@ def sweep(
             continue
         if load_dir is not None:
             model, info = load_trained(Path(load_dir) / f"{name}.pt")
-            scores = [score(model, t.inputs, t.targets, candidates, mode["eval_batch"], window) for t in tests]
-            out[name] = {**info, "token_accuracy": [s["token_accuracy"] for s in scores],
-                         "exact_match": [s["exact_match"] for s in scores]}
-            print(f"{name:>15}: " + "  ".join(f"{s}: {v['exact_match']:.2f}" for s, v in zip(test_settings, scores)))
+            out[name] = scored(name, model, info, tests, test_settings, candidates, mode["eval_batch"], window)
             if partial is not None:
                 partial.put(name, out[name])
             continue
@@ -160,8 +156,6 @@ def sweep(
             out[name] = {"params": build_model(name, mode["size"], seed, vocab_size=vocab_size).params,
                          "diverged": str(err), "token_accuracy": none, "exact_match": none}
         else:
-            scores = [score(trained.model, t.inputs, t.targets, candidates, mode["eval_batch"], window)
-                      for t in tests]
             info = {"params": trained.params, "train_seconds": trained.train["seconds"],
                     "final_train_loss": trained.train["train_loss"][-1][-1]}
             if start is not None:  # the time of the phases before it, and where they came from
@@ -169,21 +163,28 @@ def sweep(
                             started_from=before["loaded_from"])
             if save_dir is not None:
                 save_trained(trained.model, Path(save_dir) / f"{name}.pt", info)
-            out[name] = {**info, "token_accuracy": [s["token_accuracy"] for s in scores],
-                         "exact_match": [s["exact_match"] for s in scores]}
-            print(f"{name:>15}: " + "  ".join(f"{s}: {v['exact_match']:.2f}" for s, v in zip(test_settings, scores)))
+            out[name] = scored(name, trained.model, info, tests, test_settings, candidates, mode["eval_batch"],
+                               window)
         if partial is not None:
             partial.put(name, out[name])
     return out
 
 
+def scored(name: str, model: nn.Module, info: dict[str, Any], tests: Sequence[Any], settings: Sequence[int],
+           candidates: Tensor | None, batch_size: int, window: int | None) -> dict[str, Any]:
+    """`info` with the model's scores at each test setting (`score`), printed as exact match per setting."""
+    scores = [score(model, t.inputs, t.targets, candidates, batch_size, window) for t in tests]
+    print(f"{name:>15}: " + "  ".join(f"{s}: {v['exact_match']:.2f}" for s, v in zip(settings, scores)))
+    return {**info, "token_accuracy": [s["token_accuracy"] for s in scores],
+            "exact_match": [s["exact_match"] for s in scores]}
+
+
 def save_trained(model: nn.Module, path: Path, info: dict[str, Any]) -> Path:
     """Write a trained benchmark model (its config, weights and `info`: params, training time and loss) to `path`,
     through a temporary file beside it, so that a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict(), "info": dict(info)}, tmp)
-    os.replace(tmp, path)
+    from hope.data.datamodule import _atomic_save
+
+    _atomic_save({"config": model.config.to_dict(), "state_dict": model.state_dict(), "info": dict(info)}, path)
     return path
 
 
