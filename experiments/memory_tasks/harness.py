@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,9 +183,10 @@ def scored(name: str, model: nn.Module, info: dict[str, Any], tests: Sequence[An
 def save_trained(model: nn.Module, path: Path, info: dict[str, Any]) -> Path:
     """Write a trained benchmark model (its config, weights and `info`: params, training time and loss) to `path`,
     through a temporary file beside it, so that a crash leaves the old file or the new one."""
-    from hope.data.datamodule import _atomic_save
-
-    _atomic_save({"config": model.config.to_dict(), "state_dict": model.state_dict(), "info": dict(info)}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict(), "info": dict(info)}, tmp)
+    os.replace(tmp, path)
     return path
 
 
