@@ -92,6 +92,10 @@ class HopeConfig:
             through the final norm and head) stands in for ∂ℓ/∂(level output), as if the layers above passed the
             level's output on unchanged along the residual path; exact for the last level of the last block,
             an approximation below it, and much cheaper (no backward through the cores above).
+        cms_learn_lr: learn each fast level's inner learning rate: the level's fast weights become θ_0 − s_ℓ·Δ with
+            s_ℓ = exp(ρ_ℓ), ρ_ℓ a scalar parameter initialised to 0, so the effective rate is s_ℓ·η_ℓ. The outer
+            optimizer trains ρ_ℓ from the first-order gradient ∂L/∂ρ_ℓ = −s_ℓ·⟨∂L/∂W, Δ⟩ (the writes Δ held
+            constant, as the first-order CMS holds them for θ_0; docs/design.md §5). False keeps η_ℓ fixed.
         memory: `hope.memory.config.MemoryConfig` (or a dict of its fields) for the "self_modifying" and
             "titans" cores; ignored by "attention".
     """
@@ -112,6 +116,7 @@ class HopeConfig:
     persist: bool = False
     carry_core: bool = True
     cms_signal: str = "backprop"
+    cms_learn_lr: bool = False
     memory: Any = None
 
     def __post_init__(self) -> None:
@@ -130,6 +135,11 @@ class HopeConfig:
         _check(self.ffn_hidden > 0, f"HopeConfig.ffn_hidden must be > 0, got {self.ffn_hidden!r}")
         _check(len(self.cms) > 0, "HopeConfig.cms needs at least one level (use [CMSLevel()] for a plain FFN)")
         self.cms = [lvl if isinstance(lvl, CMSLevel) else CMSLevel(**dict(lvl)) for lvl in self.cms]
+        _check(isinstance(self.cms_learn_lr, bool),
+               f"HopeConfig.cms_learn_lr must be a bool, got {self.cms_learn_lr!r}")
+        _check(not self.cms_learn_lr or bool(self.fast_periods),
+               f"HopeConfig.cms_learn_lr=True needs a CMS level with a finite period (one that writes in context), "
+               f"got periods {[lvl.period for lvl in self.cms]}")
         if self.max_seq_len is not None:
             _check(self.max_seq_len > 0, f"HopeConfig.max_seq_len must be > 0 or None, got {self.max_seq_len!r}")
         if self.kv_cache is not None:

@@ -61,11 +61,15 @@ def gates(x: dict, draw, erase: str, momentum: bool) -> dict:
 
 
 class TextbookFast(FastWeights):
-    """Reference CMS fast weights: products with `W + (θ − θ.detach())` (value W, gradient to θ summed from
-    per-sample grads), and writes that differentiate W itself (monkeypatch `hope.cms.level.FastWeights` with it)."""
+    """Reference CMS fast weights: products with `W + (θ − θ.detach()) − (s − s.detach())·Δ` (value W, gradients
+    to θ and to a learned write scale s summed from per-sample grads), and writes that differentiate W itself
+    (monkeypatch `hope.cms.level.FastWeights` with it)."""
 
     def matmul(self, x, name, theta):
-        return x @ (self.weights[name] + (theta - theta.detach()))
+        w = self.weights[name] + (theta - theta.detach())
+        if self.scale is not None:
+            w = w - (self.scale - self.scale.detach()) * self.deltas[name]
+        return x @ w
 
     def grad_targets(self):
         return list(self.weights.values())

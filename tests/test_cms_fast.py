@@ -6,6 +6,8 @@ weights; `hope.layers.mlp.FastWeights` must give the same values, the same outer
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import TextbookFast
@@ -22,13 +24,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def test_fast_matmul_values_gradients_and_write_gradient():
-    g = torch.Generator().manual_seed(0)
+def _operands(seed: int) -> tuple[torch.Tensor, ...]:
+    """x `[B, T, D]` and θ `[D, F]` (requiring grad), Δ `[B, D, F]` and a loss weight `[B, T, F]`, fp64."""
+    g = torch.Generator().manual_seed(seed)
     B, T, D, F = 3, 5, 4, 6
     x = torch.randn(B, T, D, generator=g, dtype=F64, requires_grad=True)
     theta = torch.randn(D, F, generator=g, dtype=F64, requires_grad=True)
-    delta = torch.randn(B, D, F, generator=g, dtype=F64)
-    weight = torch.randn(B, T, F, generator=g, dtype=F64)
+    return x, theta, torch.randn(B, D, F, generator=g, dtype=F64), torch.randn(B, T, F, generator=g, dtype=F64)
+
+
+def test_fast_matmul_values_gradients_and_write_gradient():
+    x, theta, delta, weight = _operands(0)
 
     fast = FastWeights({"w": (theta.detach() - delta).requires_grad_()})
     y = fast.matmul(x, "w", theta)
@@ -51,17 +57,84 @@ def test_fast_matmul_values_gradients_and_write_gradient():
     assert rel_err(write, write_ref) < 1e-12
 
 
+def test_fast_matmul_learned_write_scale_gradient():
+    """With fast weights θ − s·Δ, ∂/∂s (and ∂/∂x, ∂/∂θ) equal autograd's on the plain product."""
+    x, theta, delta, weight = _operands(1)
+    rho = torch.tensor(0.3, dtype=F64, requires_grad=True)
+
+    s = rho.exp()
+    fast = FastWeights({"w": (theta.detach() - s.detach() * delta).requires_grad_()}, s, {"w": delta})
+    loss = (weight * (fast.matmul(x, "w", theta) + fast.matmul(x.sin(), "w", theta).cos())).sum()
+    got = torch.autograd.grad(loss, (x, theta, rho))
+
+    x_ref, theta_ref, rho_ref = (t.detach().requires_grad_() for t in (x, theta, rho))
+    full = theta_ref.unsqueeze(0) - rho_ref.exp() * delta
+    loss_ref = (weight * (x_ref @ full + (x_ref.sin() @ full).cos())).sum()
+    ref = torch.autograd.grad(loss_ref, (x_ref, theta_ref, rho_ref))
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-12
+    assert abs(float(got[2])) > 0
+    with pytest.raises(ValueError, match="write scale"):
+        FastWeights({"w": delta}, s)
+
+
+def test_learned_write_scale_equals_scaled_inner_rate():
+    """A level whose learned write scale is s behaves as the fixed level with η·s: same logits over many writes
+    (fp64), and at s = 1 it is the fixed model exactly; ρ gets a gradient."""
+    ids = torch.randint(0, 23, (2, 24), generator=torch.Generator().manual_seed(4))
+
+    def build(lr_scale: float, learn: bool) -> HopeLM:
+        torch.manual_seed(0)
+        levels = [CMSLevel(period=4, hidden=16, lr=0.3 * lr_scale, decay=0.1),
+                  CMSLevel(period=8, hidden=16, lr=0.2 * lr_scale, optimizer="sgd"), CMSLevel(hidden=16)]
+        config = HopeConfig(vocab_size=23, d_model=16, n_layers=2, n_heads=2, core="attention", cms=levels,
+                            cms_learn_lr=learn)
+        return HopeLM(config).double()
+
+    fixed, fixed2 = build(1.0, False), build(2.0, False)
+    learned = build(1.0, True)
+    scales = [n for n, _ in learned.named_parameters() if n.endswith("log_write_scale")]
+    assert scales == [f"blocks.{b}.cms.{i}.log_write_scale" for b in range(2) for i in range(2)]  # not the FFN
+    assert not learned.load_state_dict(fixed.state_dict(), strict=False).unexpected_keys
+    logits, grads, _ = _run(learned, ids, [24])
+    logits_ref, grads_ref, _ = _run(fixed, ids, [24])
+    assert rel_err(logits, logits_ref) < 1e-12
+    for name in grads_ref:
+        assert rel_err(grads[name], grads_ref[name]) < 1e-10, name
+    assert all(grads[n].abs() > 0 for n in scales)
+    with torch.no_grad():
+        for n in scales:
+            learned.get_parameter(n).fill_(math.log(2.0))
+    logits, _, _ = _run(learned, ids, [3, 9, 1, 11])
+    logits_ref, _, _ = _run(fixed2, ids, [24])
+    assert rel_err(logits, logits_ref) < 1e-10
+    assert rel_err(logits, _run(fixed, ids, [24])[0]) > 1e-3  # the scale matters
+
+
+def test_learn_lr_needs_a_writing_level():
+    with pytest.raises(ValueError, match="cms_learn_lr"):
+        HopeConfig(cms=[CMSLevel()], cms_learn_lr=True)
+    with pytest.raises(ValueError, match="cms_learn_lr"):
+        HopeConfig(cms=[CMSLevel(period=4)], cms_learn_lr=1)
+
+
 def test_unreached_product_gives_zero_write():
     fast = FastWeights({"w": torch.zeros(2, 3, 4, dtype=F64, requires_grad=True)})
     fast.matmul(torch.randn(2, 5, 3, dtype=F64), "w", torch.zeros(3, 4, dtype=F64, requires_grad=True))
     assert torch.equal(fast.grads([None])["w"], torch.zeros(2, 3, 4, dtype=F64))
 
 
-def _model(core: str) -> HopeLM:
+def _model(core: str, learn_lr: bool = False) -> HopeLM:
     torch.manual_seed(0)
     levels = [CMSLevel(period=4, hidden=16, lr=0.3), CMSLevel(period=8, hidden=16, lr=0.2, optimizer="sgd"),
               CMSLevel(hidden=16)]
-    return HopeLM(HopeConfig(vocab_size=23, d_model=16, n_layers=2, n_heads=2, core=core, cms=levels)).double()
+    config = HopeConfig(vocab_size=23, d_model=16, n_layers=2, n_heads=2, core=core, cms=levels, cms_learn_lr=learn_lr)
+    model = HopeLM(config).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("log_write_scale"):
+                p.fill_(0.4)
+    return model
 
 
 def _run(model: HopeLM, ids: torch.Tensor, pieces: list[int]):
@@ -78,12 +151,12 @@ def _run(model: HopeLM, ids: torch.Tensor, pieces: list[int]):
     return logits.detach(), grads, exported
 
 
-@pytest.mark.parametrize("core", ["attention", "self_modifying"])
-def test_model_equals_textbook_fast_weights(core, monkeypatch):
+@pytest.mark.parametrize("core,learn_lr", [("attention", False), ("self_modifying", False), ("attention", True)])
+def test_model_equals_textbook_fast_weights(core, learn_lr, monkeypatch):
     """Logits, every outer gradient and the final fast weights agree with the textbook form over several writes
-    of two periods, whole and in pieces."""
+    of two periods, whole and in pieces (with a learned write scale too, moved off 1 so that it matters)."""
     ids = torch.randint(0, 23, (2, 24), generator=torch.Generator().manual_seed(3))
-    model = _model(core)
+    model = _model(core, learn_lr)
     for pieces in ([24], [3, 9, 1, 11]):
         logits, grads, exported = _run(model, ids, pieces)
         with monkeypatch.context() as m:

@@ -45,6 +45,7 @@ from experiments.common.cli import command_line
 from experiments.common.models import load_checkpoints
 from experiments.common.results import markdown_table, plot_lines, publish, pyplot, replot, save_figure
 from hope import HopeConfig, HopeLM, preset
+from hope.cms import fast_weight_values
 from hope.state import StreamState
 
 NAME = "long_stream"
@@ -93,7 +94,7 @@ def window_means(losses: Tensor, window: int) -> list[float]:
 
 def memory_norms(model: HopeLM, state: StreamState) -> dict[str, float]:
     """Frobenius norm (mean over rows) of every fast memory in `state`: core memories by their saved-state key
-    (block b: `b<b>.<key>`), and each fast CMS level's weights θ_0 − Δ (`b<b>.cms<i>[period C]`)."""
+    (block b: `b<b>.<key>`), and each fast CMS level's weights θ_0 − s·Δ (`b<b>.cms<i>[period C]`)."""
     out = {}
     for b, (block, layer) in enumerate(zip(model.blocks, state.layers)):
         if layer.core is not None:
@@ -104,8 +105,7 @@ def memory_norms(model: HopeLM, state: StreamState) -> dict[str, float]:
         for i, (mlp, lvl, st) in enumerate(zip(block.cms, block.levels, layer.cms)):
             if st is None:
                 continue
-            sq = sum((w.detach().unsqueeze(0) - st.delta[n]).float().flatten(1).pow(2).sum(1)
-                     for n, w in mlp.weights().items())
+            sq = sum(w.float().flatten(1).pow(2).sum(1) for w in fast_weight_values(mlp, st.delta).values())
             out[f"b{b}.cms{i}[period {lvl.period}]"] = float(sq.sqrt().mean())
     return out
 

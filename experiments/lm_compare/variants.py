@@ -23,6 +23,7 @@ arXiv:2512.24695:
 | hope_momentum       | momentum in M_mem                                            | Table 6 "w/o momentum"     |
 | hope_self_target_mem| M_mem's self-generated target, adaptive q                    | eq. 85                     |
 | hope_negative_eigenvalues | η_t = η_max(1 + α_t)σ(·): DGD factors down to −1       | eq. 88; Grazzi et al. 2024 |
+| hope_learned_lr     | learned per-level CMS rate s_ℓ·η_ℓ (`HopeConfig.cms_learn_lr`) | eq. 71, docs/design.md §5  |
 
 Plain GD adds a chunk's steps at the chunk-start state, so `MemoryConfig` only accepts η_max ≤ min(1, 2/C) for
 the largest chunk C (docs/design.md §3); `hope_gd` therefore also sets η_max to that bound, the largest stable step.
@@ -109,6 +110,8 @@ def all_variants(size: str | int) -> dict[str, Variant]:
                 "M_mem regresses onto its self-generated target (eq. 85); q_t from a projection memory"),
         Variant("hope_negative_eigenvalues", "hope_small", (f"{mem}.negative_eigenvalues=true",),
                 "η_t = η_max(1 + α_t)σ(·): DGD factors down to −1 (state tracking)"),
+        Variant("hope_learned_lr", "hope_small", ("+model.config.cms_learn_lr=true",),
+                "each CMS level's inner rate η_ℓ scaled by a learned s_ℓ = exp(ρ_ℓ), ρ_ℓ trained first-order"),
     ]
     return {v.name: v for v in variants}
 

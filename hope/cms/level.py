@@ -12,6 +12,7 @@ C_ℓ (absolute stream position) they are written once with the sum of the next-
 | λ_ℓ | `CMSLevel.decay`: with it a write is Δ ← (1 − λ_ℓ)·Δ + η_ℓ·d (retention toward θ_ℓ,0; 0 in eq. 71) |
 | Opt_ℓ | `hope.optim.memory_rule(CMSLevel.optimizer)`; direction d, update θ ← θ − η_ℓ·d |
 | θ_ℓ,0 | the level's `nn.Parameter`s (meta-learned by the outer optimizer) |
+| s_ℓ | `SwiGLU.write_scale()`: with `HopeConfig.cms_learn_lr`, learned exp(ρ_ℓ); fast = θ_0 − s_ℓ·Δ |
 
 The error signal is set by `HopeConfig.cms_signal`. "backprop" (default) is (71) exactly: the gradient reaches the
 level through every layer above it, so a write costs an activation backward through those layers over the chunk.
@@ -20,8 +21,9 @@ only) as the gradient of the level's output, i.e. it treats the layers above as 
 path, and differentiates ⟨δ, output⟩ through the level's own MLP; it equals "backprop" for the last level of the
 last block and approximates it below (measured in `experiments/lm_compare`).
 
-Fast weights are per sample: `fast = θ_0 − Δ` with Δ `[B, *θ.shape]` detached (first-order: outer gradients treat
-applied writes as constants and reach θ_0 through every chunk, as one flat matmul per product; see
+Fast weights are per sample: `fast = θ_0 − s_ℓ·Δ` with Δ `[B, *θ.shape]` detached (first-order: outer gradients
+treat applied writes as constants and reach θ_0, and s_ℓ when it is learned, through every chunk, as one flat
+matmul per product; see
 `hope.layers.mlp.FastWeights`, which also records the products a write differentiates). `hope.cms.schedule` owns
 the segment loop; this module holds what one fast level needs: its state, the inner-loss bookkeeping and the write.
 
@@ -54,11 +56,24 @@ def init_level_state(mlp: SwiGLU, level: CMSLevel, batch_size: int) -> LevelStat
 
 
 def materialize(mlp: SwiGLU, delta: dict[str, torch.Tensor]) -> FastWeights:
-    """Fast weights θ_0 − Δ `[B, *θ.shape]`; the products made with them are differentiable in θ_0 (and in the
-    fast weights themselves, which the next write needs, even under `torch.no_grad()` and for frozen θ_0)."""
-    return FastWeights({
-        name: (w.detach().unsqueeze(0) - delta[name]).requires_grad_() for name, w in mlp.weights().items()
-    })
+    """Fast weights θ_0 − s·Δ `[B, *θ.shape]` (s = 1 unless the level learns its write scale,
+    `HopeConfig.cms_learn_lr`); the products made with them are differentiable in θ_0 and s (and in the fast
+    weights themselves, which the next write needs, even under `torch.no_grad()` and for frozen θ_0)."""
+    scale = mlp.write_scale()
+    if scale is None:
+        return FastWeights({
+            name: (w.detach().unsqueeze(0) - delta[name]).requires_grad_() for name, w in mlp.weights().items()
+        })
+    s = scale.detach()
+    fast = {name: (w.detach().unsqueeze(0) - s * delta[name]).requires_grad_() for name, w in mlp.weights().items()}
+    return FastWeights(fast, scale if torch.is_grad_enabled() else s, dict(delta))
+
+
+def fast_weight_values(mlp: SwiGLU, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The values θ_0 − s·Δ `[B, *θ.shape]` of a level's fast weights, cut from the graph (for norms and reports)."""
+    scale = mlp.write_scale()
+    s = 1.0 if scale is None else scale.detach()
+    return {name: w.detach().unsqueeze(0) - s * delta[name] for name, w in mlp.weights().items()}
 
 
 def prediction_losses(

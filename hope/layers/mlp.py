@@ -29,31 +29,39 @@ def _engine_needs(node) -> bool:
 
 
 class _FastMatmul(torch.autograd.Function):
-    """`x @ W` with per-sample fast weights `W = θ − Δ` `[B, D, F]` (Δ constant) whose outer gradient goes to θ.
+    """`x @ W` with per-sample fast weights `W = θ − s·Δ` `[B, D, F]` (Δ constant) whose outer gradient goes to θ
+    and, when the write scale s is learned (`HopeConfig.cms_learn_lr`), to s.
 
-    Same values and gradients as `x @ (θ.unsqueeze(0) − Δ)`, but ∂/∂θ is one flat matmul `Σ_b x_bᵀ g_b =
-    x.flatten(0, 1)ᵀ g.flatten(0, 1)` instead of B per-sample products summed afterwards, and no per-sample
-    gradient is formed for `W`: the CMS write takes it from the recorded (x, y) pairs (`FastWeights.grads`).
+    Same values and gradients as `x @ (θ.unsqueeze(0) − s·Δ)`, but ∂/∂θ is one flat matmul `Σ_b x_bᵀ g_b =
+    x.flatten(0, 1)ᵀ g.flatten(0, 1)` instead of B per-sample products summed afterwards, ∂/∂s = −Σ ⟨x @ Δ, g⟩
+    needs no per-sample weight gradient either, and no per-sample gradient is formed for `W`: the CMS write takes
+    it from the recorded (x, y) pairs (`FastWeights.grads`).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, theta: torch.Tensor, fast: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, fast)
+    def forward(ctx, x: torch.Tensor, theta: torch.Tensor, fast: torch.Tensor, scale: torch.Tensor | None = None,
+                delta: torch.Tensor | None = None) -> torch.Tensor:
+        ctx.save_for_backward(x, fast, delta)
         ctx.theta_dtype = theta.dtype
-        # θ arrives as a non-leaf alias (`FastWeights`), so backward can ask whether this backward needs its
-        # gradient: the outer backward does, a write's backward (w.r.t. the products' outputs) does not
+        # θ (and s) arrive as non-leaf aliases (`FastWeights`), so backward can ask whether this backward needs
+        # their gradients: the outer backward does, a write's backward (w.r.t. the products' outputs) does not
         ctx.theta_node = theta.grad_fn
+        ctx.scale_node = None if scale is None else scale.grad_fn
+        ctx.scale_dtype = None if scale is None else scale.dtype
         return torch.matmul(x, fast)  # [B, T, F]
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        x, fast = ctx.saved_tensors
-        gx = gtheta = None
+        x, fast, delta = ctx.saved_tensors
+        gx = gtheta = gscale = None
         if ctx.needs_input_grad[0]:
             gx = torch.matmul(gy, fast.to(gy.dtype).transpose(-1, -2)).to(x.dtype)  # [B, T, D]
         if ctx.needs_input_grad[1] and _engine_needs(ctx.theta_node):
             gtheta = (x.to(gy.dtype).flatten(0, -2).T @ gy.flatten(0, -2)).to(ctx.theta_dtype)  # [D, F]
-        return gx, gtheta, None
+        if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3] and _engine_needs(ctx.scale_node):
+            xd = torch.matmul(x.to(gy.dtype), delta.to(gy.dtype))  # [B, T, F]
+            gscale = -(xd * gy).sum().to(ctx.scale_dtype)
+        return gx, gtheta, None, gscale, None
 
 
 class FastWeights:
@@ -65,8 +73,13 @@ class FastWeights:
     differentiates ⟨δ, output⟩ from them (the residual write signal of `HopeConfig.cms_signal`).
     """
 
-    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, weights: dict[str, torch.Tensor], scale: torch.Tensor | None = None,
+                 deltas: dict[str, torch.Tensor] | None = None) -> None:
+        if (scale is None) != (deltas is None):
+            raise ValueError("FastWeights: a learned write scale needs the writes Δ it scales, and only then")
         self.weights = weights
+        self.scale = scale  # s of W = θ − s·Δ (a 0-dim tensor in the graph of the level's ρ), or None: s = 1 fixed
+        self.deltas = deltas
         self.uses: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self._alias: dict[int, torch.Tensor] = {}
 
@@ -85,7 +98,10 @@ class FastWeights:
     def matmul(self, x: torch.Tensor, name: str, theta: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # nothing to record (e.g. a one-token generation step): the bare product
             return torch.matmul(x, self.weights[name])  # [B, T, F]
-        y = _FastMatmul.apply(x, self._theta(theta), self.weights[name])
+        if self.scale is None:
+            y = _FastMatmul.apply(x, self._theta(theta), self.weights[name])
+        else:
+            y = _FastMatmul.apply(x, self._theta(theta), self.weights[name], self.scale, self.deltas[name])
         if y.requires_grad:
             self.uses.append((name, x, y))
         return y
@@ -137,14 +153,21 @@ class SwiGLU(nn.Module):
     """SwiGLU feed-forward block (Shazeer 2020). Weights are stored input-major (`[D, F]`, `[F, D]`) so that a
     batch of per-sample copies `[B, D, F]` multiplies the same way."""
 
-    def __init__(self, d_model: int, hidden: int, init_std: float = 0.02, out_std: float | None = None) -> None:
+    def __init__(self, d_model: int, hidden: int, init_std: float = 0.02, out_std: float | None = None,
+                 learn_write_scale: bool = False) -> None:
         super().__init__()
         self.init_std = init_std
         self.out_std = init_std if out_std is None else out_std
         self.w_gate = nn.Parameter(torch.empty(d_model, hidden))
         self.w_up = nn.Parameter(torch.empty(d_model, hidden))
         self.w_down = nn.Parameter(torch.empty(hidden, d_model))
+        # ρ of a CMS level's learned write scale s = exp(ρ) (`HopeConfig.cms_learn_lr`); None: s = 1, fixed
+        self.log_write_scale = nn.Parameter(torch.zeros(())) if learn_write_scale else None
         self.init_weights()
+
+    def write_scale(self) -> torch.Tensor | None:
+        """s = exp(ρ), the learned factor of the level's writes in its fast weights θ − s·Δ, or None (s = 1)."""
+        return None if self.log_write_scale is None else self.log_write_scale.exp()
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {"w_gate": self.w_gate, "w_up": self.w_up, "w_down": self.w_down}
@@ -160,6 +183,8 @@ class SwiGLU(nn.Module):
         nn.init.normal_(self.w_gate, std=self.init_std)
         nn.init.normal_(self.w_up, std=self.init_std)
         nn.init.normal_(self.w_down, std=self.out_std)
+        if self.log_write_scale is not None:
+            nn.init.zeros_(self.log_write_scale)
 
 
 def residual_std(init_std: float, n_layers: int) -> float:

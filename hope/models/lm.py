@@ -56,7 +56,9 @@ class HopeBlock(nn.Module):
         out_std = residual_std(config.init_std, config.n_layers)
         self.cms_norms = nn.ModuleList(RMSNorm(config.d_model, config.norm_eps) for _ in self.levels)
         self.cms = nn.ModuleList(
-            SwiGLU(config.d_model, lvl.hidden or config.ffn_hidden, config.init_std, out_std) for lvl in self.levels
+            SwiGLU(config.d_model, lvl.hidden or config.ffn_hidden, config.init_std, out_std,
+                   learn_write_scale=config.cms_learn_lr and lvl.period is not None)
+            for lvl in self.levels
         )
 
     def forward(self, x: torch.Tensor, state: LayerState) -> torch.Tensor:
