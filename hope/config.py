@@ -96,6 +96,12 @@ class HopeConfig:
             s_ℓ = exp(ρ_ℓ), ρ_ℓ a scalar parameter initialised to 0, so the effective rate is s_ℓ·η_ℓ. The outer
             optimizer trains ρ_ℓ from the first-order gradient ∂L/∂ρ_ℓ = −s_ℓ·⟨∂L/∂W, Δ⟩ (the writes Δ held
             constant, as the first-order CMS holds them for θ_0; docs/design.md §5). False keeps η_ℓ fixed.
+        cms_second_order: in training mode, the outer gradient also flows through the CMS writes (each write's
+            gradient is taken with `create_graph=True`, and the fast weights θ_0 − Δ keep Δ in the graph): the exact
+            gradient of the sequence's loss w.r.t. θ_0 and every parameter above, at the cost of a backward
+            through each write's backward. False (default): first-order, the writes are constants of the outer
+            gradient. Needs cms_signal="backprop" and persist=False; evaluation (`model.eval()`) is first-order
+            either way, with the same values.
         memory: `hope.memory.config.MemoryConfig` (or a dict of its fields) for the "self_modifying" and
             "titans" cores; ignored by "attention".
     """
@@ -117,6 +123,7 @@ class HopeConfig:
     carry_core: bool = True
     cms_signal: str = "backprop"
     cms_learn_lr: bool = False
+    cms_second_order: bool = False
     memory: Any = None
 
     def __post_init__(self) -> None:
@@ -140,6 +147,15 @@ class HopeConfig:
         _check(not self.cms_learn_lr or bool(self.fast_periods),
                f"HopeConfig.cms_learn_lr=True needs a CMS level with a finite period (one that writes in context), "
                f"got periods {[lvl.period for lvl in self.cms]}")
+        _check(isinstance(self.cms_second_order, bool),
+               f"HopeConfig.cms_second_order must be a bool, got {self.cms_second_order!r}")
+        if self.cms_second_order:
+            _check(bool(self.fast_periods), "HopeConfig.cms_second_order=True needs a CMS level with a finite period, "
+                   f"got periods {[lvl.period for lvl in self.cms]}")
+            _check(self.cms_signal == "backprop", "HopeConfig.cms_second_order=True needs cms_signal='backprop', "
+                   f"got {self.cms_signal!r}")
+            _check(not self.persist, "HopeConfig.cms_second_order=True is for training with the state reset per "
+                   "sequence (persist=False); stream training cuts the writes from the graph at every window")
         if self.max_seq_len is not None:
             _check(self.max_seq_len > 0, f"HopeConfig.max_seq_len must be > 0 or None, got {self.max_seq_len!r}")
         if self.kv_cache is not None:

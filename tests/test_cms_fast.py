@@ -15,12 +15,13 @@ from conftest import TextbookFast
 from hope import HopeLM
 from hope.cms import level as cms
 from hope.config import CMSLevel, HopeConfig
-from hope.layers.mlp import FastWeights
+from hope.layers.mlp import FastWeights, SecondOrderFast
 
 F64 = torch.float64
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
@@ -116,6 +117,59 @@ def test_learn_lr_needs_a_writing_level():
         HopeConfig(cms=[CMSLevel()], cms_learn_lr=True)
     with pytest.raises(ValueError, match="cms_learn_lr"):
         HopeConfig(cms=[CMSLevel(period=4)], cms_learn_lr=1)
+
+
+@pytest.mark.parametrize("core,learn_lr", [("attention", False), ("self_modifying", True), ("titans", False)])
+def test_second_order_writes_give_the_exact_gradient(core, learn_lr):
+    """With `cms_second_order` the outer gradient is the exact derivative of the loss, writes included: it
+    matches central finite differences of the loss along a random direction of every parameter (fp64), where
+    the first-order gradient does not; logits are the same, and `model.eval()` is first-order."""
+    torch.manual_seed(0)
+    levels = [CMSLevel(period=4, hidden=16, lr=0.5, decay=0.1), CMSLevel(period=8, hidden=16, lr=0.3, optimizer="sgd"),
+              CMSLevel(hidden=16)]
+    config = dict(vocab_size=23, d_model=16, n_layers=2, n_heads=2, core=core, cms=levels, cms_learn_lr=learn_lr)
+    second = HopeLM(HopeConfig(**config, cms_second_order=True)).double()
+    first = HopeLM(HopeConfig(**config)).double()
+    first.load_state_dict(second.state_dict())
+    ids = torch.randint(0, 23, (2, 24), generator=torch.Generator().manual_seed(6))
+
+    def loss(model):
+        logits = model(ids).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    assert rel_err(second(ids).logits, first(ids).logits) < 1e-12  # the same values
+    params = dict(second.named_parameters())
+    g = torch.Generator().manual_seed(7)
+    direction = {n: torch.randn(p.shape, generator=g, dtype=F64) for n, p in params.items()}
+    slopes = {}
+    for name, model in (("second", second), ("first", first)):
+        model.zero_grad()
+        loss(model).backward()
+        slopes[name] = sum(float((p.grad * direction[n]).sum()) for n, p in model.named_parameters())
+    eps, values = 1e-6, []
+    with torch.no_grad():
+        for sign in (1, -1):
+            for n, p in params.items():
+                p.add_(direction[n], alpha=sign * eps)
+            with torch.enable_grad():
+                values.append(float(loss(second).detach()))
+            for n, p in params.items():
+                p.sub_(direction[n], alpha=sign * eps)
+    numeric = (values[0] - values[1]) / (2 * eps)
+    assert abs(slopes["second"] - numeric) < 2e-7 * abs(numeric)
+    assert abs(slopes["first"] - numeric) > 1e-3 * abs(numeric)  # first-order misses the paths through the writes
+    second.eval()
+    assert not isinstance(second(ids).state.layers[0].cms[0].fast, SecondOrderFast)
+
+
+def test_second_order_config_errors():
+    fast = [CMSLevel(period=4)]
+    with pytest.raises(ValueError, match="cms_signal"):
+        HopeConfig(cms=fast, cms_second_order=True, cms_signal="residual")
+    with pytest.raises(ValueError, match="persist"):
+        HopeConfig(cms=fast, cms_second_order=True, persist=True)
+    with pytest.raises(ValueError, match="finite period"):
+        HopeConfig(cms=[CMSLevel()], cms_second_order=True)
 
 
 def test_unreached_product_gives_zero_write():

@@ -343,7 +343,7 @@ def level_input_and_delta(model, ids, layer, level):
     seen = {}
     model.blocks[layer].cms[level].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
     model.norm.register_forward_pre_hook(lambda m, args: seen.setdefault("h", args[0]))
-    logits = model(ids).logits.float()  # the chunk loss is taken in fp32, as `hope.layers.cms` does
+    logits = model(ids).logits  # the chunk loss is taken in fp64 for an fp64 model, as `hope.cms.level` does
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
     (delta,) = torch.autograd.grad(loss, seen["h"])
     return seen["x"].detach(), delta

@@ -67,7 +67,7 @@ def test_window_cut_write_sums_each_windows_gradient(monkeypatch):
             m.setattr(level_module, "FastWeights", TextbookFast)
             ref = model.import_state(model.export_state(state)) if state is not None else model.init_state(2)
             leaves = [ref.layers[b].cms[0].fast.weights[n] for b in range(2) for n in ("w_gate", "w_up", "w_down")]
-            logits = model(ids[:, a : a + 4], ref).logits.float()  # fp32, as hope.cms.level takes the chunk loss
+            logits = model(ids[:, a : a + 4], ref).logits  # fp64, as hope.cms.level takes an fp64 chunk loss
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, a + 1 : a + 4].flatten(), reduction="sum")
         grads = torch.autograd.grad(loss, leaves)
         expected = grads if expected is None else [e + g for e, g in zip(expected, grads)]
@@ -143,7 +143,7 @@ def test_writes_taken_from_the_outer_backward_equal_their_own_backward(core):
         state, grads = None, []
         for a in range(0, 24, 8):
             out = model(ids[:, a : a + 8], state)
-            logits = out.logits[:, :-1].float()  # fp32, as the trainer and the chunk losses take them
+            logits = out.logits[:, :-1].float()  # fp32, as the trainer takes them
             losses = F.cross_entropy(logits.flatten(0, 1), ids[:, a + 1 : a + 8].flatten(), reduction="none")
             loss = losses.mean()
             if mode == "detach":

@@ -24,6 +24,7 @@ arXiv:2512.24695:
 | hope_self_target_mem| M_mem's self-generated target, adaptive q                    | eq. 85                     |
 | hope_negative_eigenvalues | η_t = η_max(1 + α_t)σ(·): DGD factors down to −1       | eq. 88; Grazzi et al. 2024 |
 | hope_learned_lr     | learned per-level CMS rate s_ℓ·η_ℓ (`HopeConfig.cms_learn_lr`) | eq. 71, docs/design.md §5  |
+| hope_second_order   | outer gradient through the CMS writes (`cms_second_order`)  | eq. 71, docs/design.md §5  |
 
 Plain GD adds a chunk's steps at the chunk-start state, so `MemoryConfig` only accepts η_max ≤ min(1, 2/C) for
 the largest chunk C (docs/design.md §3); `hope_gd` therefore also sets η_max to that bound, the largest stable step.
@@ -112,6 +113,8 @@ def all_variants(size: str | int) -> dict[str, Variant]:
                 "η_t = η_max(1 + α_t)σ(·): DGD factors down to −1 (state tracking)"),
         Variant("hope_learned_lr", "hope_small", ("+model.config.cms_learn_lr=true",),
                 "each CMS level's inner rate η_ℓ scaled by a learned s_ℓ = exp(ρ_ℓ), ρ_ℓ trained first-order"),
+        Variant("hope_second_order", "hope_small", ("+model.config.cms_second_order=true",),
+                "second-order CMS: the outer gradient flows through every in-context write"),
     ]
     return {v.name: v for v in variants}
 

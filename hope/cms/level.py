@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from hope.config import CMSLevel
-from hope.layers.mlp import FastWeights, SwiGLU
+from hope.layers.mlp import FastWeights, SecondOrderFast, SwiGLU, writing
 from hope.state import LevelState
 
 Level = tuple[SwiGLU, CMSLevel, LevelState]  # a fast level: its MLP (θ_0), its config and its state
@@ -58,8 +58,12 @@ def init_level_state(mlp: SwiGLU, level: CMSLevel, batch_size: int) -> LevelStat
 def materialize(mlp: SwiGLU, delta: dict[str, torch.Tensor]) -> FastWeights:
     """Fast weights θ_0 − s·Δ `[B, *θ.shape]` (s = 1 unless the level learns its write scale,
     `HopeConfig.cms_learn_lr`); the products made with them are differentiable in θ_0 and s (and in the fast
-    weights themselves, which the next write needs, even under `torch.no_grad()` and for frozen θ_0)."""
+    weights themselves, which the next write needs, even under `torch.no_grad()` and for frozen θ_0).
+    A level with second-order writes (`HopeConfig.cms_second_order`) in training mode gets `SecondOrderFast`,
+    which keeps θ_0, s and Δ in the graph; its values are the same."""
     scale = mlp.write_scale()
+    if mlp.second_order_writes and mlp.training:
+        return SecondOrderFast(mlp.weights(), delta, 1.0 if scale is None else scale)
     if scale is None:
         return FastWeights({
             name: (w.detach().unsqueeze(0) - delta[name]).requires_grad_() for name, w in mlp.weights().items()
@@ -83,14 +87,15 @@ def prediction_losses(
 
     `logits` `[B, T, V]` and `ids` `[B, T]` cover absolute positions start..start+T-1; `pending` `[B, V]` holds the
     logits of position start-1 (from the previous segment), whose target ids[:, 0] only arrives now.
-    Returns `ce` `[B, P]` (fp32) and `positions` `[P]` (the position t of each prediction ℓ_t).
+    Returns `ce` `[B, P]` (fp32, or fp64 for fp64 logits) and `positions` `[P]` (the position t of each prediction ℓ_t).
     """
     if pending is not None:
         pred = torch.cat((pending[:, None], logits[:, :-1]), dim=1)  # [B, T, V]
         targets, first = ids, start - 1
     else:
         pred, targets, first = logits[:, :-1], ids[:, 1:], start
-    ce = F.cross_entropy(pred.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # at least fp32 (fp64 stays fp64)
+    ce = F.cross_entropy(pred.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
     positions = torch.arange(first, first + targets.shape[1], device=ids.device)
     return ce, positions
 
@@ -118,7 +123,10 @@ def level_grads(levels: list[Level], acc: torch.Tensor | None,
     if acc is None or not acc.requires_grad or not flat:
         grads_y = [None] * len(flat)
     elif finals is None:
-        grads_y = list(torch.autograd.grad(acc, flat, retain_graph=True, allow_unused=True))
+        create_graph = any(st.fast.create_graph for _, _, st in levels)  # second-order writes (`SecondOrderFast`)
+        with writing():
+            grads_y = list(torch.autograd.grad(acc, flat, retain_graph=True, allow_unused=True,
+                                               create_graph=create_graph))
     else:
         grads_y = residual_grads(levels, acc, finals)
     out = []

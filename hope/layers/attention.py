@@ -5,11 +5,13 @@ Legend: B batch, T new tokens, S cached tokens, H heads, K head width, D model w
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import register_dataclass
 
 from hope.config import HopeConfig
@@ -25,7 +27,7 @@ def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., :K/2], x[..., K/2:]) of `x` `[B, H, T, K]` by the position angles."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     cos, sin = cos[None, None], sin[None, None]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
@@ -84,6 +86,9 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.rope_theta = config.rope_theta
         self.kv_cache = config.kv_cache
+        # second-order CMS writes differentiate the attention's backward: the fused CPU/GPU kernels have no
+        # double backward, PyTorch's math attention has (used in training only)
+        self.twice_differentiable = config.cms_second_order
         self.init_std = config.init_std
         self.out_std = residual_std(config.init_std, config.n_layers)
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
@@ -111,13 +116,15 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat((k_cache, k), dim=2)  # [B, H, S+T, K]
             v = torch.cat((v_cache, v), dim=2)
         S = k.shape[2] - T
-        if S == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:
-            mask = torch.ones(T, S + T, dtype=torch.bool, device=x.device).tril(diagonal=S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        math_only = self.twice_differentiable and self.training and torch.is_grad_enabled()
+        with sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext():
+            if S == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            elif T == 1:
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:
+                mask = torch.ones(T, S + T, dtype=torch.bool, device=x.device).tril(diagonal=S)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.out(y.transpose(1, 2).reshape(B, T, D))
         return y, KVCache(pos + T, k, v)
 

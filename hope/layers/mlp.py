@@ -5,7 +5,10 @@ Legend: B batch, T time, D model width, F hidden width.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +75,8 @@ class FastWeights:
     A SwiGLU call records three products, the last of which (`w_down`) is the level's output: `output_grads`
     differentiates ⟨δ, output⟩ from them (the residual write signal of `HopeConfig.cms_signal`).
     """
+
+    create_graph = False  # whether a write differentiates its chunk loss with create_graph (`SecondOrderFast`)
 
     def __init__(self, weights: dict[str, torch.Tensor], scale: torch.Tensor | None = None,
                  deltas: dict[str, torch.Tensor] | None = None) -> None:
@@ -149,12 +154,67 @@ class FastWeights:
         return out
 
 
+_WRITE = threading.local()  # `writing()`: a CMS write is taking its gradient (the writes Δ are its constants)
+
+
+@contextlib.contextmanager
+def writing() -> Iterator[None]:
+    """While a write differentiates its chunk loss, the writes Δ inside second-order fast weights pass no gradient
+    (`SecondOrderFast`): a write's gradient is the first-order one, whatever the outer gradient sees."""
+    before = getattr(_WRITE, "active", False)
+    _WRITE.active = True
+    try:
+        yield
+    finally:
+        _WRITE.active = before
+
+
+class _OuterOnly(torch.autograd.Function):
+    """Δ, whose gradient passes to the outer backward and is cut inside a write's (`writing`)."""
+
+    @staticmethod
+    def forward(ctx, delta: torch.Tensor) -> torch.Tensor:
+        return delta.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None if getattr(_WRITE, "active", False) else grad
+
+
+class SecondOrderFast(FastWeights):
+    """Fast weights `W = θ − s·Δ` `[B, *θ.shape]` that stay in the autograd graph of θ, s and the writes Δ
+    (`HopeConfig.cms_second_order`): the products are plain `x @ W`, and a write differentiates the chunk loss
+    w.r.t. W itself with `create_graph=True`, so the outer gradient also flows through every write made with them
+    (the second-order meta-gradient; first-order `FastWeights` hold the writes constant). Inside a write's own
+    gradient the earlier writes stay constants (`writing`), so the values equal the first-order model's."""
+
+    create_graph = True
+
+    def __init__(self, theta: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                 scale: torch.Tensor | float = 1.0) -> None:
+        weights = {name: w.unsqueeze(0) - scale * _OuterOnly.apply(delta[name]) for name, w in theta.items()}
+        super().__init__({name: w if w.requires_grad else w.requires_grad_() for name, w in weights.items()})
+
+    def matmul(self, x: torch.Tensor, name: str, theta: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weights[name])  # [B, T, F]
+
+    def grad_targets(self) -> list[torch.Tensor]:
+        return list(self.weights.values())
+
+    def output_grads(self, deltas):
+        raise RuntimeError("second-order CMS writes need HopeConfig.cms_signal='backprop' (the residual signal "
+                           "differentiates the recorded products, which second-order fast weights do not keep)")
+
+    def grads(self, grads_w: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros_like(w) if g is None else g for (name, w), g in zip(self.weights.items(), grads_w)}
+
+
 class SwiGLU(nn.Module):
     """SwiGLU feed-forward block (Shazeer 2020). Weights are stored input-major (`[D, F]`, `[F, D]`) so that a
     batch of per-sample copies `[B, D, F]` multiplies the same way."""
 
     def __init__(self, d_model: int, hidden: int, init_std: float = 0.02, out_std: float | None = None,
-                 learn_write_scale: bool = False) -> None:
+                 learn_write_scale: bool = False, second_order_writes: bool = False) -> None:
         super().__init__()
         self.init_std = init_std
         self.out_std = init_std if out_std is None else out_std
@@ -163,6 +223,8 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Parameter(torch.empty(hidden, d_model))
         # ρ of a CMS level's learned write scale s = exp(ρ) (`HopeConfig.cms_learn_lr`); None: s = 1, fixed
         self.log_write_scale = nn.Parameter(torch.zeros(())) if learn_write_scale else None
+        # a CMS level whose outer gradient flows through its writes while training (`HopeConfig.cms_second_order`)
+        self.second_order_writes = second_order_writes
         self.init_weights()
 
     def write_scale(self) -> torch.Tensor | None:

@@ -8,7 +8,8 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """`y = x / rms(x) · g` over the last dimension; computed in fp32, returned in the input dtype."""
+    """`y = x / rms(x) · g` over the last dimension; computed in fp32 (fp64 for fp64 input), returned in the
+    input dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -16,7 +17,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps).to(x.dtype)
 
     def init_weights(self) -> None:
         """weight: ones."""

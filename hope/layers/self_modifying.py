@@ -129,7 +129,8 @@ class MemoryOutput(nn.Module):
 
     def forward(self, o: Tensor, x: Tensor) -> Tensor:
         B, T, H, K = o.shape
-        o = F.rms_norm(o.float(), (K,), eps=self.eps).to(x.dtype)  # per head  # [B, T, H, K]
+        dtype = torch.promote_types(o.dtype, torch.float32)  # fp32, or fp64 for fp64
+        o = F.rms_norm(o.to(dtype), (K,), eps=self.eps).to(x.dtype)  # per head  # [B, T, H, K]
         o = o.reshape(B, T, H * K) * self.norm_weight * F.silu(self.gate(x))  # [B, T, D]
         return self.out(o)  # [B, T, D]
 

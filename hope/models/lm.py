@@ -57,7 +57,8 @@ class HopeBlock(nn.Module):
         self.cms_norms = nn.ModuleList(RMSNorm(config.d_model, config.norm_eps) for _ in self.levels)
         self.cms = nn.ModuleList(
             SwiGLU(config.d_model, lvl.hidden or config.ffn_hidden, config.init_std, out_std,
-                   learn_write_scale=config.cms_learn_lr and lvl.period is not None)
+                   learn_write_scale=config.cms_learn_lr and lvl.period is not None,
+                   second_order_writes=config.cms_second_order and lvl.period is not None)
             for lvl in self.levels
         )
 
