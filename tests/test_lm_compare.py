@@ -265,12 +265,15 @@ def test_throughput_cms_breakdown_times_the_writes(tmp_path):
                           "--cms-breakdown", "--out", str(tmp_path)])
     r = doc["results"]
     assert list(r) == ["transformer", "hope", "hope[frozen CMS]", "hope[one level, period 256]",
-                       "hope[residual signal]", "hope_fast"]
+                       "hope[residual signal]", "hope_fast", "hope[learned η]", "hope[second-order CMS]"]
     assert r["hope"]["median_cms_write_s"] > 0  # 128 tokens: the period-64 level writes once
     assert r["hope[residual signal]"]["median_cms_write_s"] > 0 and r["hope_fast"]["median_cms_write_s"] > 0
     assert r["hope[frozen CMS]"]["median_cms_write_s"] == 0  # no fast level, no write
     assert r["hope[one level, period 256]"]["median_cms_write_s"] == 0  # its first write would be at token 256
     assert r["hope"]["median_cms_write_s"] < r["hope"]["median_step_s"]
-    for name in ("hope[frozen CMS]", "hope[residual signal]", "hope_fast"):
+    for name in ("hope[frozen CMS]", "hope[residual signal]", "hope_fast", "hope[second-order CMS]"):
         assert r[name]["params"] == r["hope"]["params"]  # same widths: only periods, write signal or chunks differ
+    fast_levels = sum(lvl.period is not None for lvl in preset("hope", "tiny").cms) * preset("hope", "tiny").n_layers
+    assert r["hope[learned η]"]["params"] == r["hope"]["params"] + fast_levels  # one ρ per fast level and block
+    assert r["hope[second-order CMS]"]["median_cms_write_s"] > 0
     assert "| hope[frozen CMS] |" in doc["table"]

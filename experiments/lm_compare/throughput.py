@@ -19,10 +19,12 @@ against Transformer++'s step of the same round: a run whose range is wide was di
 (`hope.models.lm.compile_model`): Transformer++ whole, the HOPE variants' self-modifying cores (the segment loop
 and the CMS writes stay eager); Titans and Hope-Attention stay eager (see there why).
 
-`--cms-breakdown` also steps four HOPE variants with the same parameters, `hope[frozen CMS]` (every level of period
+`--cms-breakdown` also steps six HOPE variants with the same parameters, `hope[frozen CMS]` (every level of period
 None: no in-context writes, no segments), `hope[one level, period C]` (only the slowest fast level writes),
-`hope[residual signal]` (`HopeConfig.cms_signal="residual"`: writes without a backward through the layers above)
-and `hope_fast` (that signal with projection-memory chunks of 32, the lm_compare variant), and times the in-context
+`hope[residual signal]` (`HopeConfig.cms_signal="residual"`: writes without a backward through the layers above),
+`hope_fast` (that signal with projection-memory chunks of 32, the lm_compare variant), `hope[learned η]`
+(`HopeConfig.cms_learn_lr`, one more parameter per level) and `hope[second-order CMS]`
+(`HopeConfig.cms_second_order`: the outer backward runs through every write's backward), and times the in-context
 CMS writes inside each HOPE step (the inner backward and the update, as the public profiler region
 `hope.cms.profile.write_timer` counts them), so the cost of the CMS can be read off one run.
 """
@@ -56,9 +58,9 @@ MODES: dict[str, dict[str, Any]] = {
 
 def breakdown_models(size: str | int, seed: int) -> list[BuiltModel]:
     """HOPE with its CMS levels frozen (`hope[frozen CMS]`), with only its slowest fast level writing
-    (`hope[one level, period C]`), with the residual write signal (`hope[residual signal]`, `HopeConfig.cms_signal`)
-    and with that signal and projection-memory chunks of 32 (`hope_fast`, the lm_compare variant); widths as in
-    the preset."""
+    (`hope[one level, period C]`), with the residual write signal (`hope[residual signal]`, `HopeConfig.cms_signal`),
+    with that signal and projection-memory chunks of 32 (`hope_fast`, the lm_compare variant), with learned inner
+    rates (`hope[learned η]`) and with second-order writes (`hope[second-order CMS]`); widths as in the preset."""
     import dataclasses
 
     from hope import HopeLM, preset
@@ -73,7 +75,9 @@ def breakdown_models(size: str | int, seed: int) -> list[BuiltModel]:
              f"hope[one level, period {slowest}]": {"cms": one},
              "hope[residual signal]": {"cms_signal": "residual"},
              "hope_fast": {"cms_signal": "residual",
-                           "memory": dataclasses.replace(base.memory, proj_chunk_size=32)}}
+                           "memory": dataclasses.replace(base.memory, proj_chunk_size=32)},
+             "hope[learned η]": {"cms_learn_lr": True},
+             "hope[second-order CMS]": {"cms_second_order": True}}
     out = []
     for label, overrides in plans.items():
         torch.manual_seed(seed)
