@@ -184,23 +184,26 @@ def test_passkey_stream_mode_reads_in_windows(tmp_path, monkeypatch):
 
 def test_passkey_stream_window_and_phases_flags(tmp_path, monkeypatch, capsys):
     """`--window` sets the window of training and test, `--then` the longer-haystack phases; both need `--stream`
-    and well-formed values. `--test-lens` sets the lengths tested."""
+    and well-formed values. `--test-lens` sets the lengths tested, `--n-test` the haystacks per length."""
     from experiments.memory_tasks import harness
 
     seen = []
     real = harness.train_on_synthetic
     monkeypatch.setattr(harness, "train_on_synthetic", lambda *a, **k: seen.append(a) or real(*a, **k))
     passkey.run(["--tiny", "--stream", "--models", "hope", "--window", "128", "--then", "128:1,256:1",
-                 "--test-lens", "96,320", "--out", str(tmp_path)])
+                 "--test-lens", "96,320", "--n-test", "5", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "passkey_stream.json").read_text())
-    assert doc["config"]["window"] == 128 and doc["test_settings"] == [96, 320]
+    assert doc["config"]["window"] == 128 and doc["test_settings"] == [96, 320] and doc["config"]["n_test"] == 5
+    exact = doc["results"]["hope"]["exact_match"]
+    assert all(round(e * 5, 9) == round(e * 5) for e in exact)  # rates of 5 haystacks
     assert doc["config"]["then"] == [{"train_len": 128, "steps": 1}, {"train_len": 256, "steps": 1}]
     window, then = seen[0][10], seen[0][11]
     assert window == 128 and [(t[0].inputs.shape[1], n) for t, n in ((p[:2], p[2]) for p in then)] == \
         [(128, 1), (256, 1)]
     for bad, match in ((["--window", "64"], "add --stream"), (["--stream", "--window", "0"], "--window must"),
                        (["--stream", "--then", "128"], "LEN:STEPS"), (["--stream", "--then", ""], "at least one"),
-                       (["--test-lens", "1024,x"], "positive ints"), (["--test-lens", "0"], "positive ints")):
+                       (["--test-lens", "1024,x"], "positive ints"), (["--test-lens", "0"], "positive ints"),
+                       (["--n-test", "0"], "--n-test must")):
         with pytest.raises(SystemExit):
             passkey.parse_args(["--tiny", *bad])
         assert match in capsys.readouterr().err

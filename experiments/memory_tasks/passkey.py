@@ -65,6 +65,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             mode["then"] = args.then
         if args.test_lens is not None:
             mode["test_lens"] = args.test_lens
+        if args.n_test is not None:
+            mode["n_test"] = args.n_test
         digits = torch.arange(DIGIT0, DIGIT0 + 10)  # [K] the ten digit tokens
 
         def make(length: int, n: int, seed: int):
@@ -85,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
                    help="--stream: the longer-haystack phases after the first (default: the mode's)")
     p.add_argument("--test-lens", type=_lengths, default=None, metavar="LEN[,LEN]",
                    help="haystack lengths tested, in tokens (default: the mode's)")
+    p.add_argument("--n-test", dest="n_test", type=int, default=None, metavar="N",
+                   help="test haystacks per length (default: the mode's); an exact-match rate of n haystacks is "
+                   "known to about ±1/√n")
     return p
 
 
@@ -96,6 +101,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--window and --then set the stream protocol; add --stream")
     if args.window is not None and args.window < 1:
         p.error(f"--window must be >= 1, got {args.window}")
+    if args.n_test is not None and args.n_test < 1:
+        p.error(f"--n-test must be >= 1, got {args.n_test}")
     return args
 
 
