@@ -170,6 +170,9 @@ def test_second_order_config_errors():
         HopeConfig(cms=fast, cms_second_order=True, persist=True)
     with pytest.raises(ValueError, match="finite period"):
         HopeConfig(cms=[CMSLevel()], cms_second_order=True)
+    model = HopeLM(HopeConfig(vocab_size=23, d_model=16, n_layers=1, n_heads=2, cms=fast, cms_second_order=True))
+    with pytest.raises(ValueError, match="compile: false"):
+        model.compile_cores()
 
 
 def test_unreached_product_gives_zero_write():

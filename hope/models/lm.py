@@ -182,6 +182,9 @@ class HopeLM(nn.Module):
         backward at B=8, T=512 is about 2× faster compiled; the first call of each new input shape pays the
         compilation (about a minute for `preset("hope", "small")` at context 512).
         """
+        if self.config.cms_second_order:
+            raise ValueError("compile: HopeConfig.cms_second_order=True differentiates the cores' backward again "
+                             "(create_graph), which compiled graphs do not support; train it eager (compile: false)")
         if self.config.core == "self_modifying":
             import torch._functorch.config as functorch_config
 
