@@ -265,7 +265,7 @@ def test_throughput_cms_breakdown_times_the_writes(tmp_path):
                           "--cms-breakdown", "--out", str(tmp_path)])
     r = doc["results"]
     assert list(r) == ["transformer", "hope", "hope[frozen CMS]", "hope[one level, period 256]",
-                       "hope[residual signal]", "hope_fast", "hope[learned η]", "hope[second-order CMS]"]
+                       "hope[residual signal]", "hope_fast", "hope[learned η]", "hope[second-order CMS]", "hope_paper"]
     assert r["hope"]["median_cms_write_s"] > 0  # 128 tokens: the period-64 level writes once
     assert r["hope[residual signal]"]["median_cms_write_s"] > 0 and r["hope_fast"]["median_cms_write_s"] > 0
     assert r["hope[frozen CMS]"]["median_cms_write_s"] == 0  # no fast level, no write

@@ -24,7 +24,8 @@ None: no in-context writes, no segments), `hope[one level, period C]` (only the 
 `hope[residual signal]` (`HopeConfig.cms_signal="residual"`: writes without a backward through the layers above),
 `hope_fast` (that signal with projection-memory chunks of 32, the lm_compare variant), `hope[learned η]`
 (`HopeConfig.cms_learn_lr`, one more parameter per level) and `hope[second-order CMS]`
-(`HopeConfig.cms_second_order`: the outer backward runs through every write's backward), and times the in-context
+(`HopeConfig.cms_second_order`: the outer backward runs through every write's backward), then the paper's
+literal HOPE (`hope_paper`, preset "hope_paper": other memories, about the same parameters), and times the in-context
 CMS writes inside each HOPE step (the inner backward and the update, as the public profiler region
 `hope.cms.profile.write_timer` counts them), so the cost of the CMS can be read off one run.
 """
@@ -60,7 +61,8 @@ def breakdown_models(size: str | int, seed: int) -> list[BuiltModel]:
     """HOPE with its CMS levels frozen (`hope[frozen CMS]`), with only its slowest fast level writing
     (`hope[one level, period C]`), with the residual write signal (`hope[residual signal]`, `HopeConfig.cms_signal`),
     with that signal and projection-memory chunks of 32 (`hope_fast`, the lm_compare variant), with learned inner
-    rates (`hope[learned η]`) and with second-order writes (`hope[second-order CMS]`); widths as in the preset."""
+    rates (`hope[learned η]`) and with second-order writes (`hope[second-order CMS]`), widths as in the preset;
+    then `hope_paper` (preset "hope_paper")."""
     import dataclasses
 
     from hope import HopeLM, preset
@@ -78,10 +80,12 @@ def breakdown_models(size: str | int, seed: int) -> list[BuiltModel]:
                            "memory": dataclasses.replace(base.memory, proj_chunk_size=32)},
              "hope[learned η]": {"cms_learn_lr": True},
              "hope[second-order CMS]": {"cms_second_order": True}}
+    configs = {label: preset("hope", size, **overrides) for label, overrides in plans.items()}
+    configs["hope_paper"] = preset("hope_paper", size)
     out = []
-    for label, overrides in plans.items():
+    for label, config in configs.items():
         torch.manual_seed(seed)
-        model = HopeLM(preset("hope", size, **overrides))
+        model = HopeLM(config)
         out.append(BuiltModel(label, model, count_params(model)))
     return out
 
