@@ -142,16 +142,13 @@ class HopeConfig:
         _check(self.ffn_hidden > 0, f"HopeConfig.ffn_hidden must be > 0, got {self.ffn_hidden!r}")
         _check(len(self.cms) > 0, "HopeConfig.cms needs at least one level (use [CMSLevel()] for a plain FFN)")
         self.cms = [lvl if isinstance(lvl, CMSLevel) else CMSLevel(**dict(lvl)) for lvl in self.cms]
-        _check(isinstance(self.cms_learn_lr, bool),
-               f"HopeConfig.cms_learn_lr must be a bool, got {self.cms_learn_lr!r}")
-        _check(not self.cms_learn_lr or bool(self.fast_periods),
-               f"HopeConfig.cms_learn_lr=True needs a CMS level with a finite period (one that writes in context), "
-               f"got periods {[lvl.period for lvl in self.cms]}")
-        _check(isinstance(self.cms_second_order, bool),
-               f"HopeConfig.cms_second_order must be a bool, got {self.cms_second_order!r}")
-        if self.cms_second_order:
-            _check(bool(self.fast_periods), "HopeConfig.cms_second_order=True needs a CMS level with a finite period, "
+        for flag in ("cms_learn_lr", "cms_second_order"):  # switches of the in-context writes
+            value = getattr(self, flag)
+            _check(isinstance(value, bool), f"HopeConfig.{flag} must be a bool, got {value!r}")
+            _check(not value or bool(self.fast_periods),
+                   f"HopeConfig.{flag}=True needs a CMS level with a finite period (one that writes in context), "
                    f"got periods {[lvl.period for lvl in self.cms]}")
+        if self.cms_second_order:
             _check(self.cms_signal == "backprop", "HopeConfig.cms_second_order=True needs cms_signal='backprop', "
                    f"got {self.cms_signal!r}")
             _check(not self.persist, "HopeConfig.cms_second_order=True is for training with the state reset per "

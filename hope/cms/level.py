@@ -64,20 +64,18 @@ def materialize(mlp: SwiGLU, delta: dict[str, torch.Tensor]) -> FastWeights:
     scale = mlp.write_scale()
     if mlp.second_order_writes and mlp.training:
         return SecondOrderFast(mlp.weights(), delta, 1.0 if scale is None else scale)
+    fast = {name: w.requires_grad_() for name, w in fast_weight_values(mlp, delta).items()}
     if scale is None:
-        return FastWeights({
-            name: (w.detach().unsqueeze(0) - delta[name]).requires_grad_() for name, w in mlp.weights().items()
-        })
-    s = scale.detach()
-    fast = {name: (w.detach().unsqueeze(0) - s * delta[name]).requires_grad_() for name, w in mlp.weights().items()}
-    return FastWeights(fast, scale if torch.is_grad_enabled() else s, dict(delta))
+        return FastWeights(fast)
+    return FastWeights(fast, scale if torch.is_grad_enabled() else scale.detach(), dict(delta))
 
 
 def fast_weight_values(mlp: SwiGLU, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The values θ_0 − s·Δ `[B, *θ.shape]` of a level's fast weights, cut from the graph (for norms and reports)."""
     scale = mlp.write_scale()
-    s = 1.0 if scale is None else scale.detach()
-    return {name: w.detach().unsqueeze(0) - s * delta[name] for name, w in mlp.weights().items()}
+    s = None if scale is None else scale.detach()
+    return {name: w.detach().unsqueeze(0) - (delta[name] if s is None else s * delta[name])
+            for name, w in mlp.weights().items()}
 
 
 def prediction_losses(
